@@ -23,43 +23,44 @@ _sym_db = _symbol_database.Default()
 
 
 from ps.v1 import tensor_pb2 as ps_dot_v1_dot_tensor__pb2
+from ps.v1 import optimizer_pb2 as ps_dot_v1_dot_optimizer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ps/v1/scheduler.proto\x12\x05ps.v1\x1a\x12ps/v1/tensor.proto\"(\n\x15RegisterServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"I\n\x16RegisterServerResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"D\n\x10HeartbeatRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06models\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11GetClusterRequest\"|\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06models\x18\x06 \x03(\t\"A\n\x0b\x43lusterView\x12\"\n\x07servers\x18\x01 \x03(\x0b\x32\x11.ps.v1.ServerInfo\x12\x0e\n\x06models\x18\x02 \x03(\t\"F\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\"o\n\x10PlanModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12\x17\n\x0fmax_slice_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"P\n\x0fSliceAssignment\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\"v\n\x08ShardMap\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\x12\"\n\x07tensors\x18\x03 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12&\n\x06slices\x18\x04 \x03(\x0b\x32\x16.ps.v1.SliceAssignment\"#\n\x12GetShardMapRequest\x12\r\n\x05model\x18\x01 \x01(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"$\n\x11\x44ropModelResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x32\x88\x03\n\tScheduler\x12M\n\x0eRegisterServer\x12\x1c.ps.v1.RegisterServerRequest\x1a\x1d.ps.v1.RegisterServerResponse\x12>\n\tHeartbeat\x12\x17.ps.v1.HeartbeatRequest\x1a\x18.ps.v1.HeartbeatResponse\x12:\n\nGetCluster\x12\x18.ps.v1.GetClusterRequest\x1a\x12.ps.v1.ClusterView\x12\x35\n\tPlanModel\x12\x17.ps.v1.PlanModelRequest\x1a\x0f.ps.v1.ShardMap\x12\x39\n\x0bGetShardMap\x12\x19.ps.v1.GetShardMapRequest\x1a\x0f.ps.v1.ShardMap\x12>\n\tDropModel\x12\x17.ps.v1.DropModelRequest\x1a\x18.ps.v1.DropModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ps/v1/scheduler.proto\x12\x05ps.v1\x1a\x12ps/v1/tensor.proto\x1a\x15ps/v1/optimizer.proto\"(\n\x15RegisterServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"I\n\x16RegisterServerResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"D\n\x10HeartbeatRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06models\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11GetClusterRequest\"|\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06models\x18\x06 \x03(\t\"A\n\x0b\x43lusterView\x12\"\n\x07servers\x18\x01 \x03(\x0b\x32\x11.ps.v1.ServerInfo\x12\x0e\n\x06models\x18\x02 \x03(\t\"F\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\"\x9a\x01\n\x10PlanModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12\x17\n\x0fmax_slice_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\"P\n\x0fSliceAssignment\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\"\xba\x01\n\x08ShardMap\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\x12\"\n\x07tensors\x18\x03 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12&\n\x06slices\x18\x04 \x03(\x0b\x32\x16.ps.v1.SliceAssignment\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\x12\x17\n\x0fmax_slice_bytes\x18\x06 \x01(\x03\"#\n\x12GetShardMapRequest\x12\r\n\x05model\x18\x01 \x01(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"$\n\x11\x44ropModelResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x32\x88\x03\n\tScheduler\x12M\n\x0eRegisterServer\x12\x1c.ps.v1.RegisterServerRequest\x1a\x1d.ps.v1.RegisterServerResponse\x12>\n\tHeartbeat\x12\x17.ps.v1.HeartbeatRequest\x1a\x18.ps.v1.HeartbeatResponse\x12:\n\nGetCluster\x12\x18.ps.v1.GetClusterRequest\x1a\x12.ps.v1.ClusterView\x12\x35\n\tPlanModel\x12\x17.ps.v1.PlanModelRequest\x1a\x0f.ps.v1.ShardMap\x12\x39\n\x0bGetShardMap\x12\x19.ps.v1.GetShardMapRequest\x1a\x0f.ps.v1.ShardMap\x12>\n\tDropModel\x12\x17.ps.v1.DropModelRequest\x1a\x18.ps.v1.DropModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ps.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERSERVERREQUEST']._serialized_start=52
-  _globals['_REGISTERSERVERREQUEST']._serialized_end=92
-  _globals['_REGISTERSERVERRESPONSE']._serialized_start=94
-  _globals['_REGISTERSERVERRESPONSE']._serialized_end=167
-  _globals['_HEARTBEATREQUEST']._serialized_start=169
-  _globals['_HEARTBEATREQUEST']._serialized_end=237
-  _globals['_HEARTBEATRESPONSE']._serialized_start=239
-  _globals['_HEARTBEATRESPONSE']._serialized_end=273
-  _globals['_GETCLUSTERREQUEST']._serialized_start=275
-  _globals['_GETCLUSTERREQUEST']._serialized_end=294
-  _globals['_SERVERINFO']._serialized_start=296
-  _globals['_SERVERINFO']._serialized_end=420
-  _globals['_CLUSTERVIEW']._serialized_start=422
-  _globals['_CLUSTERVIEW']._serialized_end=487
-  _globals['_TENSORINFO']._serialized_start=489
-  _globals['_TENSORINFO']._serialized_end=559
-  _globals['_PLANMODELREQUEST']._serialized_start=561
-  _globals['_PLANMODELREQUEST']._serialized_end=672
-  _globals['_SLICEASSIGNMENT']._serialized_start=674
-  _globals['_SLICEASSIGNMENT']._serialized_end=754
-  _globals['_SHARDMAP']._serialized_start=756
-  _globals['_SHARDMAP']._serialized_end=874
-  _globals['_GETSHARDMAPREQUEST']._serialized_start=876
-  _globals['_GETSHARDMAPREQUEST']._serialized_end=911
-  _globals['_DROPMODELREQUEST']._serialized_start=913
-  _globals['_DROPMODELREQUEST']._serialized_end=946
-  _globals['_DROPMODELRESPONSE']._serialized_start=948
-  _globals['_DROPMODELRESPONSE']._serialized_end=984
-  _globals['_SCHEDULER']._serialized_start=987
-  _globals['_SCHEDULER']._serialized_end=1379
+  _globals['_REGISTERSERVERREQUEST']._serialized_start=75
+  _globals['_REGISTERSERVERREQUEST']._serialized_end=115
+  _globals['_REGISTERSERVERRESPONSE']._serialized_start=117
+  _globals['_REGISTERSERVERRESPONSE']._serialized_end=190
+  _globals['_HEARTBEATREQUEST']._serialized_start=192
+  _globals['_HEARTBEATREQUEST']._serialized_end=260
+  _globals['_HEARTBEATRESPONSE']._serialized_start=262
+  _globals['_HEARTBEATRESPONSE']._serialized_end=296
+  _globals['_GETCLUSTERREQUEST']._serialized_start=298
+  _globals['_GETCLUSTERREQUEST']._serialized_end=317
+  _globals['_SERVERINFO']._serialized_start=319
+  _globals['_SERVERINFO']._serialized_end=443
+  _globals['_CLUSTERVIEW']._serialized_start=445
+  _globals['_CLUSTERVIEW']._serialized_end=510
+  _globals['_TENSORINFO']._serialized_start=512
+  _globals['_TENSORINFO']._serialized_end=582
+  _globals['_PLANMODELREQUEST']._serialized_start=585
+  _globals['_PLANMODELREQUEST']._serialized_end=739
+  _globals['_SLICEASSIGNMENT']._serialized_start=741
+  _globals['_SLICEASSIGNMENT']._serialized_end=821
+  _globals['_SHARDMAP']._serialized_start=824
+  _globals['_SHARDMAP']._serialized_end=1010
+  _globals['_GETSHARDMAPREQUEST']._serialized_start=1012
+  _globals['_GETSHARDMAPREQUEST']._serialized_end=1047
+  _globals['_DROPMODELREQUEST']._serialized_start=1049
+  _globals['_DROPMODELREQUEST']._serialized_end=1082
+  _globals['_DROPMODELRESPONSE']._serialized_start=1084
+  _globals['_DROPMODELRESPONSE']._serialized_end=1120
+  _globals['_SCHEDULER']._serialized_start=1123
+  _globals['_SCHEDULER']._serialized_end=1515
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from ps.v1 import tensor_pb2 as _tensor_pb2
+from ps.v1 import optimizer_pb2 as _optimizer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -76,16 +77,18 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PlanModelRequest(_message.Message):
-    __slots__ = ("model", "tensors", "max_slice_bytes", "replace")
+    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     max_slice_bytes: int
     replace: bool
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ...) -> None: ...
+    optimizer: _optimizer_pb2.OptimizerConfig
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class SliceAssignment(_message.Message):
     __slots__ = ("tensor", "offset", "length", "shard")
@@ -100,16 +103,20 @@ class SliceAssignment(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("model", "servers", "tensors", "slices")
+    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     servers: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     slices: _containers.RepeatedCompositeFieldContainer[SliceAssignment]
-    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ...) -> None: ...
+    optimizer: _optimizer_pb2.OptimizerConfig
+    max_slice_bytes: int
+    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ...) -> None: ...
 
 class GetShardMapRequest(_message.Message):
     __slots__ = ("model",)

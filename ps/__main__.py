@@ -1,0 +1,6 @@
+"""`python -m ps` is the `paramserver` command."""
+
+from ps.cli import main
+
+if __name__ == "__main__":
+    main()

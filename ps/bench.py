@@ -1,0 +1,176 @@
+"""Benchmarks behind `paramserver bench ...`: figures as ratios against a ceiling measured in
+the same run, because the machines are shared and noisy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from ps import rpc
+
+ECHO_METHOD = "/ps.bench.Echo/Stream"
+
+
+def _echo_stream(request_iterator, context):
+    for chunk in request_iterator:
+        yield chunk
+
+
+def echo_server_main(argv: list[str] | None = None) -> None:
+    """A plain grpcio bytes echo (no protobuf): the ceiling push_pull is compared with."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--port-file", required=True)
+    ns = p.parse_args(argv)
+    server = rpc.make_server(8)
+    handler = grpc.method_handlers_generic_handler("ps.bench.Echo", {
+        "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream)})
+    server.add_generic_rpc_handlers((handler,))
+    port = rpc.bind(server, "127.0.0.1", 0)
+    server.start()
+    rpc.write_port_file(ns.port_file, port)
+    rpc.serve_until_signal(server, grace=0)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _timed(fn: Callable[[], None], seconds: float, min_iters: int = 3) -> float:
+    """Seconds per call of fn, after one warm-up call, over at least ``seconds`` and min_iters calls."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def echo_ceiling(size: int, servers: int, chunk_bytes: int, seconds: float) -> float:
+    """GB/s (bytes sent + received) of raw grpcio bidi echo streams to ``servers`` processes,
+    the payload cut into chunk_bytes messages, one stream per server in parallel."""
+    import subprocess
+    import tempfile
+    workdir = Path(tempfile.mkdtemp(prefix="ps-echo-"))
+    procs, channels = [], []
+    try:
+        for i in range(servers):
+            pf = workdir / f"echo{i}.port"
+            procs.append((subprocess.Popen([sys.executable, "-m", "ps.bench", "--port-file", str(pf)]), pf))
+        deadline = time.monotonic() + 60
+        addrs = []
+        for proc, pf in procs:
+            while not pf.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("echo server failed to start")
+                time.sleep(0.02)
+            addrs.append(f"127.0.0.1:{int(pf.read_text())}")
+        payload = os.urandom(chunk_bytes)
+        per_server = size // servers
+        counts = [per_server // chunk_bytes + (1 if per_server % chunk_bytes else 0)] * servers
+        calls = []
+        for a in addrs:
+            ch = rpc.channel(a)
+            channels.append(ch)
+            calls.append(ch.stream_stream(ECHO_METHOD))
+        pool = ThreadPoolExecutor(servers)
+
+        def stream(call, n):
+            got = 0
+            for msg in call(iter([payload] * n), timeout=600):
+                got += len(msg)
+            return got
+
+        def once():
+            list(pool.map(stream, calls, counts))
+        per_call = _timed(once, seconds)
+        pool.shutdown()
+        return 2 * sum(counts) * chunk_bytes / per_call / 1e9
+    finally:
+        for ch in channels:
+            ch.close()
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait()
+
+
+def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
+                       repeats: int = 3) -> float:
+    """params/s of pushes through the shard store (decode view, validation, finite check, update),
+    in this process, one thread, chunks of chunk_bytes."""
+    from ps.server.optimizers import OptimizerConfig
+    from ps.server.shard import ShardStore, SliceRequest
+    store = ShardStore()
+    per = chunk_bytes // 4
+    slices = [SliceRequest("w", (n,), np.dtype("float32"), o, min(per, n - o)) for o in range(0, n, per)]
+    store.create("bench", slices, OptimizerConfig.from_dict({"name": optimizer, "lr": 1e-3}))
+    grads = [np.frombuffer(np.random.default_rng(0).standard_normal(s.length).astype("float32").tobytes(),
+                           "float32") for s in slices]
+    seq = [0]
+
+    def once():
+        seq[0] += 1
+        for s, g in zip(slices, grads):
+            store.push("bench", "bench", seq[0], "w", s.offset, g)
+    best = min(_timed(once, 0.0, 1) for _ in range(repeats))
+    return n / best
+
+
+def pushpull(size: int, servers: int, optimizer: str, seconds: float,
+             echo: Callable[[str], None] = print) -> dict:
+    """`paramserver bench pushpull`: the figures, as a dict."""
+    from ps.client import Client
+    from ps.local import LocalCluster
+    from ps.server.optimizers import update_rate
+    n = size // 4
+    echo(f"model: {n:,} float32 params ({size / 2**20:.0f} MiB) over {servers} servers, optimizer {optimizer}")
+    with LocalCluster(servers=servers) as cluster, Client(cluster.address) as client:
+        model = client.create_model("bench", {"w": np.zeros(n, np.float32)},
+                                    optimizer={"name": optimizer, "lr": 1e-4})
+        grad = {"w": np.full(n, 1e-3, np.float32)}
+        per_call = _timed(lambda: model.push_pull(grad), seconds)
+        pushpull_gbps = 2 * size / per_call / 1e9
+        rss = [_rss_bytes(p.popen.pid) for p in cluster.servers]
+        held = [sum(m.params for m in client.stats(a).models) for a in model.shards]
+        chunk = client.chunk_bytes
+    echo(f"push_pull: {pushpull_gbps:.2f} GB/s ({per_call * 1e3:.0f} ms per push_pull of {size / 2**20:.0f} MiB "
+         f"gradient + {size / 2**20:.0f} MiB weights)")
+    ceiling = echo_ceiling(size, servers, chunk, seconds)
+    echo(f"raw grpcio echo, {chunk / 2**20:.0f} MiB messages, {servers} server processes: {ceiling:.2f} GB/s")
+    ratio = pushpull_gbps / ceiling
+    echo(f"ratio: {ratio:.2f}")
+    per_param = {"sgd": 12, "adam": 28}
+    rates = {name: update_rate(name) for name in ("sgd", "adam")}
+    server_path = {name: server_update_rate(name) for name in ("sgd", "adam")}
+    for name in ("sgd", "adam"):
+        limit = rates[name]["limit_params_per_s"]
+        echo(f"{name} update on the server path: {server_path[name] / 1e6:.0f} M params/s = "
+             f"{server_path[name] / limit:.2f} of the memory-bound limit {limit / 1e6:.0f} M params/s "
+             f"(2 x copyto bytes/s / {per_param[name]} bytes per param)")
+    bound = [3.3 * 4 * p + 100 * 2**20 for p in held]
+    echo("server RSS: " + ", ".join(f"{r / 2**20:.0f} MiB (bound {b / 2**20:.0f} MiB)" for r, b in zip(rss, bound)))
+    return {
+        "size_bytes": size, "servers": servers, "optimizer": optimizer, "chunk_bytes": chunk,
+        "pushpull_gbps": round(pushpull_gbps, 3), "grpc_ceiling_gbps": round(ceiling, 3), "ratio": round(ratio, 3),
+        "sgd_params_per_s": round(server_path["sgd"]),
+        "sgd_to_limit_ratio": round(server_path["sgd"] / rates["sgd"]["limit_params_per_s"], 3),
+        "adam_params_per_s": round(server_path["adam"]),
+        "adam_to_limit_ratio": round(server_path["adam"] / rates["adam"]["limit_params_per_s"], 3),
+        "copyto_gbps": round(rates["adam"]["copyto_bytes_per_s"] / 1e9, 2),
+        "server_rss_bytes": rss, "server_rss_bound_bytes": [round(b) for b in bound],
+        "server_rss_within_bound": all(r <= b for r, b in zip(rss, bound)),
+    }
+
+
+if __name__ == "__main__":
+    echo_server_main()

@@ -1,0 +1,336 @@
+"""The user's API: ``Client`` talks to the scheduler, ``Model`` pushes and pulls a model's
+tensors across every shard in parallel, cut into chunks, and reassembles them.
+
+    client = ps.Client("127.0.0.1:7070")
+    model = client.create_model("mlp", {"w": np.zeros((784, 10), "float32")}, optimizer={"name": "adam"})
+    weights = model.push_pull({"w": grad})
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from ps import rpc, sharding
+from ps.errors import InvalidArgument, PSError, Unavailable, from_rpc_error
+from ps.initializers import Init
+from ps.server.optimizers import OptimizerConfig, clip_norm_scale
+from ps.tensor import dtype_code, numpy_dtype, to_little_endian
+from ps.v1 import (scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc, tensor_pb2)
+
+#: how many times a shard's stream is retried after UNAVAILABLE (pushes are deduplicated)
+RETRIES = 3
+
+
+class Client:
+    """A connection to a cluster's scheduler, and to its servers as models need them."""
+
+    def __init__(self, address: str, *, timeout: float = rpc.DEFAULT_TIMEOUT_S,
+                 chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
+                 connect_timeout: float = 10.0, client_id: str | None = None):
+        if chunk_bytes + (64 << 10) > max_message_bytes:
+            raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
+                             f"max_message_bytes ({max_message_bytes})")
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.client_id = client_id or uuid.uuid4().hex
+        self._channel = rpc.channel(address, max_message_bytes)
+        rpc.wait_ready(self._channel, address, "scheduler", connect_timeout)
+        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._servers: dict[str, tuple[grpc.Channel, server_pb2_grpc.ParameterServerStub]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ps-client")
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for ch, _ in self._servers.values():
+            ch.close()
+        self._channel.close()
+
+    def call(self, method: Callable, request, what: str, peer: str | None = None, timeout: float | None = None):
+        """One unary call; a failure raises the PSError matching its status, naming the peer."""
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, peer or self.address, what) from None
+
+    def server(self, address: str) -> server_pb2_grpc.ParameterServerStub:
+        with self._lock:
+            if address not in self._servers:
+                ch = rpc.channel(address, self.max_message_bytes)
+                self._servers[address] = (ch, server_pb2_grpc.ParameterServerStub(ch))
+            return self._servers[address][1]
+
+    def map(self, fn: Callable, items: Iterable) -> list:
+        """fn over items in parallel (one task per shard); the first error is raised."""
+        return [f.result() for f in [self._pool.submit(fn, *it) for it in items]]
+
+    def cluster(self) -> scheduler_pb2.ClusterView:
+        return self.call(self.scheduler.GetCluster, scheduler_pb2.GetClusterRequest(), "get cluster view")
+
+    def stats(self, address: str) -> server_pb2.StatsResponse:
+        return self.call(self.server(address).Stats, server_pb2.StatsRequest(), "stats", address)
+
+    def create_model(self, name: str, tensors: Mapping[str, np.ndarray | Init | dict],
+                     optimizer: OptimizerConfig | Mapping | str = "sgd", *, replace: bool = False,
+                     max_slice_bytes: int | None = None) -> "Model":
+        """Create a model's parameters on the servers: arrays are uploaded, Init specs are
+        computed on each shard. Returns its handle."""
+        if isinstance(optimizer, str):
+            optimizer = {"name": optimizer}
+        config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig.from_dict(dict(optimizer))
+        specs, inits, arrays = [], {}, {}
+        for tname, value in tensors.items():
+            if isinstance(value, dict):
+                value = Init(**value)
+            if isinstance(value, Init):
+                inits[tname] = value
+                specs.append(sharding.TensorSpec(tname, value.shape, np.dtype(value.dtype).name))
+            else:
+                a = np.asarray(value)
+                if a.dtype.kind != "f":
+                    a = a.astype(np.float32)
+                arrays[tname] = a
+                specs.append(sharding.TensorSpec(tname, a.shape, a.dtype.name))
+        request = scheduler_pb2.PlanModelRequest(
+            model=name, replace=replace, max_slice_bytes=max_slice_bytes or self.chunk_bytes,
+            optimizer=config.to_proto(),
+            tensors=[scheduler_pb2.TensorInfo(name=t.name, shape=list(t.shape), dtype=dtype_code(t.dtype))
+                     for t in specs])
+        smap = self.call(self.scheduler.PlanModel, request, f"plan model '{name}'")
+        model = Model(self, smap)
+        try:
+            self.map(lambda shard: model._create_on(shard, inits, replace), [(i,) for i in range(len(model.shards))])
+            if arrays:
+                model.assign(arrays)
+        except PSError:
+            model.delete()
+            raise
+        return model
+
+    def model(self, name: str) -> "Model":
+        """A handle on a model that exists (created by this or another client)."""
+        smap = self.call(self.scheduler.GetShardMap, scheduler_pb2.GetShardMapRequest(model=name),
+                         f"get shard map of '{name}'")
+        return Model(self, smap)
+
+    def delete_model(self, name: str) -> None:
+        self.model(name).delete()
+
+
+class Model:
+    """A handle on one model's parameters, sharded across the servers."""
+
+    def __init__(self, client: Client, smap: scheduler_pb2.ShardMap):
+        self.client = client
+        self.name = smap.model
+        self.shards = list(smap.servers)
+        self.specs = {t.name: sharding.TensorSpec(t.name, tuple(t.shape), numpy_dtype(t.dtype).name)
+                      for t in smap.tensors}
+        self.optimizer = OptimizerConfig.from_proto(smap.optimizer)
+        self.slices = [sharding.Slice(s.tensor, s.offset, s.length, s.shard) for s in smap.slices]
+        self.version = 0
+        self._seq = 0
+        self._push_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, tensors={len(self.specs)}, shards={len(self.shards)})"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.specs.items()}
+
+    def _slices_of(self, shard: int, names: Iterable[str] | None = None) -> list[sharding.Slice]:
+        wanted = None if names is None else set(names)
+        return [s for s in self.slices if s.shard == shard and (wanted is None or s.tensor in wanted)]
+
+    def _chunks(self, shard: int, names=None) -> Iterator[tuple[sharding.Slice, int, int]]:
+        for s in self._slices_of(shard, names):
+            item = self.specs[s.tensor].itemsize
+            for o, n in sharding.chunks(s.offset, s.length, item, self.client.chunk_bytes):
+                yield s, o, n
+
+    def _create_on(self, shard: int, inits: Mapping[str, Init], replace: bool) -> None:
+        req = server_pb2.CreateModelRequest(model=self.name, replace=replace, optimizer=self.optimizer.to_proto())
+        for s in self._slices_of(shard):
+            spec = self.specs[s.tensor]
+            init = inits.get(s.tensor)
+            msg = req.slices.add(tensor=s.tensor, shape=list(spec.shape), dtype=dtype_code(spec.dtype),
+                                 offset=s.offset, length=s.length)
+            if init is not None:
+                msg.init.CopyFrom(server_pb2.Initializer(kind=init.kind, value=init.value, mean=init.mean,
+                                                         std=init.std, low=init.low, high=init.high,
+                                                         seed=init.seed))
+        address = self.shards[shard]
+        self.client.call(self.client.server(address).CreateModel, req, f"create model '{self.name}'", address)
+
+    def _flat(self, arrays: Mapping[str, np.ndarray], what: str, finite: bool) -> dict[str, np.ndarray]:
+        """Validate against the model's tensors; return flat little-endian arrays in each param's dtype."""
+        out = {}
+        for tname, a in arrays.items():
+            spec = self.specs.get(tname)
+            if spec is None:
+                raise InvalidArgument(f"{what} model '{self.name}': unknown tensor '{tname}' "
+                                      f"(it has {', '.join(self.specs)})")
+            a = np.asarray(a)
+            if a.shape != spec.shape:
+                raise InvalidArgument(f"{what} '{self.name}/{tname}': expected shape {list(spec.shape)}, "
+                                      f"got {list(a.shape)}")
+            a = to_little_endian(a.astype(spec.dtype, copy=False)).reshape(-1)
+            if finite and a.size and not np.isfinite(a.sum(dtype=np.float64)) and not np.isfinite(a).all():
+                raise InvalidArgument(f"{what} '{self.name}/{tname}': {int((~np.isfinite(a)).sum())} "
+                                      f"non-finite value(s)")
+            out[tname] = a
+        return out
+
+    def _stream(self, shard: int, what: str, run: Callable[[server_pb2_grpc.ParameterServerStub], None]) -> None:
+        """Run one shard's stream, retrying on UNAVAILABLE (pushes carry client id and seq, so a
+        retried push is not applied twice)."""
+        address = self.shards[shard]
+        stub = self.client.server(address)
+        for attempt in range(RETRIES + 1):
+            try:
+                return run(stub)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
+                    raise from_rpc_error(e, address, f"{what} model '{self.name}'") from None
+
+    def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float):
+        cid = self.client.client_id
+        for s, o, n in self._chunks(shard, flat):
+            a = flat[s.tensor]
+            yield server_pb2.PushRequest(
+                model=self.name, client_id=cid, seq=seq, grad_scale=scale,
+                chunk=tensor_pb2.Chunk(tensor=s.tensor, offset=o, values=tensor_pb2.Tensor(
+                    dtype=dtype_code(a.dtype), shape=[n], data=a[o:o + n].tobytes())))
+
+    def _next_seq(self, grads: Mapping[str, np.ndarray], what: str) -> tuple[dict[str, np.ndarray], int, float]:
+        flat = self._flat(grads, what, finite=True)
+        scale = 1.0
+        if self.optimizer.clip_norm:
+            scale = clip_norm_scale(flat.values(), self.optimizer.clip_norm)
+        self._seq += 1
+        return flat, self._seq, scale
+
+    def push(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Apply gradients on the servers (asynchronously with respect to other clients)."""
+        with self._push_lock:
+            flat, seq, scale = self._next_seq(grads, "push to")
+
+            def one(shard):
+                if any(True for _ in self._slices_of(shard, flat)):
+                    self._stream(shard, "push to", lambda stub: stub.Push(
+                        self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat)))
+            self.client.map(one, [(i,) for i in range(len(self.shards))])
+
+    def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Apply gradients, and get back the fresh weights of the same tensors, in one round trip."""
+        with self._push_lock:
+            flat, seq, scale = self._next_seq(grads, "push_pull to")
+            out = {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in flat}
+            versions = []
+
+            def one(shard):
+                if any(True for _ in self._slices_of(shard, flat)):
+                    self._stream(shard, "push_pull to", lambda stub: versions.append(self._receive(
+                        stub.PushPull(self._push_requests(shard, flat, seq, scale),
+                                      timeout=self._stream_timeout(flat)), out)))
+            self.client.map(one, [(i,) for i in range(len(self.shards))])
+            self.version = min(versions, default=self.version)
+            return out
+
+    def pull(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Fresh weights of every tensor (or of ``names``), reassembled from all shards."""
+        names = list(self.specs) if names is None else list(names)
+        for n in names:
+            if n not in self.specs:
+                raise InvalidArgument(f"pull from model '{self.name}': unknown tensor '{n}' "
+                                      f"(it has {', '.join(self.specs)})")
+        out = {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in names}
+        versions = []
+
+        def one(shard):
+            slices = self._slices_of(shard, names)
+            if not slices:
+                return
+            req = server_pb2.PullRequest(model=self.name, max_chunk_bytes=self.client.chunk_bytes,
+                                         ranges=[server_pb2.Range(tensor=s.tensor, offset=s.offset,
+                                                                  length=s.length) for s in slices])
+            self._stream(shard, "pull from", lambda stub: versions.append(
+                self._receive(stub.Pull(req, timeout=self._stream_timeout(out)), out)))
+        self.client.map(one, [(i,) for i in range(len(self.shards))])
+        self.version = min(versions, default=self.version)
+        return out
+
+    def _receive(self, responses, out: dict[str, np.ndarray]) -> int:
+        """Copy streamed chunks into ``out``; return the lowest slice version seen."""
+        version = None
+        flats = {k: v.reshape(-1) for k, v in out.items()}
+        for resp in responses:
+            c = resp.chunk
+            dst = flats[c.tensor]
+            data = np.frombuffer(c.values.data, dtype=dst.dtype)
+            dst[c.offset:c.offset + data.size] = data
+            version = resp.version if version is None else min(version, resp.version)
+        return version or 0
+
+    def assign(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite parameter values (optimizer state is kept)."""
+        flat = self._flat(values, "assign to", finite=True)
+
+        def requests(shard):
+            for s, o, n in self._chunks(shard, flat):
+                a = flat[s.tensor]
+                yield server_pb2.AssignRequest(model=self.name, chunk=tensor_pb2.Chunk(
+                    tensor=s.tensor, offset=o,
+                    values=tensor_pb2.Tensor(dtype=dtype_code(a.dtype), shape=[n], data=a[o:o + n].tobytes())))
+
+        def one(shard):
+            if self._slices_of(shard, flat):
+                self._stream(shard, "assign to", lambda stub: stub.Assign(requests(shard),
+                                                                          timeout=self._stream_timeout(flat)))
+        self.client.map(one, [(i,) for i in range(len(self.shards))])
+
+    def stats(self) -> list[server_pb2.ModelStats]:
+        """This model's statistics on each shard."""
+        out = []
+        for address in self.shards:
+            out.extend(m for m in self.client.stats(address).models if m.model == self.name)
+        return out
+
+    def delete(self) -> None:
+        """Free the model on every server and forget its shard map."""
+        errors = []
+
+        def one(shard):
+            address = self.shards[shard]
+            try:
+                self.client.call(self.client.server(address).DeleteModel,
+                                 server_pb2.DeleteModelRequest(model=self.name), f"delete model '{self.name}'",
+                                 address)
+            except Unavailable as e:
+                errors.append(e)
+        self.client.map(one, [(i,) for i in range(len(self.shards))])
+        self.client.call(self.client.scheduler.DropModel, scheduler_pb2.DropModelRequest(model=self.name),
+                         f"drop model '{self.name}'")
+        if errors:
+            raise errors[0]
+
+    def _stream_timeout(self, arrays: Mapping[str, np.ndarray]) -> float:
+        """A deadline that grows with the bytes moved (at no less than 50 MB/s)."""
+        nbytes = sum(self.specs[k].nbytes for k in arrays)
+        return self.client.timeout + nbytes / 50e6

@@ -1,0 +1,69 @@
+"""Errors shared by every role: each carries the gRPC status code it travels as.
+
+Servers raise them from the core and the servicer turns them into a status; the client
+turns a status back into the same class, with the server's message.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PSError(Exception):
+    """Base class: ``code`` is the gRPC status this error travels as."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(PSError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(PSError, KeyError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(PSError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(PSError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(PSError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(PSError, ConnectionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(PSError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(PSError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)}
+
+
+def from_rpc_error(err: grpc.RpcError, peer: str, what: str) -> PSError:
+    """The PSError for a failed call to ``peer`` doing ``what``, keeping the server's message."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    detail = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, PSError)
+    exc = cls(f"{what} on {peer}: {code.name}: {detail}")
+    exc.code = code
+    return exc
+
+
+def abort(context: grpc.ServicerContext, exc: PSError) -> None:
+    """End an RPC with the status that ``exc`` travels as (raises, as context.abort does)."""
+    context.abort(exc.code, str(exc))

@@ -1,0 +1,109 @@
+"""Seeded parameter initializers whose values do not depend on how a tensor is sharded.
+
+Element i of a tensor is drawn from a Philox stream keyed by (seed, tensor name) at the
+block that holds i, so any shard computes its slice alone and the whole tensor comes out
+identical for any number of shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ps.errors import InvalidArgument
+
+KINDS = ("zeros", "constant", "normal", "uniform", "glorot_uniform", "he_normal")
+BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Init:
+    """An initializer spec, e.g. ``Init("glorot_uniform", (784, 256), seed=1)``."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    seed: int = 0
+    value: float = 0.0
+    mean: float = 0.0
+    std: float = 1.0
+    low: float = -0.05
+    high: float = 0.05
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InvalidArgument(f"unknown initializer '{self.kind}': expected one of {', '.join(KINDS)}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d["shape"] = list(self.shape)
+        return d
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out): (in, out) for a 2-D (in, out) weight; (out, in, kh, kw) for convolutions."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = math.prod(shape[2:])
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _key(seed: int, tensor: str) -> int:
+    digest = hashlib.blake2b(tensor.encode(), digest_size=8).digest()
+    return ((int(seed) & ((1 << 64) - 1)) << 64) | int.from_bytes(digest, "little")
+
+
+def _block(kind: str, key: int, block: int, params: dict) -> np.ndarray:
+    rng = np.random.Generator(np.random.Philox(key=key, counter=block))
+    if kind == "normal":
+        return rng.normal(params["mean"], params["std"], BLOCK)
+    return rng.uniform(params["low"], params["high"], BLOCK)
+
+
+def values(init: Init, tensor: str, offset: int = 0, length: int | None = None) -> np.ndarray:
+    """Elements [offset, offset + length) of the flattened tensor, in ``init.dtype``."""
+    n = math.prod(init.shape) if init.shape else 1
+    if length is None:
+        length = n - offset
+    if offset < 0 or length < 0 or offset + length > n:
+        raise InvalidArgument(f"initializer for '{tensor}': range [{offset}, {offset + length}) "
+                              f"is outside the tensor's {n} elements")
+    dtype = np.dtype(init.dtype)
+    if init.kind == "zeros":
+        return np.zeros(length, dtype)
+    if init.kind == "constant":
+        return np.full(length, init.value, dtype)
+    fan_in, fan_out = fans(init.shape)
+    if init.kind == "normal":
+        kind, params = "normal", {"mean": init.mean, "std": init.std}
+    elif init.kind == "he_normal":
+        kind, params = "normal", {"mean": 0.0, "std": math.sqrt(2.0 / fan_in)}
+    elif init.kind == "glorot_uniform":
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        kind, params = "uniform", {"low": -limit, "high": limit}
+    else:
+        kind, params = "uniform", {"low": init.low, "high": init.high}
+    out = np.empty(length, dtype)
+    key = _key(init.seed, tensor)
+    pos = offset
+    while pos < offset + length:
+        b, start = divmod(pos, BLOCK)
+        take = min(BLOCK - start, offset + length - pos)
+        out[pos - offset: pos - offset + take] = _block(kind, key, b, params)[start:start + take]
+        pos += take
+    return out
+
+
+def full(init: Init, tensor: str) -> np.ndarray:
+    """The whole tensor, shaped."""
+    return values(init, tensor).reshape(init.shape)

@@ -1,0 +1,128 @@
+"""LocalCluster: a scheduler, N servers (and, with training, M workers) as real processes on
+free loopback ports, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ps import rpc
+from ps.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Process:
+    """One role's process, its log file and the port it reported."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path, env: dict | None = None):
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        self.port_file = workdir / f"{name}.port"
+        self.port: int | None = None
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        with open(self.log, "wb") as log:
+            self.popen = subprocess.Popen([sys.executable, "-m", "ps", *args, "--port-file", str(self.port_file)],
+                                          stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                          start_new_session=True)
+
+    def wait_port(self, deadline: float) -> int:
+        """Wait for the process to report its bound port (it does so once it is ready)."""
+        while time.monotonic() < deadline:
+            if self.port_file.exists():
+                self.port = int(self.port_file.read_text())
+                return self.port
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.popen.returncode} during start-up:\n"
+                                   f"{_tail(self.log)}")
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.name} did not become ready in time:\n{_tail(self.log)}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+class LocalCluster:
+    """``with ps.LocalCluster(servers=2) as cluster: ps.Client(cluster.address)``."""
+
+    def __init__(self, servers: int = 2, *, host: str = "127.0.0.1", start_timeout: float = 60.0,
+                 server_args: list[str] | None = None, scheduler_args: list[str] | None = None):
+        self.host = host
+        self.workdir = Path(tempfile.mkdtemp(prefix="paramserver-"))
+        self.processes: list[Process] = []
+        self.servers: list[Process] = []
+        try:
+            deadline = time.monotonic() + start_timeout
+            self.scheduler = self._spawn("scheduler", ["scheduler", "--host", host, "--port", "0",
+                                                       *(scheduler_args or [])])
+            port = self.scheduler.wait_port(deadline)
+            self.address = f"{host}:{port}"
+            for i in range(servers):
+                self.add_server(deadline, server_args)
+            self.wait_servers(servers, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, name: str, args: list[str]) -> Process:
+        p = Process(name, args, self.workdir)
+        self.processes.append(p)
+        return p
+
+    def add_server(self, deadline: float | None = None, extra: list[str] | None = None) -> Process:
+        p = self._spawn(f"server-{len(self.servers)}",
+                        ["server", "--scheduler", self.address, "--host", self.host, "--port", "0", *(extra or [])])
+        self.servers.append(p)
+        p.wait_port(deadline or time.monotonic() + 60)
+        return p
+
+    def wait_servers(self, n: int, deadline: float) -> None:
+        """Wait until the scheduler sees n servers up."""
+        ch = rpc.channel(self.address)
+        try:
+            stub = scheduler_pb2_grpc.SchedulerStub(ch)
+            while True:
+                view = stub.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5)
+                up = sum(s.state == "up" for s in view.servers)
+                if up >= n:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {up} of {n} servers registered with the scheduler at {self.address}")
+                time.sleep(0.02)
+        finally:
+            ch.close()
+
+    def logs(self) -> dict[str, str]:
+        return {p.name: _tail(p.log, 1000) for p in self.processes}
+
+    def close(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

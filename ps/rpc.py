@@ -1,0 +1,129 @@
+"""gRPC plumbing every role shares: message limits, channels, servers with health and reflection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ps.errors import DeadlineExceeded, Unavailable
+
+log = logging.getLogger("ps")
+
+#: payload bytes per chunk message; every larger transfer is split into chunks of this size
+DEFAULT_CHUNK_BYTES = 4 << 20
+#: gRPC's receive limit on every channel and server: a chunk plus headroom for its header
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+#: deadline for one unary call
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=message_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ])
+
+
+def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float) -> None:
+    """Block until ``ch`` connects, or raise Unavailable naming the peer and what was waited for."""
+    try:
+        grpc.channel_ready_future(ch).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise Unavailable(f"could not reach the {role} at {address} within {timeout:g} s: "
+                          f"is it running, and is the address right?") from None
+
+
+def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+                       options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
+    """Register grpc.health.v1 (SERVING for "" and each service) and server reflection."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    for name in ["", *names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Listen on host:port (port 0 picks a free one); return the bound port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port}: is the port in use?")
+    return bound
+
+
+def write_port_file(path: str | None, port: int) -> None:
+    """Atomically write the bound port, so a parent that started us with --port 0 can find it."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, path)
+
+
+def check_health(address: str, service: str = "", timeout: float = 5.0) -> str:
+    """The health status name of ``service`` at ``address`` (SERVING, NOT_SERVING, ...)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                        timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"health check of {address}: no answer within {timeout:g} s") from None
+            raise Unavailable(f"health check of {address}: {e.code().name}: {e.details()}") from None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def serve_until_signal(server: grpc.Server, on_stop: Callable[[], None] | None = None,
+                       grace: float = 5.0) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, let calls in flight finish and run on_stop."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(0.5):
+        pass
+    if on_stop is not None:
+        on_stop()
+    server.stop(grace).wait()
+
+
+def retry_unavailable(fn: Callable[[], object], what: str, deadline_s: float, interval: float = 0.5):
+    """Call fn until it does not raise UNAVAILABLE, up to deadline_s; then raise Unavailable naming ``what``."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= end:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise Unavailable(f"{what}: still unreachable after {deadline_s:g} s "
+                                      f"({e.details()})") from None
+                raise
+        time.sleep(interval)

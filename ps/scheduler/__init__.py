@@ -1,0 +1,1 @@
+"""The scheduler: cluster membership, shard maps, jobs and task leases."""

@@ -1,0 +1,117 @@
+"""Which shard owns which slice of which parameter: a pure, deterministic function.
+
+Every process (scheduler, client, worker) that computes ``plan`` for the same tensors,
+shard count and slice limit gets the same answer. Large dense tensors are cut into
+contiguous slices of at most ``max_slice_bytes`` (and spread over every shard once they
+pass ``split_bytes``), small ones are placed whole, and slices go to shards
+largest-first onto the least-loaded shard, so bytes per shard stay balanced.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_MAX_SLICE_BYTES = 4 << 20
+#: tensors at least this large are cut into at least one slice per shard
+DEFAULT_SPLIT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A parameter's name, shape and dtype (a numpy dtype name)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def itemsize(self) -> int:
+        from ps.tensor import numpy_dtype, dtype_code
+        return numpy_dtype(dtype_code(self.dtype)).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.itemsize
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Elements [offset, offset + length) of the flattened tensor, held by ``shard``."""
+
+    tensor: str
+    offset: int
+    length: int
+    shard: int
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.length
+
+
+def split_lengths(n: int, pieces: int) -> list[int]:
+    """``n`` cut into ``pieces`` contiguous lengths that differ by at most one."""
+    base, extra = divmod(n, pieces)
+    return [base + (1 if i < extra else 0) for i in range(pieces)]
+
+
+def plan(tensors: Sequence[TensorSpec], num_shards: int,
+         max_slice_bytes: int = DEFAULT_MAX_SLICE_BYTES,
+         split_bytes: int = DEFAULT_SPLIT_BYTES) -> list[Slice]:
+    """The shard map: every element of every tensor owned by exactly one shard.
+
+    Slices come back ordered by tensor (in the given order) and offset.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if max_slice_bytes < 1:
+        raise ValueError(f"max_slice_bytes must be >= 1, got {max_slice_bytes}")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate tensor names: {dup}")
+    pieces: list[tuple[int, int, int, int]] = []  # (nbytes, tensor index, offset, length)
+    for ti, t in enumerate(tensors):
+        n, item = t.size, t.itemsize
+        max_elems = max(1, max_slice_bytes // item)
+        k = max(1, -(-n // max_elems))
+        if t.nbytes >= split_bytes and k < num_shards:
+            k = min(num_shards, max(1, n))
+        offset = 0
+        for length in split_lengths(n, k):
+            pieces.append((length * item, ti, offset, length))
+            offset += length
+    # Largest first onto the least-loaded shard (ties: lower shard index); stable order.
+    order = sorted(pieces, key=lambda p: (-p[0], p[1], p[2]))
+    loads = [(0, s) for s in range(num_shards)]
+    heapq.heapify(loads)
+    out: list[Slice] = []
+    for nbytes, ti, offset, length in order:
+        load, shard = heapq.heappop(loads)
+        out.append(Slice(tensors[ti].name, offset, length, shard))
+        heapq.heappush(loads, (load + nbytes, shard))
+    index = {name: i for i, name in enumerate(names)}
+    out.sort(key=lambda s: (index[s.tensor], s.offset))
+    return out
+
+
+def bytes_per_shard(tensors: Iterable[TensorSpec], slices: Iterable[Slice], num_shards: int) -> list[int]:
+    """Parameter bytes each shard holds under a plan."""
+    item = {t.name: t.itemsize for t in tensors}
+    loads = [0] * num_shards
+    for s in slices:
+        loads[s.shard] += s.length * item[s.tensor]
+    return loads
+
+
+def chunks(offset: int, length: int, itemsize: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
+    """Cut [offset, offset + length) into (offset, length) runs of at most max_chunk_bytes."""
+    per = max(1, max_chunk_bytes // itemsize)
+    return [(o, min(per, offset + length - o)) for o in range(offset, offset + length, per)] or [(offset, 0)]

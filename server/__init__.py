@@ -1,0 +1,1 @@
+"""Parameter-server shards: tables, optimizers, the gRPC service."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: real processes on loopback, always cleaned up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import ps
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A scheduler and two servers as real processes, for the tests of one module."""
+    with ps.LocalCluster(servers=2) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    with ps.Client(cluster.address) as c:
+        yield c
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,1 @@
+"""Stateless workers: the training loop, models, kernels, data readers."""
