@@ -11,6 +11,9 @@ _EXPORTS = {
     "Client": "ps.client", "Model": "ps.client", "LocalCluster": "ps.local", "Init": "ps.initializers",
     "PSError": "ps.errors", "InvalidArgument": "ps.errors", "NotFound": "ps.errors",
     "AlreadyExists": "ps.errors", "FailedPrecondition": "ps.errors", "Unavailable": "ps.errors",
+    "Job": "ps.client", "JobFailed": "ps.client", "JobCancelled": "ps.client",
+    "JobSpec": "ps.spec", "DataSpec": "ps.spec", "SpecError": "ps.spec",
+    "TrainedModel": "ps.trained", "load_model": "ps.trained",
 }
 __all__ = list(_EXPORTS)
 

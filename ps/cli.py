@@ -198,3 +198,156 @@ def bench_pushpull(size, servers, optimizer, seconds, as_json):
     result = pushpull(size, servers, optimizer, seconds, echo=click.echo)
     if as_json:
         emit_json(result)
+
+
+@main.command()
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER",
+              help="Scheduler HOST:PORT [env PS_SCHEDULER].")
+@click.option("--device", default="cpu", envvar="PS_DEVICE", show_default=True,
+              help="cpu, or gpu:N for CuPy on GPU N [env PS_DEVICE].")
+@click.option("--name", default=None, envvar="PS_WORKER_NAME", help="Name in logs [env PS_WORKER_NAME]; "
+              "default host:pid.")
+@click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
+              help="Give up if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
+@log_level
+def worker(scheduler_addr, device, name, connect_timeout, log_level):
+    """Run a stateless training worker: lease tasks, compute gradients, push them."""
+    _setup_logging(log_level)
+    from ps.errors import PSError
+    from ps.worker.runner import run
+    try:
+        run(scheduler_addr, device=device, name=name, connect_timeout=connect_timeout)
+    except (PSError, RuntimeError) as e:
+        click.echo(f"worker: {e}", err=True)
+        sys.exit(2)
+
+
+def _follow(job, progress: bool, logdir: str | None):
+    """Wait for a job; print its outcome; exit 1 if it did not succeed."""
+    from ps.client import JobCancelled, JobFailed
+    try:
+        return job.wait(progress=progress, logdir=logdir)
+    except (JobFailed, JobCancelled) as e:
+        click.echo(str(e), err=True)
+        sys.exit(1)
+
+
+def _client(address: str):
+    from ps.client import Client
+    from ps.errors import PSError
+    try:
+        return Client(address, connect_timeout=10)
+    except PSError as e:
+        click.echo(str(e), err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--follow", is_flag=True, help="Show progress until the job ends.")
+@click.option("--logdir", default=None, help="Write TensorBoard event files here (with --follow).")
+@click.option("--save", default=None, help="Save the trained model to this directory (with --follow).")
+@click.option("--json", "as_json", is_flag=True)
+def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
+    """Submit the job in SPEC_PATH (JSON or TOML)."""
+    from ps.errors import PSError
+    from ps.spec import JobSpec, SpecError
+    try:
+        spec = JobSpec.load(spec_path)
+    except SpecError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    with _client(scheduler_addr) as client:
+        try:
+            job = client.submit(spec)
+        except PSError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        click.echo(f"submitted {job.job_id}", err=as_json)
+        result = {"job_id": job.job_id, "state": job.status()}
+        if follow:
+            model = _follow(job, progress=not as_json, logdir=logdir)
+            if save:
+                model.save(save)
+            result.update(model.metrics, state="succeeded")
+            click.echo(f"{job.job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
+        if as_json:
+            emit_json(result)
+
+
+@main.command()
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--json", "as_json", is_flag=True)
+def jobs(scheduler_addr, as_json):
+    """List jobs and their state."""
+    with _client(scheduler_addr) as client:
+        infos = [j.info() for j in client.jobs()]
+    if as_json:
+        emit_json({"jobs": [{"job_id": i.job_id, "name": i.name, "state": i.state, "error": i.error,
+                             "tasks_done": i.tasks_done, "tasks_total": i.tasks_total,
+                             "epoch": i.metrics.epoch, "test_accuracy": i.metrics.test_accuracy}
+                            for i in infos]})
+        return
+    click.echo(f"{'JOB':<10} {'NAME':<16} {'STATE':<10} {'TASKS':>9} {'EPOCH':>5} {'TEST ACC':>8}  ERROR")
+    for i in infos:
+        click.echo(f"{i.job_id:<10} {i.name[:16]:<16} {i.state:<10} {i.tasks_done:>4}/{i.tasks_total:<4} "
+                   f"{i.metrics.epoch:>5} {i.metrics.test_accuracy:>8.4f}  {i.error}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+def cancel(job_id, scheduler_addr):
+    """Cancel a job; its parameters are freed on every server."""
+    from ps.errors import PSError
+    with _client(scheduler_addr) as client:
+        try:
+            client.job(job_id).cancel()
+        except PSError as e:
+            click.echo(str(e), err=True)
+            sys.exit(1)
+    click.echo(f"cancelled {job_id}")
+
+
+@main.command()
+@click.option("--model", "model_kind", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
+@click.option("--scheduler", "scheduler_addr", default=None, envvar="PS_SCHEDULER",
+              help="Submit to this cluster instead of starting a local one [env PS_SCHEDULER].")
+@click.option("--servers", default=2, show_default=True, help="Local cluster: server shards.")
+@click.option("--workers", default=2, show_default=True, help="Local cluster: workers.")
+@click.option("--epochs", default=None, type=int, help="Override the demo's epochs.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--lease-timeout", default=30.0, show_default=True, help="Seconds before a silent worker's task "
+              "goes back to the queue.")
+@click.option("--logdir", default=None, help="Write TensorBoard event files here.")
+@click.option("--save", default=None, help="Save the trained model to this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+def demo(model_kind, scheduler_addr, servers, workers, epochs, seed, lease_timeout, logdir, save, as_json):
+    """Train on the bundled 8x8 digits (7:3 split) and print the test accuracy."""
+    import contextlib
+    import time
+
+    from ps.demo import demo_spec
+    from ps.local import LocalCluster
+    spec = demo_spec(model_kind, epochs=epochs, seed=seed, workers=workers, lease_timeout_s=lease_timeout)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if scheduler_addr is None:
+            cluster = stack.enter_context(LocalCluster(servers=servers, workers=workers))
+            scheduler_addr = cluster.address
+            click.echo(f"local cluster: scheduler {cluster.address}, {servers} servers, {workers} workers", err=as_json)
+        client = stack.enter_context(_client(scheduler_addr))
+        job = client.submit(spec)
+        click.echo(f"submitted {job.job_id}: {model_kind.upper()} on digits, {spec.epochs} epochs", err=as_json)
+        model = _follow(job, progress=True, logdir=logdir)
+        if save:
+            model.save(save)
+    m = model.metrics
+    click.echo(f"test accuracy {m['test_accuracy']:.4f} on the held-out 30% after {m['epoch']} epochs; "
+               f"{m['samples_per_s']:.0f} samples/s; {time.perf_counter() - start:.1f} s in all", err=as_json)
+    if as_json:
+        emit_json({"model": model_kind, "job_id": job.job_id, "test_accuracy": m["test_accuracy"],
+                   "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
+                   "samples_per_s": m["samples_per_s"], "train_seconds": m["seconds"],
+                   "seconds": time.perf_counter() - start})

@@ -16,12 +16,12 @@ from typing import Callable, Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
-from ps import rpc, sharding
+from ps import rpc, sharding, wire
 from ps.errors import InvalidArgument, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.server.optimizers import OptimizerConfig, clip_norm_scale
 from ps.tensor import dtype_code, numpy_dtype, to_little_endian
-from ps.v1 import (scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc, tensor_pb2)
+from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, tensor_pb2
 
 #: how many times a shard's stream is retried after UNAVAILABLE (pushes are deduplicated)
 RETRIES = 3
@@ -45,7 +45,7 @@ class Client:
         self._channel = rpc.channel(address, max_message_bytes)
         rpc.wait_ready(self._channel, address, "scheduler", connect_timeout)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._servers: dict[str, tuple[grpc.Channel, server_pb2_grpc.ParameterServerStub]] = {}
+        self._servers: dict[str, tuple[grpc.Channel, wire.ShardStub]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ps-client")
 
@@ -68,11 +68,11 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e, peer or self.address, what) from None
 
-    def server(self, address: str) -> server_pb2_grpc.ParameterServerStub:
+    def server(self, address: str) -> wire.ShardStub:
         with self._lock:
             if address not in self._servers:
                 ch = rpc.channel(address, self.max_message_bytes)
-                self._servers[address] = (ch, server_pb2_grpc.ParameterServerStub(ch))
+                self._servers[address] = (ch, wire.ShardStub(ch))
             return self._servers[address][1]
 
     def map(self, fn: Callable, items: Iterable) -> list:
@@ -92,7 +92,10 @@ class Client:
         computed on each shard. Returns its handle."""
         if isinstance(optimizer, str):
             optimizer = {"name": optimizer}
-        config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig.from_dict(dict(optimizer))
+        try:
+            config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig.from_dict(dict(optimizer))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument(f"create model '{name}': optimizer: {e}") from None
         specs, inits, arrays = [], {}, {}
         for tname, value in tensors.items():
             if isinstance(value, dict):
@@ -130,6 +133,21 @@ class Client:
 
     def delete_model(self, name: str) -> None:
         self.model(name).delete()
+
+    def submit(self, spec) -> "Job":
+        """Submit a training job (a ps.JobSpec, a dict or JSON text); returns its handle."""
+        info = self.call(self.scheduler.SubmitJob, scheduler_pb2.SubmitJobRequest(spec_json=_spec_json(spec)),
+                         "submit job", timeout=max(self.timeout, 120))
+        return Job(self, info)
+
+    def jobs(self) -> list["Job"]:
+        resp = self.call(self.scheduler.ListJobs, scheduler_pb2.ListJobsRequest(), "list jobs")
+        return [Job(self, info) for info in resp.jobs]
+
+    def job(self, job_id: str) -> "Job":
+        job = Job(self, scheduler_pb2.JobInfo(job_id=job_id))
+        job.info()
+        return job
 
 
 class Model:
@@ -197,7 +215,7 @@ class Model:
             out[tname] = a
         return out
 
-    def _stream(self, shard: int, what: str, run: Callable[[server_pb2_grpc.ParameterServerStub], None]) -> None:
+    def _stream(self, shard: int, what: str, run: Callable[[wire.ShardStub], None]) -> None:
         """Run one shard's stream, retrying on UNAVAILABLE (pushes carry client id and seq, so a
         retried push is not applied twice)."""
         address = self.shards[shard]
@@ -213,10 +231,7 @@ class Model:
         cid = self.client.client_id
         for s, o, n in self._chunks(shard, flat):
             a = flat[s.tensor]
-            yield server_pb2.PushRequest(
-                model=self.name, client_id=cid, seq=seq, grad_scale=scale,
-                chunk=tensor_pb2.Chunk(tensor=s.tensor, offset=o, values=tensor_pb2.Tensor(
-                    dtype=dtype_code(a.dtype), shape=[n], data=a[o:o + n].tobytes())))
+            yield wire.encode_push(self.name, cid, seq, scale, s.tensor, o, dtype_code(a.dtype), a[o:o + n])
 
     def _next_seq(self, grads: Mapping[str, np.ndarray], what: str) -> tuple[dict[str, np.ndarray], int, float]:
         flat = self._flat(grads, what, finite=True)
@@ -334,3 +349,125 @@ class Model:
         """A deadline that grows with the bytes moved (at no less than 50 MB/s)."""
         nbytes = sum(self.specs[k].nbytes for k in arrays)
         return self.client.timeout + nbytes / 50e6
+
+
+class JobFailed(PSError):
+    """The job ended in state failed; the message is the job's error."""
+
+
+class JobCancelled(PSError):
+    """The job was cancelled."""
+
+
+def _metrics(m: scheduler_pb2.JobMetrics) -> dict:
+    return {"epoch": m.epoch, "steps": m.steps, "samples": m.samples, "train_loss": m.train_loss,
+            "test_loss": m.test_loss, "test_accuracy": m.test_accuracy, "samples_per_s": m.samples_per_s,
+            "seconds": m.seconds}
+
+
+class Job:
+    """A handle on a submitted training job."""
+
+    def __init__(self, client: Client, info: scheduler_pb2.JobInfo):
+        self.client = client
+        self.job_id = info.job_id
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r}, state={self._info.state!r})"
+
+    def info(self) -> scheduler_pb2.JobInfo:
+        self._info = self.client.call(self.client.scheduler.GetJob, scheduler_pb2.GetJobRequest(job_id=self.job_id),
+                                      f"get job '{self.job_id}'")
+        return self._info
+
+    def status(self) -> str:
+        """queued | starting | running | succeeded | failed | cancelled"""
+        return self.info().state
+
+    def metrics(self) -> dict:
+        return _metrics(self.info().metrics)
+
+    def cancel(self) -> None:
+        self._info = self.client.call(self.client.scheduler.CancelJob,
+                                      scheduler_pb2.CancelJobRequest(job_id=self.job_id), f"cancel job '{self.job_id}'")
+
+    def events(self, timeout: float | None = None) -> Iterator[scheduler_pb2.JobEvent]:
+        """Progress events as they happen, until the job ends."""
+        try:
+            yield from self.client.scheduler.WatchJob(scheduler_pb2.WatchJobRequest(job_id=self.job_id),
+                                                      timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.client.address, f"watch job '{self.job_id}'") from None
+
+    def wait(self, progress: bool = True, timeout: float | None = None, logdir: str | None = None):
+        """Follow the job to its end, drawing a progress bar; return the trained model
+        (``ps.TrainedModel``). Raises JobFailed / JobCancelled."""
+        from tqdm import tqdm
+        writer = None
+        if logdir:
+            from ps.tblog import EventWriter
+            writer = EventWriter(logdir, self.job_id)
+        bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress, dynamic_ncols=True)
+        try:
+            for ev in self.events(timeout):
+                bar.total = ev.tasks_total
+                bar.n = ev.tasks_done
+                m = ev.metrics
+                bar.set_postfix_str(f"epoch {m.epoch} loss {m.train_loss:.4f} acc {m.test_accuracy:.4f} "
+                                    f"{m.samples_per_s:.0f} samples/s", refresh=True)
+                if writer is not None and ev.kind == "epoch":
+                    writer.scalars(m.epoch, {"train/loss": m.train_loss, "test/loss": m.test_loss,
+                                             "test/accuracy": m.test_accuracy,
+                                             "train/samples_per_s": m.samples_per_s})
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        info = self.info()
+        if info.state == "failed":
+            raise JobFailed(f"job {self.job_id} failed: {info.error}")
+        if info.state == "cancelled":
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+        return self.model()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The job's current parameters, relayed by the scheduler from the servers (so only the
+        scheduler need be reachable)."""
+        smap = self.client.call(self.client.scheduler.GetShardMap,
+                                scheduler_pb2.GetShardMapRequest(model=self.job_id), f"get shard map of '{self.job_id}'")
+        model = Model(self.client, smap)
+        out = {k: np.empty(v.shape, v.dtype) for k, v in model.specs.items()}
+        try:
+            model._receive(self.client.scheduler.FetchWeights(
+                scheduler_pb2.FetchWeightsRequest(model=self.job_id, max_chunk_bytes=self.client.chunk_bytes),
+                timeout=model._stream_timeout(out)), out)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.client.address, f"fetch weights of '{self.job_id}'") from None
+        return out
+
+    def model(self):
+        """The trained model (weights, spec, preprocessing, metrics), runnable locally."""
+        import json
+
+        from ps.trained import TrainedModel
+        info = self.info()
+        return TrainedModel(json.loads(info.spec_json), json.loads(info.prep_json), self.weights(),
+                            _metrics(info.metrics), self.job_id)
+
+    def save(self, path: str) -> str:
+        """Save weights (safetensors) and spec (JSON) to the directory ``path``."""
+        return str(self.model().save(path))
+
+
+def _spec_json(spec) -> str:
+    from ps.spec import JobSpec, SpecError
+    try:
+        if isinstance(spec, str):
+            return JobSpec.from_json(spec).to_json()
+        if isinstance(spec, dict):
+            return JobSpec.from_dict(spec).to_json()
+        spec.check()
+        return spec.to_json()
+    except SpecError as e:
+        raise InvalidArgument(str(e)) from None

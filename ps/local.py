@@ -32,8 +32,9 @@ class Process:
         self.port_file = workdir / f"{name}.port"
         self.port: int | None = None
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        port_args = [] if args[0] == "worker" else ["--port-file", str(self.port_file)]
         with open(self.log, "wb") as log:
-            self.popen = subprocess.Popen([sys.executable, "-m", "ps", *args, "--port-file", str(self.port_file)],
+            self.popen = subprocess.Popen([sys.executable, "-m", "ps", *args, *port_args],
                                           stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                           start_new_session=True)
 
@@ -66,12 +67,15 @@ class Process:
 class LocalCluster:
     """``with ps.LocalCluster(servers=2) as cluster: ps.Client(cluster.address)``."""
 
-    def __init__(self, servers: int = 2, *, host: str = "127.0.0.1", start_timeout: float = 60.0,
-                 server_args: list[str] | None = None, scheduler_args: list[str] | None = None):
+    def __init__(self, servers: int = 2, workers: int = 0, *, host: str = "127.0.0.1", start_timeout: float = 60.0,
+                 server_args: list[str] | None = None, scheduler_args: list[str] | None = None,
+                 worker_args: list[str] | None = None):
         self.host = host
         self.workdir = Path(tempfile.mkdtemp(prefix="paramserver-"))
         self.processes: list[Process] = []
         self.servers: list[Process] = []
+        self.workers: list[Process] = []
+        self.worker_args = worker_args or []
         try:
             deadline = time.monotonic() + start_timeout
             self.scheduler = self._spawn("scheduler", ["scheduler", "--host", host, "--port", "0",
@@ -81,12 +85,15 @@ class LocalCluster:
             for i in range(servers):
                 self.add_server(deadline, server_args)
             self.wait_servers(servers, deadline)
+            for i in range(workers):
+                self.add_worker()
+            self.wait_workers(workers, deadline)
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, name: str, args: list[str]) -> Process:
-        p = Process(name, args, self.workdir)
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Process:
+        p = Process(name, args, self.workdir, env)
         self.processes.append(p)
         return p
 
@@ -97,21 +104,38 @@ class LocalCluster:
         p.wait_port(deadline or time.monotonic() + 60)
         return p
 
-    def wait_servers(self, n: int, deadline: float) -> None:
-        """Wait until the scheduler sees n servers up."""
+    def add_worker(self, extra: list[str] | None = None) -> Process:
+        """Start one more worker (one BLAS thread each, so workers scale across cores)."""
+        p = self._spawn(f"worker-{len(self.workers)}", ["worker", "--scheduler", self.address,
+                                                         *self.worker_args, *(extra or [])],
+                        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        self.workers.append(p)
+        return p
+
+    def _wait_view(self, count, n: int, what: str, deadline: float) -> None:
         ch = rpc.channel(self.address)
         try:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
             while True:
-                view = stub.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5)
-                up = sum(s.state == "up" for s in view.servers)
-                if up >= n:
+                have = count(stub.GetCluster(scheduler_pb2.GetClusterRequest(), timeout=5))
+                if have >= n:
                     return
+                for p in self.processes:
+                    if p.popen.poll() is not None:
+                        raise RuntimeError(f"{p.name} exited with code {p.popen.returncode}:\n{_tail(p.log)}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {up} of {n} servers registered with the scheduler at {self.address}")
+                    raise TimeoutError(f"only {have} of {n} {what} registered with the scheduler at {self.address}")
                 time.sleep(0.02)
         finally:
             ch.close()
+
+    def wait_servers(self, n: int, deadline: float) -> None:
+        """Wait until the scheduler sees n servers up."""
+        self._wait_view(lambda v: sum(s.state == "up" for s in v.servers), n, "servers", deadline)
+
+    def wait_workers(self, n: int, deadline: float) -> None:
+        """Wait until the scheduler knows n workers."""
+        self._wait_view(lambda v: len(v.workers), n, "workers", deadline)
 
     def logs(self) -> dict[str, str]:
         return {p.name: _tail(p.log, 1000) for p in self.processes}

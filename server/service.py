@@ -11,12 +11,12 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from ps import initializers, rpc
+from ps import initializers, rpc, sharding, wire
 from ps.errors import InvalidArgument, NotFound, PSError, abort
 from ps.server.optimizers import OptimizerConfig
 from ps.server.shard import ShardStore, SliceRequest
-from ps.tensor import CodecError, decode_1d, dtype_code, dtype_name, numpy_dtype
-from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc, tensor_pb2
+from ps.tensor import CodecError, decode_1d, dtype_code, numpy_dtype
+from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc
 
 log = logging.getLogger("ps.server")
 SERVICE_NAME = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -35,19 +35,11 @@ def _init_from_proto(msg: server_pb2.Initializer, shape, dtype) -> initializers.
     return initializers.Init(msg.kind, tuple(shape), dtype.name, seed=msg.seed, **kw)
 
 
-def _decode(chunk: tensor_pb2.Chunk, model: str, what: str) -> np.ndarray:
+def _decode(chunk, model: str, what: str) -> np.ndarray:
     try:
         return decode_1d(chunk.values, f"{what} '{model}/{chunk.tensor}' at offset {chunk.offset}")
     except CodecError as e:
         raise InvalidArgument(str(e)) from None
-
-
-def _chunk_ranges(sl, ranges, max_chunk: int):
-    itemsize = sl.param.itemsize
-    per = max(1, max_chunk // itemsize)
-    for offset, length in ranges:
-        for o in range(offset, offset + length, per):
-            yield o, min(per, offset + length - o)
 
 
 class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
@@ -104,22 +96,18 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
         return server_pb2.PushResponse(applied=applied, duplicates=dup)
 
-    def PushPull(self, request_iterator, context) -> Iterator[server_pb2.PullResponse]:
+    def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         try:
             for req in request_iterator:
                 sl, ok = self._apply(req)
-                data, version = self.store.read_slice(sl, req.chunk.offset, len(req.chunk.values.data)
-                                                      // sl.param.itemsize)
-                yield server_pb2.PullResponse(
-                    chunk=tensor_pb2.Chunk(tensor=req.chunk.tensor, offset=req.chunk.offset,
-                                           values=tensor_pb2.Tensor(dtype=req.chunk.values.dtype,
-                                                                    shape=[len(data) // sl.param.itemsize],
-                                                                    data=data)),
-                    version=version, duplicate=not ok)
+                c = req.chunk
+                yield self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize, lambda view, version:
+                                            wire.encode_pull_response(c.tensor, c.offset, c.values.dtype, view,
+                                                                      version, duplicate=not ok))
         except PSError as e:
             abort(context, e)
 
-    def Pull(self, request, context) -> Iterator[server_pb2.PullResponse]:
+    def Pull(self, request, context) -> Iterator[bytes]:
         max_chunk = request.max_chunk_bytes or self.chunk_bytes
         try:
             model = self.store.model(request.model)
@@ -132,12 +120,9 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
         for sl, offset, length in wanted:
             code = dtype_code(sl.param.dtype)
-            for o, n in _chunk_ranges(sl, [(offset, length)], max_chunk):
-                data, version = self.store.read_slice(sl, o, n)
-                yield server_pb2.PullResponse(
-                    chunk=tensor_pb2.Chunk(tensor=sl.tensor, offset=o,
-                                           values=tensor_pb2.Tensor(dtype=code, shape=[n], data=data)),
-                    version=version)
+            for o, n in sharding.chunks(offset, length, sl.param.itemsize, max_chunk):
+                yield self.store.read_slice(sl, o, n, lambda view, version, o=o:
+                                            wire.encode_pull_response(sl.tensor, o, code, view, version))
 
     def DeleteModel(self, request, context):
         try:
@@ -217,7 +202,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     """The `paramserver server` process: serve until SIGTERM/SIGINT."""
     store = ShardStore(max_bytes=max_bytes)
     server = rpc.make_server(threads, max_message_bytes)
-    server_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(store), server)
+    wire.add_shard_servicer(ParameterServerServicer(store), server)
     rpc.add_health_and_reflection(server, [SERVICE_NAME])
     bound = rpc.bind(server, host, port)
     server.start()

@@ -112,7 +112,7 @@ def check_finite(values: np.ndarray, what: str) -> None:
         if bad.any():
             first = int(np.argmax(bad))
             raise InvalidArgument(f"{what}: {int(bad.sum())} non-finite value(s), first at element "
-                                  f"{first}: {values[first]!r}")
+                                  f"{first}: {float(values[first])}")
 
 
 class ShardStore:
@@ -243,15 +243,18 @@ class ShardStore:
             sl.pushes += 1
         return sl, True
 
-    def read(self, name: str, tensor: str, offset: int, length: int) -> tuple[bytes, int]:
-        """Raw bytes of [offset, offset + length) and the slice's version, read under its lock."""
-        return self.read_slice(self.model(name).locate(tensor, offset, length, "pull from"), offset, length)
+    def read(self, name: str, tensor: str, offset: int, length: int, encode=None):
+        """[offset, offset + length) read under its slice's lock (see read_slice)."""
+        return self.read_slice(self.model(name).locate(tensor, offset, length, "pull from"), offset, length, encode)
 
     @staticmethod
-    def read_slice(sl: SliceState, offset: int, length: int) -> tuple[bytes, int]:
+    def read_slice(sl: SliceState, offset: int, length: int, encode=None):
+        """Under the slice's lock: ``encode(view, version)`` of the range (one copy, no torn reads),
+        or (bytes, version) without an encoder."""
         a = offset - sl.offset
         with sl.lock:
-            data = sl.param[a:a + length].tobytes()
-            version = sl.version
             sl.pulls += 1
-        return data, version
+            view = sl.param[a:a + length]
+            if encode is not None:
+                return encode(view, sl.version)
+            return view.tobytes(), sl.version

@@ -26,6 +26,14 @@ class Server:
     models: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Worker:
+    worker_id: str
+    name: str
+    device: str
+    last_seen: float
+
+
 @dataclass(frozen=True)
 class ShardMap:
     """Where a model lives: shard i is ``servers[i]``."""
@@ -55,7 +63,9 @@ class Cluster:
         self.servers: dict[str, Server] = {}
         self.maps: dict[str, ShardMap] = {}
         self.transitions: list[Transition] = []
+        self.workers: dict[str, Worker] = {}
         self._next = 0
+        self._next_worker = 0
         self._lock = threading.RLock()
 
     def _record(self, now: float, subject: str, change: str, reason: str) -> None:
@@ -99,6 +109,31 @@ class Cluster:
                                  f"no heartbeat for {now - s.last_seen:.1f} s (timeout {self.server_timeout:g} s)")
                     downed.append(s)
         return downed
+
+    def register_worker(self, name: str, device: str, now: float) -> Worker:
+        with self._lock:
+            wid = f"worker-{self._next_worker}"
+            self._next_worker += 1
+            w = self.workers[wid] = Worker(wid, name, device or "cpu", now)
+            self._record(now, wid, "new -> up", f"registered: {name} on {w.device}")
+            return w
+
+    def worker_heartbeat(self, worker_id: str, now: float) -> bool:
+        with self._lock:
+            w = self.workers.get(worker_id)
+            if w is None:
+                return False
+            w.last_seen = now
+            return True
+
+    def expire_workers(self, now: float, timeout: float) -> list[Worker]:
+        """Forget workers silent for longer than ``timeout``; return them."""
+        with self._lock:
+            gone = [w for w in self.workers.values() if now - w.last_seen > timeout]
+            for w in gone:
+                del self.workers[w.worker_id]
+                self._record(now, w.worker_id, "up -> gone", f"no heartbeat for {now - w.last_seen:.1f} s")
+            return gone
 
     def up_servers(self) -> list[Server]:
         with self._lock:

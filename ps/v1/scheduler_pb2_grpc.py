@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from ps.v1 import scheduler_pb2 as ps_dot_v1_dot_scheduler__pb2
+from ps.v1 import server_pb2 as ps_dot_v1_dot_server__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -64,6 +65,56 @@ class SchedulerStub:
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.DropModelRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.DropModelResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/ps.v1.Scheduler/SubmitJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/ps.v1.Scheduler/GetJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/ps.v1.Scheduler/ListJobs',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/ps.v1.Scheduler/CancelJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/ps.v1.Scheduler/WatchJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.FetchWeights = channel.unary_stream(
+                '/ps.v1.Scheduler/FetchWeights',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.FetchWeightsRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.PullResponse.FromString,
+                _registered_method=True)
+        self.RegisterWorker = channel.unary_unary(
+                '/ps.v1.Scheduler/RegisterWorker',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.RegisterWorkerRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.RegisterWorkerResponse.FromString,
+                _registered_method=True)
+        self.WorkerHeartbeat = channel.unary_unary(
+                '/ps.v1.Scheduler/WorkerHeartbeat',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.LeaseTask = channel.unary_unary(
+                '/ps.v1.Scheduler/LeaseTask',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.LeaseTaskRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.LeaseTaskResponse.FromString,
+                _registered_method=True)
+        self.CompleteTask = channel.unary_unary(
+                '/ps.v1.Scheduler/CompleteTask',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -106,6 +157,70 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Jobs: a spec (JSON) in, tasks leased to workers, progress streamed to whoever watches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchWeights(self, request, context):
+        """A model's weights, relayed from the servers: clients outside the cluster network
+        (a laptop talking to docker-compose) only need to reach the scheduler.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterWorker(self, request, context):
+        """Workers: stateless; they register, heartbeat (which extends their leases) and lease tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WorkerHeartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +253,56 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DropModel,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.DropModelRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.DropModelResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.SubmitJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.GetJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.ListJobsRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.CancelJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.JobEvent.SerializeToString,
+            ),
+            'FetchWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWeights,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.FetchWeightsRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.PullResponse.SerializeToString,
+            ),
+            'RegisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterWorker,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.RegisterWorkerRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.RegisterWorkerResponse.SerializeToString,
+            ),
+            'WorkerHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.WorkerHeartbeat,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.SerializeToString,
+            ),
+            'LeaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseTask,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.LeaseTaskRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.LeaseTaskResponse.SerializeToString,
+            ),
+            'CompleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteTask,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +467,276 @@ class Scheduler:
             '/ps.v1.Scheduler/DropModel',
             ps_dot_v1_dot_scheduler__pb2.DropModelRequest.SerializeToString,
             ps_dot_v1_dot_scheduler__pb2.DropModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/SubmitJob',
+            ps_dot_v1_dot_scheduler__pb2.SubmitJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/GetJob',
+            ps_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/ListJobs',
+            ps_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/CancelJob',
+            ps_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ps.v1.Scheduler/WatchJob',
+            ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ps.v1.Scheduler/FetchWeights',
+            ps_dot_v1_dot_scheduler__pb2.FetchWeightsRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/RegisterWorker',
+            ps_dot_v1_dot_scheduler__pb2.RegisterWorkerRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.RegisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkerHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/WorkerHeartbeat',
+            ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/LeaseTask',
+            ps_dot_v1_dot_scheduler__pb2.LeaseTaskRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.LeaseTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/CompleteTask',
+            ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

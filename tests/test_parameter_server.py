@@ -1,0 +1,217 @@
+"""Parameter servers over real gRPC: push, pull, push_pull, exactly-once, bad input, health."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+import ps
+from ps import initializers, rpc
+from ps.tensor import encode
+from ps.v1 import server_pb2, server_pb2_grpc, tensor_pb2
+
+
+def sgd_model(client, name, values, lr=0.5, **kw):
+    return client.create_model(name, values, optimizer={"name": "sgd", "lr": lr}, replace=True, **kw)
+
+
+def test_push_applies_sgd_on_the_servers_and_pull_reassembles(client):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 70)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    # A small slice limit cuts 'w' into many slices over both shards.
+    model = sgd_model(client, "sgd", {"w": w, "b": b}, max_slice_bytes=4096)
+    assert {s.shard for s in model.slices if s.tensor == "w"} == {0, 1}
+    gw, gb = rng.standard_normal(w.shape).astype(np.float32), np.ones(70, np.float32)
+    model.push({"w": gw, "b": gb})
+    got = model.pull()
+    np.testing.assert_array_equal(got["w"], w - np.float32(0.5) * gw)
+    np.testing.assert_array_equal(got["b"], b - np.float32(0.5))
+    assert model.version == 1
+    fresh = model.push_pull({"w": gw, "b": gb})
+    np.testing.assert_array_equal(fresh["w"], w - np.float32(0.5) * gw - np.float32(0.5) * gw)
+    assert model.version == 2
+    model.delete()
+
+
+def test_initializers_give_the_same_values_however_the_tensor_is_sharded(client):
+    init = ps.Init("glorot_uniform", (257, 129), seed=7)
+    model = client.create_model("init", {"w": init, "n": ps.Init("normal", (1000,), std=0.1, seed=3),
+                                         "c": ps.Init("constant", (5,), value=2.5)},
+                                replace=True, max_slice_bytes=2048)
+    assert len({s.shard for s in model.slices}) == 2
+    got = model.pull()
+    np.testing.assert_array_equal(got["w"], initializers.full(init, "w"))
+    np.testing.assert_array_equal(got["c"], np.full(5, 2.5, np.float32))
+    limit = np.sqrt(6 / (257 + 129))
+    assert np.abs(got["w"]).max() <= limit and got["w"].std() > limit / 2
+    assert abs(float(got["n"].std()) - 0.1) < 0.01
+    model.delete()
+
+
+def test_a_256_mib_tensor_pushes_and_pulls_with_default_settings(client):
+    n = 256 * 2**20 // 4
+    model = client.create_model("big", {"w": ps.Init("zeros", (n,))}, optimizer={"name": "sgd", "lr": 1.0},
+                                replace=True)
+    grad = np.arange(n, dtype=np.float32)
+    fresh = model.push_pull({"w": grad})
+    assert fresh["w"][0] == 0 and fresh["w"][-1] == -(n - 1)
+    np.testing.assert_array_equal(fresh["w"], -grad)
+    del fresh
+    model.push({"w": grad})
+    np.testing.assert_array_equal(model.pull()["w"], -2 * grad)
+    model.delete()
+
+
+def raw_push(stub, model, tensor, offset, values, client_id="raw", seq=1, **kw):
+    req = server_pb2.PushRequest(model=model, client_id=client_id, seq=seq,
+                                 chunk=tensor_pb2.Chunk(tensor=tensor, offset=offset, values=encode(values)), **kw)
+    return stub.Push(iter([req]), timeout=10)
+
+
+@pytest.fixture
+def raw(client):
+    """A plain grpc stub on shard 0 and a model whose tensors all live there."""
+    model = sgd_model(client, "raw", {"w": np.zeros(8, np.float32)}, lr=1.0)
+    address = model.shards[model.slices[0].shard]
+    assert all(model.shards[s.shard] == address for s in model.slices)
+    with grpc.insecure_channel(address) as ch:
+        yield server_pb2_grpc.ParameterServerStub(ch), model, ch
+    model.delete()
+
+
+def test_retried_push_is_applied_once(raw):
+    stub, model, _ = raw
+    g = np.ones(8, np.float32)
+    assert raw_push(stub, "raw", "w", 0, g, seq=1).applied == 1
+    again = raw_push(stub, "raw", "w", 0, g, seq=1)
+    assert (again.applied, again.duplicates) == (0, 1)
+    np.testing.assert_array_equal(model.pull()["w"], -g)
+    assert raw_push(stub, "raw", "w", 0, g, seq=2).applied == 1
+    np.testing.assert_array_equal(model.pull()["w"], -2 * g)
+    assert raw_push(stub, "raw", "w", 0, g, seq=1).duplicates == 1
+    np.testing.assert_array_equal(model.pull()["w"], -2 * g)
+
+
+BAD_PUSHES = [
+    (dict(model="nope", tensor="w", offset=0, values=np.ones(8, np.float32)),
+     grpc.StatusCode.NOT_FOUND, "model 'nope' not found on this shard"),
+    (dict(model="raw", tensor="zz", offset=0, values=np.ones(8, np.float32)),
+     grpc.StatusCode.NOT_FOUND, "model 'raw' has no tensor 'zz' on this shard"),
+    (dict(model="raw", tensor="w", offset=0, values=np.ones(8, np.float64)),
+     grpc.StatusCode.INVALID_ARGUMENT, "push to 'raw/w' [0, 8): expected float32, got float64"),
+    (dict(model="raw", tensor="w", offset=4, values=np.ones(8, np.float32)),
+     grpc.StatusCode.INVALID_ARGUMENT, "range [4, 12) of 'raw/w' is not held by this shard (it holds [0, 8))"),
+    (dict(model="raw", tensor="w", offset=0, values=np.array([1, np.nan, 1, 1, np.inf, 1, 1, 1], np.float32)),
+     grpc.StatusCode.INVALID_ARGUMENT, "push to 'raw/w' [0, 8): 2 non-finite value(s), first at element 1: nan"),
+    (dict(model="raw", tensor="w", offset=0, values=np.ones((2, 4), np.float32)),
+     grpc.StatusCode.INVALID_ARGUMENT, "expected a 1-D chunk, got shape [2, 4]"),
+]
+
+
+@pytest.mark.parametrize("bad,code,message", BAD_PUSHES, ids=["unknown-model", "unknown-tensor", "wrong-dtype",
+                                                              "range-not-held", "non-finite", "not-1d"])
+def test_bad_push_is_rejected_with_a_precise_status_and_changes_nothing(raw, bad, code, message):
+    stub, model, _ = raw
+    before = model.pull()
+    with pytest.raises(grpc.RpcError) as err:
+        raw_push(stub, **bad, seq=100)
+    assert err.value.code() == code
+    assert message in err.value.details()
+    after = model.pull()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    assert raw_push(stub, "raw", "w", 0, np.zeros(8, np.float32), seq=101).applied == 1  # still serving
+
+
+def test_wrong_byte_length_is_invalid_argument(raw):
+    stub, model, _ = raw
+    req = server_pb2.PushRequest(model="raw", client_id="x", seq=1, chunk=tensor_pb2.Chunk(
+        tensor="w", offset=0, values=tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[8], data=b"\0" * 31)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Push(iter([req]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "push to 'raw/w' at offset 0: shape [8] of float32 needs 32 bytes, got 31" in err.value.details()
+    np.testing.assert_array_equal(model.pull()["w"], np.zeros(8, np.float32))
+
+
+def test_malformed_bytes_on_a_plain_channel_leave_the_shard_serving(raw):
+    stub, model, ch = raw
+    model.assign({"w": np.full(8, 3.0, np.float32)})
+    garbage = b"\xff\xff\xff\xff\x0f\x12\x99garbage-that-is-not-protobuf"
+    for method in ("CreateModel", "DeleteModel", "Stats"):
+        call = ch.unary_unary(f"/ps.v1.ParameterServer/{method}")  # no serializer: raw bytes go out
+        with pytest.raises(grpc.RpcError) as err:
+            call(garbage, timeout=10)
+        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    push = ch.stream_unary("/ps.v1.ParameterServer/Push")
+    with pytest.raises(grpc.RpcError):
+        push(iter([garbage]), timeout=10)
+    np.testing.assert_array_equal(model.pull()["w"], np.full(8, 3.0, np.float32))
+    assert rpc.check_health(model.shards[0]) == "SERVING"
+
+
+def test_create_model_rejects_bad_specs_with_the_field_named(client):
+    with pytest.raises(ps.InvalidArgument, match="unknown optimizer 'adamz'"):
+        client.create_model("bad", {"w": np.zeros(3, np.float32)}, optimizer={"name": "adamz"})
+    model = sgd_model(client, "dup", {"w": np.zeros(3, np.float32)})
+    with pytest.raises(ps.AlreadyExists, match="model 'dup' already exists on this shard"):
+        client.create_model("dup", {"w": np.zeros(3, np.float32)})
+    model.delete()
+    stub = server_pb2_grpc.ParameterServerStub(grpc.insecure_channel(model.shards[0]))
+    bad = server_pb2.CreateModelRequest(model="ints", slices=[server_pb2.SliceSpec(
+        tensor="w", shape=[4], dtype=tensor_pb2.INT32, offset=0, length=4)])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateModel(bad, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'w': parameters must be float32 or float64, got int32" in err.value.details()
+
+
+def test_client_errors_carry_the_servers_message(client):
+    model = sgd_model(client, "gone", {"w": np.zeros(5, np.float32)})
+    with pytest.raises(ps.InvalidArgument, match=r"push to 'gone/w': expected shape \[5\], got \[4\]"):
+        model.push({"w": np.zeros(4, np.float32)})
+    with pytest.raises(ps.InvalidArgument, match=r"push to 'gone/w': 1 non-finite value\(s\)"):
+        model.push({"w": np.array([0, 0, np.nan, 0, 0], np.float32)})
+    stub = server_pb2_grpc.ParameterServerStub(grpc.insecure_channel(model.shards[model.slices[0].shard]))
+    stub.DeleteModel(server_pb2.DeleteModelRequest(model="gone"), timeout=10)
+    with pytest.raises(ps.NotFound, match="NOT_FOUND: model 'gone' not found on this shard"):
+        model.push({"w": np.zeros(5, np.float32)})
+    client.delete_model("gone")
+
+
+def test_concurrent_pushes_to_one_slice_are_serialised(cluster):
+    clients = [ps.Client(cluster.address) for _ in range(6)]
+    try:
+        model = sgd_model(clients[0], "race", {"w": np.zeros(1000, np.float64)}, lr=1.0)
+        handles = [c.model("race") for c in clients]
+        ones = {"w": np.ones(1000, np.float64)}
+
+        def pusher(m):
+            for _ in range(40):
+                m.push(ones)
+        threads = [threading.Thread(target=pusher, args=(m,)) for m in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        np.testing.assert_array_equal(model.pull()["w"], np.full(1000, -240.0))
+        assert sum(s.max_version for s in model.stats()) == 240
+        model.delete()
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_every_service_offers_health_and_reflection(cluster, client):
+    addresses = [cluster.address] + [s.address for s in client.cluster().servers]
+    for address in addresses:
+        assert rpc.check_health(address) == "SERVING"
+        with grpc.insecure_channel(address) as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert "grpc.health.v1.Health" in services
+        assert services & {"ps.v1.ParameterServer", "ps.v1.Scheduler"}
