@@ -20,7 +20,7 @@ from ps import rpc, sharding, wire
 from ps.errors import InvalidArgument, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.server.optimizers import OptimizerConfig, clip_norm_scale
-from ps.tensor import dtype_code, numpy_dtype, to_little_endian
+from ps.tensor import count_nonfinite, dtype_code, numpy_dtype, to_little_endian
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, tensor_pb2
 
 #: how many times a shard's stream is retried after UNAVAILABLE (pushes are deduplicated)
@@ -209,9 +209,9 @@ class Model:
                 raise InvalidArgument(f"{what} '{self.name}/{tname}': expected shape {list(spec.shape)}, "
                                       f"got {list(a.shape)}")
             a = to_little_endian(a.astype(spec.dtype, copy=False)).reshape(-1)
-            if finite and a.size and not np.isfinite(a.sum(dtype=np.float64)) and not np.isfinite(a).all():
-                raise InvalidArgument(f"{what} '{self.name}/{tname}': {int((~np.isfinite(a)).sum())} "
-                                      f"non-finite value(s)")
+            bad = count_nonfinite(a) if finite else 0
+            if bad:
+                raise InvalidArgument(f"{what} '{self.name}/{tname}': {bad} non-finite value(s)")
             out[tname] = a
         return out
 

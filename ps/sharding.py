@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-DEFAULT_MAX_SLICE_BYTES = 4 << 20
+DEFAULT_MAX_SLICE_BYTES = 8 << 20
 #: tensors at least this large are cut into at least one slice per shard
 DEFAULT_SPLIT_BYTES = 1 << 20
 

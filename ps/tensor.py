@@ -90,3 +90,14 @@ def decode_1d(msg: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
     if len(msg.shape) != 1:
         raise CodecError(f"{what}: expected a 1-D chunk, got shape {list(msg.shape)}")
     return decode(msg, what)
+
+
+def count_nonfinite(a: np.ndarray) -> int:
+    """Number of NaN/inf elements of a 1-D float array. Fast path: one dot product, which is
+    NaN or inf whenever any element is (an overflow of finite values falls through to the
+    exact scan, so the answer is always exact)."""
+    if a.size == 0:
+        return 0
+    if np.isfinite(np.dot(a, a)):
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))

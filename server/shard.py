@@ -16,6 +16,7 @@ import numpy as np
 from ps import initializers
 from ps.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from ps.server.optimizers import Optimizer, OptimizerConfig, make_optimizer
+from ps.tensor import count_nonfinite
 
 PARAM_DTYPES = (np.dtype("float32"), np.dtype("float64"))
 
@@ -106,13 +107,12 @@ def check_chunk(model: ModelState, tensor: str, offset: int, values: np.ndarray,
 
 
 def check_finite(values: np.ndarray, what: str) -> None:
-    """Reject NaN/inf. One summing pass; the exact scan runs only when the sum is not finite."""
-    if values.size and not np.isfinite(values.sum(dtype=np.float64)):
-        bad = ~np.isfinite(values)
-        if bad.any():
-            first = int(np.argmax(bad))
-            raise InvalidArgument(f"{what}: {int(bad.sum())} non-finite value(s), first at element "
-                                  f"{first}: {float(values[first])}")
+    """Reject NaN/inf, naming how many and the first."""
+    bad = count_nonfinite(values)
+    if bad:
+        first = int(np.argmin(np.isfinite(values)))
+        raise InvalidArgument(f"{what}: {bad} non-finite value(s), first at element {first}: "
+                              f"{float(values[first])}")
 
 
 class ShardStore:

@@ -51,7 +51,7 @@ def test_bytes_are_balanced_for_a_model_with_many_tensors():
 
 def test_one_large_tensor_is_spread_over_every_shard():
     t = TensorSpec("w", (64 << 20 >> 2,))
-    slices = plan([t], 2)
+    slices = plan([t], 2, max_slice_bytes=4 << 20)
     assert len(slices) == 16 and {s.shard for s in slices} == {0, 1}
     assert bytes_per_shard([t], slices, 2) == [32 << 20, 32 << 20]
 

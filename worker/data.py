@@ -1,0 +1,393 @@
+"""Dataset readers: npz, CSV, LIBSVM/svmlight, IDX (MNIST) and Parquet, read through fsspec so
+any fsspec URL works (local paths, ``file://``, ``s3://``, ``memory://``); ``builtin:`` and
+``synthetic:`` URIs go to :mod:`ps.worker.datasets`. Plus a small per-process cache so a
+worker reads each dataset once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+FORMATS = ("npz", "csv", "tsv", "libsvm", "svmlight", "idx", "parquet")
+
+_EXTENSIONS = {
+    "npz": "npz", "csv": "csv", "tsv": "tsv", "libsvm": "libsvm", "svm": "libsvm",
+    "svmlight": "svmlight", "idx": "idx", "parquet": "parquet", "pq": "parquet",
+}
+_COMPRESSIONS = ("gz", "bz2", "xz", "zst", "lz4")
+
+
+@dataclass
+class Dataset:
+    """Examples as numpy arrays: ``x`` float32 (N, ...), ``y`` int64 class ids or float32 targets."""
+
+    x: np.ndarray
+    y: np.ndarray
+    feature_names: list[str] | None = None
+    classes: list[str] | None = None   # label names when the label column held text; y indexes them
+    sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSR (data, indices, indptr), LIBSVM only
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def read_dataset(uri: str, format: str | None = None, *, label: str | int | None = None,
+                 features: list | None = None, n_features: int | None = None,
+                 zero_based: bool = False) -> Dataset:
+    """Read a dataset from ``uri``; ``format`` is inferred from the extension when None.
+
+    ``label``: CSV/Parquet label column (name or index, default the last column), npz key of the
+    labels (default ``"y"``), or the URI of the IDX labels file. ``features``: the columns (or npz
+    keys, default ``["x"]``) that form ``x``. ``n_features``/``zero_based``: LIBSVM width and
+    index base (1-based by default).
+    """
+    uri = str(uri)
+    if uri.startswith(("builtin:", "synthetic:")):
+        from ps.worker.datasets import open_uri
+        return open_uri(uri)
+    fmt = (format or infer_format(uri)).lower()
+    if fmt == "npz":
+        return _read_npz(uri, label, features)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(uri, label, features, delimiter="\t" if fmt == "tsv" else ",")
+    if fmt in ("libsvm", "svmlight"):
+        return _read_libsvm(uri, n_features, zero_based)
+    if fmt == "idx":
+        return _read_idx(uri, label)
+    if fmt == "parquet":
+        return _read_parquet(uri, label, features)
+    raise ValueError(f"{uri}: unknown data format '{fmt}' (known: {', '.join(FORMATS)})")
+
+
+def infer_format(uri: str) -> str:
+    """The format named by a URI's extension (a compression suffix such as ``.gz`` is skipped)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in _COMPRESSIONS:
+        parts = parts[:-1]
+    if "-idx" in parts[-1] and parts[-1].endswith("-ubyte"):   # MNIST's train-images-idx3-ubyte
+        return "idx"
+    ext = parts[-1] if len(parts) > 1 else ""
+    if ext.startswith("idx"):                                   # .idx, .idx1, .idx3-ubyte
+        return "idx"
+    if ext in _EXTENSIONS:
+        return _EXTENSIONS[ext]
+    raise ValueError(f"{uri}: cannot tell the data format from the file name; pass format= one of "
+                     f"{', '.join(FORMATS)}")
+
+
+def validate_labels(y: np.ndarray, n_classes: int) -> None:
+    """Raise ValueError naming the first label that is not a class id in [0, n_classes)."""
+    y = np.asarray(y)
+    bad = np.flatnonzero((y < 0) | (y >= n_classes) | (y != np.floor(y)))
+    if bad.size:
+        row = int(bad[0])
+        value = y.reshape(-1)[row] if y.ndim == 1 else y[row]
+        shown = f"{value:g}" if np.ndim(value) == 0 else str(value)
+        raise ValueError(f"label {shown} at row {row} is outside [0, {n_classes})")
+
+
+_CACHE: OrderedDict[str, Dataset] = OrderedDict()
+_CACHE_SIZE = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def load_cached(source_key: str, loader: Callable[[], Dataset]) -> Dataset:
+    """``loader()``'s result, kept in a per-process LRU of a few datasets keyed by ``source_key``
+    (the spec's data section as JSON), so a worker reads each dataset once."""
+    with _CACHE_LOCK:
+        if source_key in _CACHE:
+            _CACHE.move_to_end(source_key)
+            return _CACHE[source_key]
+        # Loading under the lock: two threads asking for the same data read it once.
+        ds = loader()
+        _CACHE[source_key] = ds
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return ds
+
+
+def clear_cache() -> None:
+    """Forget every cached dataset."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _read_bytes(uri: str, compression: str | None = "infer") -> bytes:
+    try:
+        with fsspec.open(uri, "rb", compression=compression) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such dataset file: {uri}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{uri}: is a directory, expected a file") from None
+    except (OSError, EOFError) as e:
+        if isinstance(e, EOFError) or "gzip" in str(e).lower() or "compress" in str(e).lower():
+            raise ValueError(f"{uri}: could not decompress: {e}") from None
+        raise
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Integer-valued labels become int64 class ids, anything else float32 targets."""
+    y = np.asarray(y)
+    if y.dtype.kind in "bui":
+        return y.astype(np.int64)
+    y = y.astype(np.float64)
+    if y.size and np.all(np.isfinite(y)) and np.all(y == np.round(y)) and y.ndim == 1:
+        return y.astype(np.int64)
+    return y.astype(np.float32)
+
+
+def _read_npz(uri: str, label, features) -> Dataset:
+    raw = _read_bytes(uri)
+    try:
+        z = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{uri}: not a valid .npz file ({e})") from None
+    keys = list(features) if features else ["x"]
+    ykey = "y" if label is None else str(label)
+    with z:
+        for k in [*keys, ykey]:
+            if k not in z.files:
+                raise ValueError(f"{uri}: no array named '{k}' (arrays: {', '.join(z.files) or 'none'})")
+        try:
+            xs = [z[k] for k in keys]
+            y = z[ykey]
+        except ValueError as e:  # object arrays need pickle, which we never allow
+            raise ValueError(f"{uri}: {e}") from None
+    n = len(y)
+    for k, a in zip(keys, xs):
+        if a.ndim == 0 or len(a) != n:
+            raise ValueError(f"{uri}: array '{k}' has shape {a.shape}, but '{ykey}' has {n} rows")
+        if a.dtype.kind not in "buif":
+            raise ValueError(f"{uri}: array '{k}' has dtype {a.dtype}, expected numbers")
+    x = xs[0] if len(xs) == 1 else np.concatenate([a.reshape(n, -1) for a in xs], axis=1)
+    if x.ndim == 1:
+        x = x.reshape(n, 1)
+    return Dataset(x.astype(np.float32), _labels(y), None)
+
+
+def _column(header: list[str], spec, uri: str, what: str) -> int:
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        i = int(spec)
+        if not -len(header) <= i < len(header):
+            raise ValueError(f"{uri}: {what} column index {i} is out of range ({len(header)} columns)")
+        return i % len(header)
+    if spec in header:
+        return header.index(spec)
+    raise ValueError(f"{uri}: no {what} column '{spec}' (columns: {', '.join(header)})")
+
+
+def _read_csv(uri: str, label, features, delimiter: str = ",") -> Dataset:
+    raw = _read_bytes(uri)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{uri}: not UTF-8 text ({e})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header, rows, lines = None, [], []
+    try:
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if header is None:
+                header = [c.strip() for c in row]
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{uri} line {reader.line_num}: expected {len(header)} columns, got {len(row)}")
+            rows.append(row)
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise ValueError(f"{uri} line {reader.line_num}: {e}") from None
+    if header is None:
+        raise ValueError(f"{uri}: empty file, expected a header row")
+    if not rows:
+        raise ValueError(f"{uri}: a header but no data rows")
+    li = _column(header, -1 if label is None else label, uri, "label")
+    if features is None:
+        fi = [i for i in range(len(header)) if i != li]
+    else:
+        fi = [_column(header, f, uri, "feature") for f in features]
+    if not fi:
+        raise ValueError(f"{uri}: no feature columns besides the label '{header[li]}'")
+    table = np.array(rows, dtype=object)
+
+    def numbers(j: int) -> np.ndarray:
+        col = table[:, j]
+        try:
+            return col.astype(np.float64)
+        except ValueError:
+            pass
+        for r, cell in enumerate(col):  # find the culprit to name it
+            try:
+                float(cell)
+            except ValueError:
+                raise ValueError(f"{uri} line {lines[r]}: could not parse '{cell}' in column '{header[j]}' "
+                                 f"as a number") from None
+        raise AssertionError("unreachable")
+
+    x = np.stack([numbers(j) for j in fi], axis=1).astype(np.float32)
+    col = table[:, li]
+    classes = None
+    try:
+        y = _labels(col.astype(np.float64))
+    except ValueError:
+        parsed = [_is_number(c) for c in col]
+        if any(parsed):  # a few text cells among numbers: a typo, not class names
+            numbers(li)
+        classes = sorted({c.strip() for c in col})
+        lookup = {c: i for i, c in enumerate(classes)}
+        y = np.array([lookup[c.strip()] for c in col], dtype=np.int64)
+    return Dataset(x, y, [header[j] for j in fi], classes)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_libsvm(uri: str, n_features: int | None, zero_based: bool) -> Dataset:
+    text = _read_bytes(uri).decode("utf-8", errors="replace")
+    labels, indices, values, indptr = [], [], [], [0]
+    base = 0 if zero_based else 1
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tokens = line.split()
+        try:
+            labels.append(float(tokens[0]))
+        except ValueError:
+            raise ValueError(f"{uri} line {lineno}: could not parse the label '{tokens[0]}' as a number") from None
+        for tok in tokens[1:]:
+            key, sep, val = tok.partition(":")
+            if key == "qid":
+                continue
+            try:
+                i, v = int(key), float(val)
+                if not sep:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"{uri} line {lineno}: could not parse '{tok}' as index:value") from None
+            if i < base:
+                hint = "" if zero_based else " (indices are 1-based; pass zero_based=True for 0-based files)"
+                raise ValueError(f"{uri} line {lineno}: feature index {i} is below {base}{hint}")
+            indices.append(i - base)
+            values.append(v)
+        indptr.append(len(indices))
+    if not labels:
+        raise ValueError(f"{uri}: no examples")
+    idx = np.asarray(indices, dtype=np.int64)
+    val = np.asarray(values, dtype=np.float32)
+    ptr = np.asarray(indptr, dtype=np.int64)
+    width = int(idx.max()) + 1 if idx.size else 0
+    if n_features is not None:
+        if n_features < width:
+            raise ValueError(f"{uri}: feature index {width - 1 + base} does not fit n_features={n_features}")
+        width = int(n_features)
+    x = np.zeros((len(labels), width), dtype=np.float32)
+    rows = np.repeat(np.arange(len(labels)), np.diff(ptr))
+    x[rows, idx] = val
+    return Dataset(x, _labels(np.asarray(labels)), None, sparse=(val, idx, ptr))
+
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): data are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(uri: str) -> np.ndarray:
+    """One IDX file (MNIST's format, optionally gzip-compressed) as an array."""
+    raw = _read_bytes(uri)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{uri}: not an IDX file (the magic number must start with two zero bytes)")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{uri}: unknown IDX type code 0x{code:02X}")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{uri}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    want = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != want:
+        raise ValueError(f"{uri}: IDX header says {dims} ({want} bytes of data), the file holds {len(body)}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _read_idx(uri: str, label) -> Dataset:
+    if label is None:
+        guess = uri.replace("images-idx3", "labels-idx1")
+        if guess == uri:
+            raise ValueError(f"{uri}: IDX examples need a labels file: pass label='URI of the labels file'")
+        label = guess
+    x = read_idx(uri)
+    y = read_idx(str(label))
+    if y.ndim != 1:
+        raise ValueError(f"{label}: IDX labels must be 1-dimensional, got shape {y.shape}")
+    if len(y) != len(x):
+        raise ValueError(f"{uri}: {len(x)} examples but {label} holds {len(y)} labels")
+    # Flat features, like builtin:digits; a CNN reshapes with spec.data.reshape, e.g. [1, 28, 28].
+    return Dataset(x.reshape(len(x), -1).astype(np.float32), _labels(y), None)
+
+
+def _read_parquet(uri: str, label, features) -> Dataset:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet needs pyarrow: pip install paramserver[parquet]") from None
+    raw = _read_bytes(uri, compression=None)
+    try:
+        table = pq.read_table(pa.BufferReader(raw))
+    except pa.ArrowException as e:
+        raise ValueError(f"{uri}: not a valid Parquet file ({e})") from None
+    header = list(table.column_names)
+    if not header:
+        raise ValueError(f"{uri}: no columns")
+    li = _column(header, -1 if label is None else label, uri, "label")
+    fi = [i for i in range(len(header)) if i != li] if features is None else \
+        [_column(header, f, uri, "feature") for f in features]
+    if not fi:
+        raise ValueError(f"{uri}: no feature columns besides the label '{header[li]}'")
+
+    def values(j: int, text_ok: bool = False) -> np.ndarray:
+        col = table.column(j)
+        name = header[j]
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{uri} row {row}: missing value in column '{name}'")
+        t = col.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            cells = col.to_pylist()
+            if len({len(c) for c in cells}) > 1:
+                raise ValueError(f"{uri}: column '{name}' holds lists of different lengths")
+            return np.asarray(cells, dtype=np.float64)
+        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+            return col.to_numpy(zero_copy_only=False)
+        if text_ok and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            return col.to_numpy(zero_copy_only=False).astype(str)
+        raise ValueError(f"{uri}: column '{name}' has type {t}, expected numbers")
+
+    n = table.num_rows
+    x = np.concatenate([values(j).reshape(n, -1) for j in fi], axis=1).astype(np.float32)
+    yv = values(li, text_ok=True)
+    classes = None
+    if yv.dtype.kind in "US":
+        classes = sorted(set(yv.tolist()))
+        lookup = {c: i for i, c in enumerate(classes)}
+        y = np.array([lookup[c] for c in yv.tolist()], dtype=np.int64)
+    else:
+        y = _labels(yv)
+    return Dataset(x, y, [header[j] for j in fi], classes)
