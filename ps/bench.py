@@ -172,5 +172,63 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     }
 
 
+def train_spec(epochs: int = 2):
+    """A model whose compute dominates its communication: a 256-512-512-10 MLP, batch 256."""
+    from ps.spec import DataSpec, JobSpec
+    return JobSpec(name="bench-train", model=[{"type": "dense", "units": 512, "activation": "relu"},
+                                              {"type": "dense", "units": 512, "activation": "relu"},
+                                              {"type": "dense", "units": 10}],
+                   data=DataSpec(uri="synthetic:classification?n=24000&features=256&classes=10&seed=0"),
+                   optimizer={"name": "adam", "lr": 1e-3}, batch_size=256, epochs=epochs, workers=2,
+                   lease_timeout_s=60.0)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def local_train_main(spec_json: str) -> None:
+    """Child process of `bench train`: the single-process loop, one BLAS thread like a worker."""
+    import json
+    from ps.reference import train_local
+    from ps.spec import JobSpec
+    r = train_local(JobSpec.from_json(spec_json))
+    print(json.dumps({k: r[k] for k in ("samples_per_s", "test_accuracy", "samples", "seconds")}))
+
+
+def train(epochs: int = 2, echo: Callable[[str], None] = print) -> dict:
+    """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
+    single-process NumPy loop training the same model (all with one BLAS thread per process)."""
+    import json
+    import subprocess
+    from ps.client import Client
+    from ps.local import LocalCluster
+    spec = train_spec(epochs)
+    echo("model: MLP 256-512-512-10, batch 256, Adam; data: 24,000 synthetic examples (70% train)")
+    out = subprocess.run([sys.executable, "-m", "ps.bench", "local-train", spec.to_json()], check=True,
+                         capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD))
+    single = json.loads(out.stdout.strip().splitlines()[-1])
+    echo(f"single process (no servers): {single['samples_per_s']:.0f} samples/s, "
+         f"test accuracy {single['test_accuracy']:.4f}")
+    rates = {}
+    for workers in (1, 2):
+        with LocalCluster(servers=2, workers=workers) as cluster, Client(cluster.address) as client:
+            metrics = client.submit(spec).wait(progress=False).metrics
+        rates[workers] = metrics
+        echo(f"{workers} worker{'s' if workers > 1 else ''} + 2 servers: {metrics['samples_per_s']:.0f} samples/s, "
+             f"test accuracy {metrics['test_accuracy']:.4f}")
+    one_vs_single = rates[1]["samples_per_s"] / single["samples_per_s"]
+    two_vs_one = rates[2]["samples_per_s"] / rates[1]["samples_per_s"]
+    echo(f"1 worker / single process: {one_vs_single:.2f}; 2 workers / 1 worker: {two_vs_one:.2f}")
+    return {"single_samples_per_s": round(single["samples_per_s"], 1),
+            "one_worker_samples_per_s": round(rates[1]["samples_per_s"], 1),
+            "two_workers_samples_per_s": round(rates[2]["samples_per_s"], 1),
+            "one_worker_to_single_ratio": round(one_vs_single, 3), "two_to_one_worker_ratio": round(two_vs_one, 3),
+            "single_test_accuracy": single["test_accuracy"], "one_worker_test_accuracy": rates[1]["test_accuracy"],
+            "two_workers_test_accuracy": rates[2]["test_accuracy"], "cpu_count": os.cpu_count()}
+
+
 if __name__ == "__main__":
-    echo_server_main()
+    if sys.argv[1:2] == ["local-train"]:
+        local_train_main(sys.argv[2])
+    else:
+        echo_server_main()

@@ -200,6 +200,17 @@ def bench_pushpull(size, servers, optimizer, seconds, as_json):
         emit_json(result)
 
 
+@bench.command("train")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_train(epochs, as_json):
+    """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
+    from ps.bench import train
+    result = train(epochs, echo=click.echo)
+    if as_json:
+        emit_json(result)
+
+
 @main.command()
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER",
               help="Scheduler HOST:PORT [env PS_SCHEDULER].")

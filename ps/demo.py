@@ -21,7 +21,7 @@ def demo_spec(model: str = "mlp", epochs: int | None = None, seed: int = 0, work
                   {"type": "dense", "units": 64, "activation": "relu"},
                   {"type": "dense", "units": 10}]
         data = DataSpec(uri="builtin:digits", reshape=[1, 8, 8], test_fraction=0.3, scale="minmax")
-        default_epochs = 20
+        default_epochs = 30
     else:
         raise ValueError(f"unknown demo model '{model}': expected mlp or cnn")
     return JobSpec(name=f"digits-{model}", model=layers, data=data, loss="softmax_cross_entropy",

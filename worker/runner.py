@@ -1,0 +1,226 @@
+"""The stateless worker: register, lease a task, pull weights, compute gradients batch by
+batch and push them (asynchronous SGD), report, repeat. It holds nothing durable: kill it
+and its leased task goes back to the queue."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ps.client import Client, Model
+from ps.errors import PSError
+from ps.v1 import scheduler_pb2
+
+log = logging.getLogger("ps.worker")
+
+
+class TaskAbandoned(Exception):
+    """The task's job was cancelled, or the worker is stopping: drop it without a result."""
+
+
+@dataclass
+class JobContext:
+    """What a worker keeps per job between tasks (all of it rebuilt from the spec if lost)."""
+
+    spec: object
+    prep: dict
+    model: object          # ps.worker.model.Sequential
+    handle: Model          # the job's parameters on the servers
+    x_train: object        # scaled, on the worker's device
+    y_train: object
+    x_test: object
+    y_test: object
+
+
+class Worker:
+    """One worker process's loop."""
+
+    def __init__(self, scheduler: str, device: str = "cpu", name: str | None = None,
+                 connect_timeout: float = 60.0):
+        from ps.worker.xp import get_xp
+        self.device = device
+        self.xp = get_xp(device)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.client = Client(scheduler, connect_timeout=connect_timeout)
+        self.stop = threading.Event()
+        self.abandon: set[str] = set()
+        self.jobs: dict[str, JobContext] = {}
+        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
+        self.worker_id = ""
+        self.interval = 1.0
+        self._register()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _register(self) -> None:
+        resp = self.client.call(self.client.scheduler.RegisterWorker,
+                                scheduler_pb2.RegisterWorkerRequest(name=self.name, device=self.device),
+                                "register worker")
+        self.worker_id, self.interval = resp.worker_id, resp.heartbeat_interval_s or 1.0
+        log.info("registered with scheduler %s as %s (%s)", self.client.address, self.worker_id, self.device)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                resp = self.client.scheduler.WorkerHeartbeat(
+                    scheduler_pb2.WorkerHeartbeatRequest(worker_id=self.worker_id), timeout=self.interval * 3)
+            except grpc.RpcError as e:
+                log.warning("heartbeat to scheduler %s failed: %s", self.client.address, e.details())
+                continue
+            if resp.cancelled_tasks:
+                self.abandon.update(resp.cancelled_tasks)
+            if not resp.known:
+                log.warning("the scheduler does not know us: registering again")
+                try:
+                    self._register()
+                except PSError as e:
+                    log.warning("%s", e)
+
+    def run(self) -> None:
+        """Lease and run tasks until ``stop`` is set."""
+        while not self.stop.is_set():
+            try:
+                resp = self.client.scheduler.LeaseTask(scheduler_pb2.LeaseTaskRequest(worker_id=self.worker_id),
+                                                       timeout=10)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._register()
+                else:
+                    log.warning("lease from scheduler %s failed: %s", self.client.address, e.details())
+                    self.stop.wait(1.0)
+                continue
+            if not resp.HasField("task"):
+                self.stop.wait(resp.retry_after_s or 0.1)
+                continue
+            self._run_task(resp.task)
+
+    def _run_task(self, task: scheduler_pb2.Task) -> None:
+        log.info("task %s leased (%s)", task.task_id, task.lease_id)
+        start = time.perf_counter()
+        result = {}
+        error = ""
+        try:
+            ctx = self._context(task)
+            result = self._train(ctx, task) if task.kind == "train" else self._eval(ctx, task)
+        except TaskAbandoned as e:
+            log.info("task %s abandoned: %s", task.task_id, e)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure of the computation fails the job, with its message
+            error = f"{type(e).__name__}: {e}"
+            log.exception("task %s failed", task.task_id)
+        req = scheduler_pb2.CompleteTaskRequest(worker_id=self.worker_id, task_id=task.task_id,
+                                                lease_id=task.lease_id, error=error,
+                                                seconds=time.perf_counter() - start, **result)
+        try:
+            resp = self.client.scheduler.CompleteTask(req, timeout=30)
+            log.info("task %s %s in %.2f s%s", task.task_id, "failed" if error else "done", req.seconds,
+                     "" if resp.accepted else " (result dropped: lease expired or job ended)")
+        except grpc.RpcError as e:
+            log.warning("could not report task %s: %s", task.task_id, e.details())
+
+    def _context(self, task: scheduler_pb2.Task) -> JobContext:
+        ctx = self.jobs.get(task.job_id)
+        if ctx is not None:
+            return ctx
+        from ps.spec import JobSpec, build_model, load_data
+        from ps.trained import scale
+        from ps.worker.preprocess import one_hot, train_test_split
+        spec = JobSpec.from_json(task.spec_json)
+        prep = json.loads(task.prep_json)
+        ds = load_data(spec)
+        model = build_model(spec, tuple(prep["input_shape"]))
+        train_idx, test_idx = train_test_split(len(ds.x), spec.data.test_fraction, spec.seed)
+        x = scale(prep, ds.x)
+        y = ds.y
+        if spec.loss == "softmax_cross_entropy":
+            y = y.astype(np.int64)
+        elif spec.data.one_hot:
+            y = one_hot(y.astype(np.int64), int(np.prod(prep["output_shape"]))).astype(np.float32)
+        else:
+            y = y.astype(np.float32)
+        xp = self.xp
+        ctx = JobContext(spec, prep, model, self.client.model(task.job_id),
+                         xp.asarray(x[train_idx]), xp.asarray(y[train_idx]),
+                         xp.asarray(x[test_idx]), xp.asarray(y[test_idx]))
+        self.jobs = {task.job_id: ctx}  # keep one job's data: workers move on with the queue
+        return ctx
+
+    def _to_device(self, weights: dict) -> dict:
+        return {k: self.xp.asarray(v) for k, v in weights.items()}
+
+    def _check(self, task: scheduler_pb2.Task) -> None:
+        if task.task_id in self.abandon:
+            raise TaskAbandoned("its job was cancelled")
+
+    def _train(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
+        from ps.worker.preprocess import batches, shard_ranges
+        from ps.worker.xp import pinned_to_host
+        xp, spec = self.xp, ctx.spec
+        lo, hi = shard_ranges(len(ctx.x_train), task.shards)[task.shard]
+        params = self._to_device(ctx.handle.pull())
+        pending: Future | None = None
+        loss_sum, samples, steps = 0.0, 0, 0
+        seed = spec.seed * 1_000_003 + task.shard
+        for i, idx in enumerate(batches(hi - lo, spec.batch_size, seed, task.epoch)):
+            self._check(task)
+            rows = xp.asarray(idx + lo)
+            loss, grads, _ = ctx.model.loss_and_grads(xp, params, ctx.x_train[rows], ctx.y_train[rows], spec.loss,
+                                                      train=True, rng_seed=seed + 7919 * (task.epoch + 1) + i)
+            host = pinned_to_host(xp, grads)
+            host = {k: np.array(v) for k, v in host.items()} if xp is not np else host
+            if pending is not None:
+                # Overlap: this batch was computed while the previous push_pull was in flight.
+                params = self._to_device(pending.result())
+            pending = self._pusher.submit(ctx.handle.push_pull, host)
+            n = len(idx)
+            loss_sum += float(loss) * n
+            samples += n
+            steps += 1
+        if pending is not None:
+            pending.result()
+        return {"samples": samples, "steps": steps, "loss_sum": loss_sum}
+
+    def _eval(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
+        from ps.worker.losses import LOSSES
+        xp, spec = self.xp, ctx.spec
+        params = self._to_device(ctx.handle.pull())
+        loss_fn = LOSSES[spec.loss]
+        loss_sum, correct, n = 0.0, 0, len(ctx.x_test)
+        for start in range(0, n, 1024):
+            self._check(task)
+            out = ctx.model.forward(xp, params, ctx.x_test[start:start + 1024], train=False)
+            loss, _, ok = loss_fn(xp, out, ctx.y_test[start:start + 1024])
+            m = min(1024, n - start)
+            loss_sum += float(loss) * m
+            correct += int(ok or 0)
+        return {"samples": n, "loss_sum": loss_sum, "correct": correct}
+
+    def close(self) -> None:
+        self.stop.set()
+        self._pusher.shutdown(wait=True)
+        self.client.close()
+
+
+def run(scheduler: str, device: str = "cpu", name: str | None = None, connect_timeout: float = 60.0) -> None:
+    """The `paramserver worker` process: run tasks until SIGTERM/SIGINT (finishing the current one)."""
+    import signal
+    worker = Worker(scheduler, device, name, connect_timeout)
+
+    def handler(signum, frame):
+        log.info("received %s: finishing the current task, then exiting", signal.Signals(signum).name)
+        worker.stop.set()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        worker.run()
+    finally:
+        worker.close()
