@@ -37,6 +37,7 @@ class Client:
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
+        rpc.tune_malloc()  # chunk buffers from the heap, not a page-faulting mmap each
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes

@@ -200,6 +200,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
         threads: int = 32, max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
         max_bytes: int | None = None, port_file: str | None = None, connect_timeout: float = 60.0) -> None:
     """The `paramserver server` process: serve until SIGTERM/SIGINT."""
+    rpc.tune_malloc(mmap_threshold=None, trim_threshold=None, arena_max=1)
     store = ShardStore(max_bytes=max_bytes)
     server = rpc.make_server(threads, max_message_bytes)
     wire.add_shard_servicer(ParameterServerServicer(store), server)
