@@ -227,6 +227,72 @@ def train(epochs: int = 2, echo: Callable[[str], None] = print) -> dict:
             "two_workers_test_accuracy": rates[2]["test_accuracy"], "cpu_count": os.cpu_count()}
 
 
+def kernels(device: str = "gpu:0", batch: int = 1024, repeats: int = 30,
+            echo: Callable[[str], None] = print) -> dict:
+    """`paramserver bench kernels`: one training step's forward + backward of the worker's model
+    code against PyTorch on the same MLP (784-1024-1024-10, batch 1024), in the same run; on a
+    GPU also the device-to-host rate of gradients through pinned against pageable buffers."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("bench kernels compares against PyTorch: pip install torch") from None
+    from ps.worker.model import Sequential
+    from ps.worker.xp import get_xp, pinned_to_host
+    xp = get_xp(device)
+    gpu = xp is not np
+    sync = (lambda: xp.cuda.Device().synchronize()) if gpu else (lambda: None)
+    model = Sequential.from_spec([{"type": "dense", "units": 1024, "activation": "relu"},
+                                  {"type": "dense", "units": 1024, "activation": "relu"},
+                                  {"type": "dense", "units": 10}], input_shape=(784,))
+    host_params = model.init_params(0)
+    params = {k: xp.asarray(v) for k, v in host_params.items()}
+    rng = np.random.default_rng(0)
+    x_host = rng.standard_normal((batch, 784)).astype(np.float32)
+    y_host = rng.integers(0, 10, batch)
+    x, y = xp.asarray(x_host), xp.asarray(y_host)
+
+    def ours():
+        model.loss_and_grads(xp, params, x, y, "softmax_cross_entropy")
+        sync()
+
+    tdev = torch.device("cuda" if gpu else "cpu")
+    net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.ReLU(), torch.nn.Linear(1024, 10)).to(tdev)
+    tx, ty = torch.from_numpy(x_host).to(tdev), torch.from_numpy(y_host).to(tdev)
+
+    def theirs():
+        net.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(tx), ty).backward()
+        if gpu:
+            torch.cuda.synchronize()
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)) * 1e3
+
+    ours_ms, torch_ms = median_ms(ours), median_ms(theirs)
+    name = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"].decode() if gpu else "CPU (NumPy)"
+    echo(f"{name}: forward + backward, MLP 784-1024-1024-10, batch {batch}: paramserver worker {ours_ms:.3f} ms, "
+         f"PyTorch {torch_ms:.3f} ms; speed relative to PyTorch {torch_ms / ours_ms:.2f}x")
+    result = {"device": device, "device_name": name, "batch": batch, "worker_ms": round(ours_ms, 4),
+              "torch_ms": round(torch_ms, 4), "speed_vs_torch": round(torch_ms / ours_ms, 3)}
+    if gpu:
+        _, grads, _ = model.loss_and_grads(xp, params, x, y, "softmax_cross_entropy")
+        nbytes = sum(g.nbytes for g in grads.values())
+        pinned_ms = median_ms(lambda: pinned_to_host(xp, grads))
+        pageable_ms = median_ms(lambda: {k: xp.asnumpy(v) for k, v in grads.items()})
+        result.update(pinned_gbps=round(nbytes / pinned_ms / 1e6, 2), pageable_gbps=round(nbytes / pageable_ms / 1e6, 2))
+        echo(f"gradients to host ({nbytes / 2**20:.1f} MiB): pinned {result['pinned_gbps']} GB/s, "
+             f"pageable {result['pageable_gbps']} GB/s")
+    return result
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["local-train"]:
         local_train_main(sys.argv[2])

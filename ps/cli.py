@@ -362,3 +362,19 @@ def demo(model_kind, scheduler_addr, servers, workers, epochs, seed, lease_timeo
                    "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
                    "samples_per_s": m["samples_per_s"], "train_seconds": m["seconds"],
                    "seconds": time.perf_counter() - start})
+
+
+@bench.command("kernels")
+@click.option("--device", default="gpu:0", show_default=True, help="gpu:N (CuPy), or cpu (NumPy vs PyTorch CPU).")
+@click.option("--batch", default=1024, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_kernels(device, batch, as_json):
+    """A training step's forward + backward on the worker's kernels against PyTorch (needs torch)."""
+    from ps.bench import kernels
+    try:
+        result = kernels(device, batch, echo=click.echo)
+    except (RuntimeError, ValueError) as e:
+        click.echo(f"bench kernels: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        emit_json(result)

@@ -50,7 +50,7 @@ class TrainedModel:
 
     def predict(self, x) -> np.ndarray:
         """Class ids (softmax cross-entropy), 0/1 (binary cross-entropy) or values (MSE) for raw inputs."""
-        return np.asarray(self._net().predict(np, self.weights, self._prepare(x)))
+        return np.asarray(self._net().predict(np, self.weights, self._prepare(x), loss=self.spec["loss"]))
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file

@@ -184,6 +184,10 @@ def test_binary_csv_job_matches_a_single_process_numpy_loop(cluster, tmp_path):
         "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 32, "epochs": 8, "seed": 1})
     reference = train_local(spec)["test_accuracy"]
     with ps.Client(cluster.address) as client:
-        got = client.submit(spec).wait(progress=False).metrics["test_accuracy"]
+        trained = client.submit(spec).wait(progress=False)
+    got = trained.metrics["test_accuracy"]
+    predicted = trained.predict(x)  # raw features; the saved scaler is applied
+    assert set(np.unique(predicted)) <= {0, 1}
+    assert float((predicted.reshape(-1) == y).mean()) > 0.8
     assert reference > 0.8
     assert abs(got - reference) <= 0.01, (got, reference)
