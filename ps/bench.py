@@ -173,7 +173,7 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
 
 
 def train_spec(epochs: int = 3):
-    """A model whose compute dominates its communication: a 256-512-512-10 MLP, batch 512."""
+    """A model whose compute dominates its communication: a 256-512-512-10 MLP, batch 1024."""
     from ps.spec import DataSpec, JobSpec
     return JobSpec(name="bench-train", model=[{"type": "dense", "units": 512, "activation": "relu"},
                                               {"type": "dense", "units": 512, "activation": "relu"},
