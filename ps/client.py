@@ -366,6 +366,17 @@ def _metrics(m: scheduler_pb2.JobMetrics) -> dict:
             "seconds": m.seconds}
 
 
+def _progress_line(m: scheduler_pb2.JobMetrics) -> str:
+    parts = [f"epoch {m.epoch}"]
+    if np.isfinite(m.train_loss):
+        parts.append(f"loss {m.train_loss:.4f}")
+    if np.isfinite(m.test_accuracy):
+        parts.append(f"test acc {m.test_accuracy:.4f}")
+    if m.samples_per_s:
+        parts.append(f"{m.samples_per_s:.0f} samples/s")
+    return " ".join(parts)
+
+
 class Job:
     """A handle on a submitted training job."""
 
@@ -415,8 +426,7 @@ class Job:
                 bar.total = ev.tasks_total
                 bar.n = ev.tasks_done
                 m = ev.metrics
-                bar.set_postfix_str(f"epoch {m.epoch} loss {m.train_loss:.4f} acc {m.test_accuracy:.4f} "
-                                    f"{m.samples_per_s:.0f} samples/s", refresh=True)
+                bar.set_postfix_str(_progress_line(m), refresh=True)
                 if writer is not None and ev.kind == "epoch":
                     writer.scalars(m.epoch, {"train/loss": m.train_loss, "test/loss": m.test_loss,
                                              "test/accuracy": m.test_accuracy,
