@@ -32,3 +32,11 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_for_tasks(job, done: int) -> None:
+    """Follow the job's progress events until ``done`` of its tasks have finished."""
+    for ev in job.events(timeout=120):
+        if ev.tasks_done >= done:
+            return
+    pytest.fail(f"job {job.job_id} ended before {done} tasks were done")

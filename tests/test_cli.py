@@ -14,7 +14,7 @@ import ps
 from ps.demo import demo_spec
 from ps.spec import JobSpec, SpecError
 
-from conftest import wait_for
+from conftest import wait_for, wait_for_tasks
 
 PARAMSERVER = [sys.executable, "-m", "ps"]
 
@@ -85,9 +85,7 @@ def test_local_runs_a_cluster_until_interrupted():
 def test_a_worker_stopped_with_sigterm_finishes_its_task_and_the_job_succeeds():
     with ps.LocalCluster(servers=1, workers=2) as c, ps.Client(c.address) as client:
         job = client.submit(demo_spec("mlp", epochs=6))
-        for ev in job.events():
-            if ev.tasks_done >= 2:
-                break
+        wait_for_tasks(job, 2)
         c.workers[0].popen.send_signal(signal.SIGTERM)
         assert c.workers[0].popen.wait(timeout=60) == 0
         assert job.wait(progress=False).metrics["test_accuracy"] >= 0.9

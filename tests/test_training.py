@@ -15,7 +15,7 @@ from ps.reference import train_local
 from ps.tblog import read_scalars
 from ps.worker.datasets import load_builtin
 
-from conftest import wait_for
+from conftest import wait_for, wait_for_tasks
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +124,7 @@ def test_unparsable_csv_is_rejected_at_submit(cluster, tmp_path):
 def test_cancel_stops_tasks_and_frees_parameters_on_every_server(cluster):
     with ps.Client(cluster.address) as client:
         job = client.submit(small_mlp(epochs=200))
-        for ev in job.events():
-            if ev.tasks_done >= 2:
-                break
+        wait_for_tasks(job, 2)
         job.cancel()
         assert job.status() == "cancelled"
         servers = [s.address for s in client.cluster().servers]
@@ -143,9 +141,7 @@ def test_cancel_stops_tasks_and_frees_parameters_on_every_server(cluster):
 def test_a_worker_killed_mid_job_costs_time_not_the_job():
     with ps.LocalCluster(servers=2, workers=2) as c, ps.Client(c.address) as client:
         job = client.submit(demo_spec("mlp", lease_timeout_s=2.0))
-        for ev in job.events():
-            if ev.tasks_done >= 3:
-                break
+        wait_for_tasks(job, 3)
         c.workers[0].kill()  # SIGKILL
         model = job.wait(progress=False)
         assert model.metrics["test_accuracy"] >= 0.95

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ps import sharding
 from ps.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ps.scheduler.transitions import TransitionLog
 
 UP, DOWN = "up", "down"
 
@@ -46,14 +47,6 @@ class ShardMap:
     optimizer: object = None  # the ps.v1.OptimizerConfig the model was created with
 
 
-@dataclass(frozen=True)
-class Transition:
-    at: float
-    subject: str
-    change: str
-    reason: str
-
-
 class Cluster:
     """Membership and shard maps. Thread-safe; every method takes ``now`` explicitly."""
 
@@ -62,15 +55,11 @@ class Cluster:
         self.server_timeout = server_timeout
         self.servers: dict[str, Server] = {}
         self.maps: dict[str, ShardMap] = {}
-        self.transitions: list[Transition] = []
+        self.transitions = TransitionLog()
         self.workers: dict[str, Worker] = {}
         self._next = 0
         self._next_worker = 0
         self._lock = threading.RLock()
-
-    def _record(self, now: float, subject: str, change: str, reason: str) -> None:
-        self.transitions.append(Transition(now, subject, change, reason))
-        del self.transitions[:-1000]
 
     def register(self, address: str, now: float) -> Server:
         """A server announces itself; the same address keeps its id (a restarted server)."""
@@ -81,12 +70,12 @@ class Cluster:
                 if s.address == address:
                     was = s.state
                     s.state, s.last_seen, s.models, s.bytes = UP, now, [], 0
-                    self._record(now, s.server_id, f"{was} -> up", f"registered again from {address}")
+                    self.transitions.record(now, s.server_id, f"{was} -> up", f"registered again from {address}")
                     return s
             sid = f"server-{self._next}"
             self._next += 1
             s = self.servers[sid] = Server(sid, address, UP, now)
-            self._record(now, sid, "new -> up", f"registered from {address}")
+            self.transitions.record(now, sid, "new -> up", f"registered from {address}")
             return s
 
     def heartbeat(self, server_id: str, now: float, nbytes: int, models: list[str]) -> bool:
@@ -105,7 +94,7 @@ class Cluster:
             for s in self.servers.values():
                 if s.state == UP and now - s.last_seen > self.server_timeout:
                     s.state = DOWN
-                    self._record(now, s.server_id, "up -> down",
+                    self.transitions.record(now, s.server_id, "up -> down",
                                  f"no heartbeat for {now - s.last_seen:.1f} s (timeout {self.server_timeout:g} s)")
                     downed.append(s)
         return downed
@@ -115,7 +104,7 @@ class Cluster:
             wid = f"worker-{self._next_worker}"
             self._next_worker += 1
             w = self.workers[wid] = Worker(wid, name, device or "cpu", now)
-            self._record(now, wid, "new -> up", f"registered: {name} on {w.device}")
+            self.transitions.record(now, wid, "new -> up", f"registered: {name} on {w.device}")
             return w
 
     def worker_heartbeat(self, worker_id: str, now: float) -> bool:
@@ -132,7 +121,7 @@ class Cluster:
             gone = [w for w in self.workers.values() if now - w.last_seen > timeout]
             for w in gone:
                 del self.workers[w.worker_id]
-                self._record(now, w.worker_id, "up -> gone", f"no heartbeat for {now - w.last_seen:.1f} s")
+                self.transitions.record(now, w.worker_id, "up -> gone", f"no heartbeat for {now - w.last_seen:.1f} s")
             return gone
 
     def up_servers(self) -> list[Server]:

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ps.errors import FailedPrecondition, NotFound
+from ps.scheduler.transitions import TransitionLog
 
 QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "starting", "running", "succeeded", "failed", "cancelled")
@@ -80,38 +81,26 @@ class Job:
         return sum(t.state == DONE for t in self.tasks.values())
 
 
-@dataclass(frozen=True)
-class Transition:
-    at: float
-    subject: str
-    change: str
-    reason: str
-
-
 class Jobs:
     """Every job and task; thread-safe. ``changed`` is notified on every new event."""
 
     def __init__(self, wall_clock=None):
         self.jobs: dict[str, Job] = {}
         self.queue: deque[str] = deque()  # pending task ids, oldest first
-        self.transitions: list[Transition] = []
+        self.transitions = TransitionLog()
         self.changed = threading.Condition(threading.RLock())
         self._ids = itertools.count(1)
         self._leases = itertools.count(1)
         self._wall = wall_clock
 
     # -- helpers -----------------------------------------------------------------
-    def _record(self, now: float, subject: str, change: str, reason: str) -> None:
-        self.transitions.append(Transition(now, subject, change, reason))
-        del self.transitions[:-5000]
-
     def _event(self, job: Job, now: float, kind: str, message: str = "") -> None:
         job.events.append(Event(len(job.events) + 1, now, kind, job.state, message, dict(job.metrics),
                                 job.tasks_done, job.tasks_total))
         self.changed.notify_all()
 
     def _set_state(self, job: Job, state: str, now: float, reason: str) -> None:
-        self._record(now, job.job_id, f"{job.state} -> {state}", reason)
+        self.transitions.record(now, job.job_id, f"{job.state} -> {state}", reason)
         job.state = state
         self._event(job, now, "state", reason)
 
@@ -133,7 +122,7 @@ class Jobs:
             job_id = f"job-{next(self._ids)}"
             job = Job(job_id, name, spec_json, prep, epochs, int(prep["shards"]), lease_timeout, now)
             self.jobs[job_id] = job
-            self._record(now, job_id, "new -> queued", "submitted")
+            self.transitions.record(now, job_id, "new -> queued", "submitted")
             self._event(job, now, "state", "submitted")
             return job
 
@@ -193,7 +182,7 @@ class Jobs:
                 task.lease_id = f"lease-{next(self._leases)}"
                 task.expires = now + job.lease_timeout
                 task.attempts += 1
-                self._record(now, tid, "pending -> leased", f"to {worker_id} as {task.lease_id}")
+                self.transitions.record(now, tid, "pending -> leased", f"to {worker_id} as {task.lease_id}")
                 return task, job
             return None
 
@@ -219,7 +208,7 @@ class Jobs:
                     continue
                 for t in job.tasks.values():
                     if t.state == LEASED and now > t.expires:
-                        self._record(now, t.task_id, "leased -> pending",
+                        self.transitions.record(now, t.task_id, "leased -> pending",
                                      f"lease {t.lease_id} of {t.worker_id} expired")
                         t.state, t.worker_id, t.lease_id = PENDING, "", ""
                         self.queue.appendleft(t.task_id)
@@ -249,7 +238,7 @@ class Jobs:
                 self.fail(job.job_id, f"{task.kind} task {task_id} failed on {task.worker_id}: {error}", now)
                 return True
             task.state = DONE
-            self._record(now, task_id, "leased -> done", f"by {task.worker_id}")
+            self.transitions.record(now, task_id, "leased -> done", f"by {task.worker_id}")
             m = job.metrics
             if task.kind == "train":
                 m["samples"] += samples
