@@ -8,6 +8,7 @@ tensors across every shard in parallel, cut into chunks, and reassembles them.
 
 from __future__ import annotations
 
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -423,6 +424,8 @@ class Job:
         bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress, dynamic_ncols=True)
         try:
             for ev in self.events(timeout):
+                if ev.kind == "warning":
+                    bar.write(f"{self.job_id}: {ev.message}", file=sys.stderr)
                 bar.total = ev.tasks_total
                 bar.n = ev.tasks_done
                 m = ev.metrics

@@ -157,6 +157,8 @@ def test_a_failing_worker_fails_the_job_with_its_message(tmp_path):
     with ps.LocalCluster(servers=1, workers=0) as c, ps.Client(c.address) as client:
         job = client.submit(spec)  # validated: the file is there
         data.unlink()              # ... and then it vanishes before any worker reads it
+        warning = next(e for e in job.events() if e.kind == "warning")
+        assert "no workers are registered with the scheduler" in warning.message
         c.add_worker()
         with pytest.raises(ps.JobFailed) as err:
             job.wait(progress=False, timeout=60)

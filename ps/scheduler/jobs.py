@@ -71,6 +71,7 @@ class Job:
                                                    "test_loss": math.nan, "test_accuracy": math.nan,
                                                    "samples_per_s": 0.0, "seconds": 0.0})
     epoch_loss: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, samples]
+    warned_idle: bool = False
 
     @property
     def tasks_total(self) -> int:
@@ -142,6 +143,22 @@ class Jobs:
             for s in range(job.shards):
                 self._enqueue(job, "train", 0, s)
             self._set_state(job, RUNNING, now, f"{job.shards} train tasks per epoch, {job.epochs} epochs")
+
+    def warn_idle(self, have_workers: bool, now: float) -> list[Job]:
+        """Running jobs with pending work and no worker to lease it get one warning event each
+        (again after workers came and went), so a client sees why nothing moves."""
+        warned = []
+        with self.changed:
+            for job in self.jobs.values():
+                if have_workers or job.state != RUNNING:
+                    job.warned_idle = False
+                    continue
+                if not job.warned_idle:
+                    job.warned_idle = True
+                    self._event(job, now, "warning", "no workers are registered with the scheduler: start one "
+                                                     "with `paramserver worker --scheduler HOST:PORT`")
+                    warned.append(job)
+        return warned
 
     def fail(self, job_id: str, error: str, now: float) -> Job:
         with self.changed:

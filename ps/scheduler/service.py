@@ -266,6 +266,8 @@ def _watch_membership(servicer: SchedulerServicer, stop: threading.Event, clock)
             servicer.jobs.release_worker(w.worker_id, time.time())
         for t in servicer.jobs.expire(time.time()):
             log.warning("lease on task %s expired: re-queued", t.task_id)
+        for job in servicer.jobs.warn_idle(bool(cluster.workers), time.time()):
+            log.warning("job %s is waiting: no workers are registered", job.job_id)
 
 
 def run(host: str = "0.0.0.0", port: int = 7070, threads: int = 32, heartbeat_interval: float = 1.0,

@@ -1,0 +1,81 @@
+"""The scheduler's job/task/lease state machine, driven event by event without sockets."""
+
+import pytest
+
+from ps.errors import FailedPrecondition, NotFound
+from ps.scheduler.jobs import Jobs
+
+PREP = {"shards": 2}
+
+
+def running(epochs=1, lease=10.0):
+    jobs = Jobs()
+    job = jobs.submit("j", "{}", PREP, epochs=epochs, lease_timeout=lease, now=0.0)
+    jobs.mark_starting(job.job_id, 0.0)
+    jobs.start(job.job_id, 1.0)
+    return jobs, job
+
+
+def test_an_expired_lease_requeues_the_task_and_drops_the_late_result():
+    jobs, job = running(lease=10.0)
+    task, _ = jobs.lease("w1", now=2.0)
+    first_lease = task.lease_id
+    assert jobs.extend("w1", now=5.0) == []          # a heartbeat extends the lease to 15
+    assert jobs.expire(now=14.0) == []
+    assert [t.task_id for t in jobs.expire(now=15.5)] == [task.task_id]
+    again, _ = jobs.lease("w2", now=16.0)
+    assert again.task_id == task.task_id and again.lease_id != first_lease
+    assert not jobs.complete(task.task_id, first_lease, now=17.0, samples=10)   # w1 was too late
+    assert jobs.complete(again.task_id, again.lease_id, now=17.0, samples=10)
+    assert jobs.transitions[-1].change == "leased -> done"
+    assert any(t.reason == f"lease {first_lease} of w1 expired" for t in jobs.transitions)
+
+
+def test_an_epoch_queues_its_eval_and_the_last_eval_ends_the_job():
+    jobs, job = running(epochs=2)
+    for _ in range(2):
+        t, _ = jobs.lease("w", 2.0)
+        assert t.kind == "train" and t.epoch == 0
+        jobs.complete(t.task_id, t.lease_id, 3.0, samples=50, steps=2, loss_sum=25.0)
+    kinds = []
+    while (leased := jobs.lease("w", 4.0)) is not None:
+        t, _ = leased
+        kinds.append((t.kind, t.epoch))
+        jobs.complete(t.task_id, t.lease_id, 5.0, samples=40, steps=2, loss_sum=8.0, correct=36)
+    assert kinds == [("eval", 0), ("train", 1), ("train", 1), ("eval", 1)]
+    assert job.state == "succeeded"
+    assert job.metrics["epoch"] == 2 and job.metrics["test_accuracy"] == 0.9
+    assert job.metrics["train_loss"] == pytest.approx(0.2)
+    assert job.metrics["samples"] == 180 and job.metrics["steps"] == 8
+    assert [e.state for e in job.events if e.kind == "state"] == ["queued", "starting", "running", "succeeded"]
+
+
+def test_a_task_error_fails_the_job_with_the_workers_message():
+    jobs, job = running()
+    t, _ = jobs.lease("w7", 2.0)
+    jobs.complete(t.task_id, t.lease_id, 3.0, error="FileNotFoundError: no such dataset file: x.csv")
+    assert job.state == "failed"
+    assert job.error == f"train task {t.task_id} failed on w7: FileNotFoundError: no such dataset file: x.csv"
+    assert jobs.lease("w7", 4.0) is None
+
+
+def test_cancel_drops_pending_tasks_and_tells_the_lease_holder():
+    jobs, job = running()
+    t, _ = jobs.lease("w1", 2.0)
+    jobs.cancel(job.job_id, 3.0)
+    assert jobs.lease("w2", 3.0) is None
+    assert jobs.extend("w1", 4.0) == [t.task_id]
+    assert not jobs.complete(t.task_id, t.lease_id, 5.0, samples=1)
+    with pytest.raises(FailedPrecondition, match="already cancelled"):
+        jobs.cancel(job.job_id, 6.0)
+    with pytest.raises(NotFound, match="job 'job-9' not found"):
+        jobs.cancel("job-9", 6.0)
+
+
+def test_a_running_job_without_workers_is_warned_about_once():
+    jobs, job = running()
+    assert jobs.warn_idle(have_workers=False, now=2.0) == [job]
+    assert jobs.warn_idle(have_workers=False, now=3.0) == []
+    assert job.events[-1].kind == "warning" and "no workers are registered" in job.events[-1].message
+    assert jobs.warn_idle(have_workers=True, now=4.0) == []
+    assert jobs.warn_idle(have_workers=False, now=5.0) == [job]
