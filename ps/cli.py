@@ -52,10 +52,17 @@ max_msg = click.option("--max-message-bytes", type=Bytes(), default=rpc.DEFAULT_
                        help="gRPC message size limit [env PS_MAX_MESSAGE_BYTES].")
 
 
+#: commands that move large messages for a long time: they run with huge-page malloc
+_HEAVY = {"scheduler", "server", "worker", "local", "demo", "bench", "submit"}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="paramserver")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """paramserver: sharded parameter servers with server-side optimizers, over gRPC."""
+    if ctx.invoked_subcommand in _HEAVY and "--help" not in sys.argv and "-h" not in sys.argv:
+        rpc.reexec_with_hugepage_malloc(sys.argv[1:])
 
 
 @main.command()

