@@ -227,14 +227,17 @@ def bench_train(epochs, as_json):
               "default host:pid.")
 @click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
               help="Give up if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
+@click.option("--health-port", default=0, envvar="PS_HEALTH_PORT", show_default=True,
+              help="Serve grpc.health.v1 on this port for probes (SERVING while the scheduler answers); "
+                   "0: none [env PS_HEALTH_PORT].")
 @log_level
-def worker(scheduler_addr, device, name, connect_timeout, log_level):
+def worker(scheduler_addr, device, name, connect_timeout, health_port, log_level):
     """Run a stateless training worker: lease tasks, compute gradients, push them."""
     _setup_logging(log_level)
     from ps.errors import PSError
     from ps.worker.runner import run
     try:
-        run(scheduler_addr, device=device, name=name, connect_timeout=connect_timeout)
+        run(scheduler_addr, device=device, name=name, connect_timeout=connect_timeout, health_port=health_port)
     except (PSError, RuntimeError) as e:
         click.echo(f"worker: {e}", err=True)
         sys.exit(2)

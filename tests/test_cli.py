@@ -54,6 +54,19 @@ def test_health_exits_zero_only_when_serving(cluster):
     assert dead.returncode == 1 and "health check of 127.0.0.1:1" in dead.stderr
 
 
+def test_a_worker_serves_health_checks_for_probes_when_asked():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ps.LocalCluster(servers=1, workers=0) as c:
+        worker = c.add_worker(["--health-port", str(port)])
+        wait_for(lambda: run("health", f"127.0.0.1:{port}", "--timeout", "2").stdout.strip() == "SERVING",
+                 what="the worker's health port to report SERVING")
+        worker.stop()
+        assert worker.popen.returncode == 0
+
+
 def test_status_of_an_unreachable_scheduler_names_it():
     out = run("status", "127.0.0.1:1")
     assert out.returncode == 1

@@ -67,7 +67,8 @@ def test_compose_has_the_cluster_services(compose):
 
 
 def test_every_serving_role_has_a_paramserver_health_check(compose):
-    for name, port in [("scheduler", 7070), ("server-0", 7000), ("server-1", 7000)]:
+    for name, port in [("scheduler", 7070), ("server-0", 7000), ("server-1", 7000), ("worker", 7001),
+                       ("worker-gpu", 7001)]:
         test = _services(compose)[name]["healthcheck"]["test"]
         assert test[0] == "CMD", f"{name}: use the exec form, the image has no need for a shell"
         assert test[1:4] == ["paramserver", "health", f"localhost:{port}"], name
@@ -295,7 +296,10 @@ def test_servers_are_a_statefulset_with_a_headless_service_and_stable_advertised
 def test_workers_are_a_scalable_deployment(base):
     dep = _by_kind(base, "Deployment")["paramserver-worker"]
     assert dep["spec"]["replicas"] >= 1
-    assert _containers(dep)[0]["args"][0] == "worker"
+    (container,) = _containers(dep)
+    assert container["args"][0] == "worker"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PS_HEALTH_PORT"] == "7001" and container["livenessProbe"]["grpc"]["port"] == 7001
 
 
 def test_serving_containers_have_native_grpc_readiness_and_liveness_probes(gpu):

@@ -45,7 +45,7 @@ class Worker:
     """One worker process's loop."""
 
     def __init__(self, scheduler: str, device: str = "cpu", name: str | None = None,
-                 connect_timeout: float = 60.0):
+                 connect_timeout: float = 60.0, health_port: int = 0):
         from ps.worker.xp import get_xp
         self.device = device
         self.xp = get_xp(device)
@@ -57,25 +57,54 @@ class Worker:
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
         self.worker_id = ""
         self.interval = 1.0
+        self.health = self._serve_health(health_port) if health_port else None
         self._register()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._heartbeat.start()
+
+    def _serve_health(self, port: int):
+        """grpc.health.v1 on ``port`` (for probes): SERVING while the scheduler answers our heartbeats."""
+        from ps import rpc
+        server = rpc.make_server(threads=2)
+        servicer = rpc.add_health_and_reflection(server, [])
+        rpc.bind(server, "0.0.0.0", port)
+        server.start()
+        self._set_health(servicer, False)
+        log.info("health checks served on port %d", port)
+        return server, servicer
+
+    @staticmethod
+    def _set_health(servicer, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING if serving
+                     else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _healthy(self, serving: bool) -> None:
+        if self.health is not None:
+            self._set_health(self.health[1], serving)
 
     def _register(self) -> None:
         resp = self.client.call(self.client.scheduler.RegisterWorker,
                                 scheduler_pb2.RegisterWorkerRequest(name=self.name, device=self.device),
                                 "register worker")
         self.worker_id, self.interval = resp.worker_id, resp.heartbeat_interval_s or 1.0
+        self._healthy(True)
         log.info("registered with scheduler %s as %s (%s)", self.client.address, self.worker_id, self.device)
 
     def _beat(self) -> None:
+        failures = 0
         while not self.stop.wait(self.interval):
             try:
                 resp = self.client.scheduler.WorkerHeartbeat(
                     scheduler_pb2.WorkerHeartbeatRequest(worker_id=self.worker_id), timeout=self.interval * 3)
             except grpc.RpcError as e:
+                failures += 1
                 log.warning("heartbeat to scheduler %s failed: %s", self.client.address, e.details())
+                if failures >= 3:
+                    self._healthy(False)
                 continue
+            failures = 0
+            self._healthy(resp.known)
             if resp.cancelled_tasks:
                 self.abandon.update(resp.cancelled_tasks)
             if not resp.known:
@@ -207,13 +236,16 @@ class Worker:
     def close(self) -> None:
         self.stop.set()
         self._pusher.shutdown(wait=True)
+        if self.health is not None:
+            self.health[0].stop(0)
         self.client.close()
 
 
-def run(scheduler: str, device: str = "cpu", name: str | None = None, connect_timeout: float = 60.0) -> None:
+def run(scheduler: str, device: str = "cpu", name: str | None = None, connect_timeout: float = 60.0,
+        health_port: int = 0) -> None:
     """The `paramserver worker` process: run tasks until SIGTERM/SIGINT (finishing the current one)."""
     import signal
-    worker = Worker(scheduler, device, name, connect_timeout)
+    worker = Worker(scheduler, device, name, connect_timeout, health_port)
 
     def handler(signum, frame):
         log.info("received %s: finishing the current task, then exiting", signal.Signals(signum).name)
