@@ -215,3 +215,30 @@ def test_every_service_offers_health_and_reflection(cluster, client):
             services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
         assert "grpc.health.v1.Health" in services
         assert services & {"ps.v1.ParameterServer", "ps.v1.Scheduler"}
+
+
+def test_chunks_smaller_than_a_slice_count_as_one_update_per_push(cluster):
+    """With a message limit below the slice size each slice takes several chunks per push; Adam's
+    step (bias correction) must still advance once per push, as if the tensor were whole."""
+    from ps.server.optimizers import make_optimizer
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(50_000).astype(np.float64)
+    grads = [rng.standard_normal(50_000) for _ in range(3)]
+    config = {"name": "adam", "lr": 0.01}
+    with ps.Client(cluster.address, chunk_bytes=16 << 10, max_message_bytes=1 << 20) as small:
+        model = small.create_model("chunked", {"w": w}, optimizer=config, replace=True, max_slice_bytes=128 << 10)
+        assert max(s.length for s in model.slices) * 8 > small.chunk_bytes
+        for g in grads:
+            fresh = model.push_pull({"w": g})
+        model.push({"w": grads[0]})   # a fourth push, then the same one again as a retry:
+        model._seq -= 1
+        model.push({"w": grads[0]})
+        got = model.pull()["w"]
+        model.delete()
+    opt = make_optimizer(config)
+    expected, state = w.copy(), opt.init_state(w.size, w.dtype)
+    for step, g in enumerate(grads, 1):
+        opt.apply(expected, g, state, step)
+    np.testing.assert_allclose(fresh["w"], expected, rtol=1e-12)
+    opt.apply(expected, grads[0], state, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
