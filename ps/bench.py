@@ -172,14 +172,14 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     }
 
 
-def train_spec(epochs: int = 3):
-    """A model whose compute dominates its communication: a 256-512-512-10 MLP, batch 1024."""
+def train_spec(epochs: int = 6):
+    """A model whose compute dominates its communication: a 256-512-512-10 MLP, batch 2048."""
     from ps.spec import DataSpec, JobSpec
     return JobSpec(name="bench-train", model=[{"type": "dense", "units": 512, "activation": "relu"},
                                               {"type": "dense", "units": 512, "activation": "relu"},
                                               {"type": "dense", "units": 10}],
                    data=DataSpec(uri="synthetic:classification?n=60000&features=256&classes=10&seed=0"),
-                   optimizer={"name": "adam", "lr": 1e-3}, batch_size=1024, epochs=epochs, workers=2,
+                   optimizer={"name": "adam", "lr": 1e-3}, batch_size=2048, epochs=epochs, workers=2,
                    lease_timeout_s=60.0)
 
 
@@ -195,7 +195,7 @@ def local_train_main(spec_json: str) -> None:
     print(json.dumps({k: r[k] for k in ("samples_per_s", "test_accuracy", "samples", "seconds")}))
 
 
-def train(epochs: int = 3, echo: Callable[[str], None] = print) -> dict:
+def train(epochs: int = 6, echo: Callable[[str], None] = print) -> dict:
     """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
     single-process NumPy loop training the same model (all with one BLAS thread per process)."""
     import json
@@ -203,7 +203,7 @@ def train(epochs: int = 3, echo: Callable[[str], None] = print) -> dict:
     from ps.client import Client
     from ps.local import LocalCluster
     spec = train_spec(epochs)
-    echo(f"model: MLP 256-512-512-10, batch 1024, Adam, {epochs} epochs; data: 60,000 synthetic examples "
+    echo(f"model: MLP 256-512-512-10, batch 2048, Adam, {epochs} epochs; data: 60,000 synthetic examples "
          f"(70% train); one BLAS thread per process")
     out = subprocess.run([sys.executable, "-m", "ps.bench", "local-train", spec.to_json()], check=True,
                          capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD))

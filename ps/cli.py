@@ -208,7 +208,7 @@ def bench_pushpull(size, servers, optimizer, seconds, as_json):
 
 
 @bench.command("train")
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=6, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_train(epochs, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""

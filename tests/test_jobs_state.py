@@ -79,3 +79,18 @@ def test_a_running_job_without_workers_is_warned_about_once():
     assert job.events[-1].kind == "warning" and "no workers are registered" in job.events[-1].message
     assert jobs.warn_idle(have_workers=True, now=4.0) == []
     assert jobs.warn_idle(have_workers=False, now=5.0) == [job]
+
+
+def test_an_idle_worker_starts_the_next_epoch_instead_of_waiting_at_the_barrier():
+    jobs, job = running(epochs=3)
+    a, _ = jobs.lease("w1", 2.0)
+    b, _ = jobs.lease("w2", 2.0)
+    jobs.complete(a.task_id, a.lease_id, 3.0, samples=10)
+    c, _ = jobs.lease("w1", 3.0)                  # epoch 0 still running on w2: look ahead
+    assert (c.kind, c.epoch) == ("train", 1)
+    d, _ = jobs.lease("w3", 3.0)
+    assert (d.kind, d.epoch) == ("train", 1)
+    assert jobs.lease("w4", 3.0) is None          # never more than one epoch ahead
+    jobs.complete(b.task_id, b.lease_id, 4.0, samples=10)
+    e, _ = jobs.lease("w2", 4.0)
+    assert (e.kind, e.epoch) == ("eval", 0)       # epoch 0's eval, ahead of anything else

@@ -72,6 +72,7 @@ class Job:
                                                    "samples_per_s": 0.0, "seconds": 0.0})
     epoch_loss: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, samples]
     warned_idle: bool = False
+    queued_epochs: int = 0  # epochs whose train tasks have been queued
 
     @property
     def tasks_total(self) -> int:
@@ -111,10 +112,35 @@ class Jobs:
             raise NotFound(f"job '{job_id}' not found")
         return job
 
+    def _enqueue_epoch(self, job: Job, epoch: int) -> None:
+        """Queue an epoch's train tasks (once)."""
+        if epoch < job.epochs and epoch >= job.queued_epochs:
+            for s in range(job.shards):
+                self._enqueue(job, "train", epoch, s)
+            job.queued_epochs = epoch + 1
+
+    def _lookahead(self) -> bool:
+        """With nothing pending, let an idle worker start the next epoch of a running job whose
+        current epoch's tasks are all leased (asynchronous SGD needs no epoch barrier; the
+        eval of an epoch still waits for that epoch's train tasks). At most one epoch ahead."""
+        for job in self.jobs.values():
+            if job.state != RUNNING or job.queued_epochs >= job.epochs:
+                continue
+            last = job.queued_epochs - 1
+            older_done = all(t.state == DONE for t in job.tasks.values() if t.kind == "train" and t.epoch < last)
+            if older_done and all(t.state != PENDING for t in job.tasks.values() if t.epoch == last):
+                self._enqueue_epoch(job, last + 1)
+                return True
+        return False
+
     def _enqueue(self, job: Job, kind: str, epoch: int, shard: int) -> None:
+        """Queue a task; evals go first so an epoch's accuracy is measured close to its end."""
         tid = f"{job.job_id}/{kind}-{epoch}" + (f"-{shard}" if kind == "train" else "")
         job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard, job.shards)
-        self.queue.append(tid)
+        if kind == "eval":
+            self.queue.appendleft(tid)
+        else:
+            self.queue.append(tid)
 
     # -- job lifecycle -------------------------------------------------------------
     def submit(self, name: str, spec_json: str, prep: dict, epochs: int, lease_timeout: float,
@@ -140,8 +166,7 @@ class Jobs:
             if job.state != STARTING:
                 return
             job.started_at = now
-            for s in range(job.shards):
-                self._enqueue(job, "train", 0, s)
+            self._enqueue_epoch(job, 0)
             self._set_state(job, RUNNING, now, f"{job.shards} train tasks per epoch, {job.epochs} epochs")
 
     def warn_idle(self, have_workers: bool, now: float) -> list[Job]:
@@ -189,7 +214,7 @@ class Jobs:
     def lease(self, worker_id: str, now: float) -> tuple[Task, Job] | None:
         """The oldest pending task of a running job, leased to ``worker_id``."""
         with self.changed:
-            while self.queue:
+            while self.queue or self._lookahead():
                 tid = self.queue.popleft()
                 job = self.jobs[self._job_of(tid)]
                 task = job.tasks[tid]
@@ -268,9 +293,7 @@ class Jobs:
                 if all(t.state == DONE for t in job.tasks.values() if t.kind == "train" and t.epoch == task.epoch):
                     m["train_loss"] = acc[0] / max(acc[1], 1)
                     self._enqueue(job, "eval", task.epoch, 0)
-                    if task.epoch + 1 < job.epochs:
-                        for s in range(job.shards):
-                            self._enqueue(job, "train", task.epoch + 1, s)
+                    self._enqueue_epoch(job, task.epoch + 1)
                 self._event(job, now, "task", f"{task_id} done")
             else:
                 m["epoch"] = max(m["epoch"], task.epoch + 1)
