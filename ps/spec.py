@@ -25,6 +25,14 @@ class SpecError(ValueError):
     """A job spec that cannot run; the message names the field."""
 
 
+def _check_fields(cls, d: dict, where: str) -> None:
+    """Unknown keys are an error that names the first of them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+
+
 @dataclass
 class DataSpec:
     """Where the examples come from and how they are prepared."""
@@ -61,10 +69,7 @@ class JobSpec:
     def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
         if not isinstance(d, dict):
             raise SpecError(f"spec: expected an object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpecError(f"spec.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+        _check_fields(cls, d, "spec")
         d = dict(d)
         if "data" in d:
             data = d["data"]
@@ -72,10 +77,7 @@ class JobSpec:
                 data = {"uri": data}
             if not isinstance(data, dict):
                 raise SpecError(f"spec.data: expected an object or a URI string, got {type(data).__name__}")
-            dknown = {f.name for f in dataclasses.fields(DataSpec)}
-            bad = sorted(set(data) - dknown)
-            if bad:
-                raise SpecError(f"spec.data.{bad[0]}: unknown field (known: {', '.join(sorted(dknown))})")
+            _check_fields(DataSpec, data, "spec.data")
             d["data"] = DataSpec(**data)
         spec = cls(**d)
         spec.check()

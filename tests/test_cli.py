@@ -30,7 +30,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_status_shows_a_server_that_stopped_heartbeating_as_down():
-    with ps.LocalCluster(servers=2, scheduler_args=["--heartbeat-interval", "0.2", "--server-timeout", "1"]) as c:
+    with ps.LocalCluster(servers=2, scheduler_args=["--heartbeat-interval", "0.2", "--server-timeout", "2"]) as c:
         with ps.Client(c.address) as client:
             client.create_model("m", {"w": np.zeros(1000, np.float32)})
             wait_for(lambda: all(s.models == ["m"] for s in client.cluster().servers), what="heartbeats with models")
