@@ -47,6 +47,16 @@ def test_status_shows_a_server_that_stopped_heartbeating_as_down():
             assert [s["state"] for s in view["servers"]] == ["up", "down"]
 
 
+def test_sigterm_stops_a_server_and_the_scheduler_cleanly():
+    with ps.LocalCluster(servers=1) as c:
+        server, scheduler = c.servers[0], c.scheduler
+        server.popen.send_signal(signal.SIGTERM)
+        assert server.popen.wait(timeout=30) == 0
+        scheduler.popen.send_signal(signal.SIGTERM)
+        assert scheduler.popen.wait(timeout=30) == 0
+        assert "received SIGTERM: shutting down" in server.log.read_text()
+
+
 def test_health_exits_zero_only_when_serving(cluster):
     ok = run("health", cluster.address)
     assert (ok.returncode, ok.stdout.strip()) == (0, "SERVING")
