@@ -421,7 +421,7 @@ class Job:
         if logdir:
             from ps.tblog import EventWriter
             writer = EventWriter(logdir, self.job_id)
-        bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress, dynamic_ncols=True, mininterval=0.5)
         try:
             for ev in self.events(timeout):
                 if ev.kind == "warning":
