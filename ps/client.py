@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Mapping
@@ -228,6 +229,7 @@ class Model:
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
                     raise from_rpc_error(e, address, f"{what} model '{self.name}'") from None
+                time.sleep(0.1 * 2 ** attempt)  # back off: a restarting server needs a moment
 
     def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float):
         cid = self.client.client_id

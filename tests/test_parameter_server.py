@@ -242,3 +242,12 @@ def test_chunks_smaller_than_a_slice_count_as_one_update_per_push(cluster):
     np.testing.assert_allclose(fresh["w"], expected, rtol=1e-12)
     opt.apply(expected, grads[0], state, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_a_push_to_a_dead_server_raises_unavailable_naming_it():
+    with ps.LocalCluster(servers=1) as c, ps.Client(c.address) as client:
+        model = client.create_model("m", {"w": np.zeros(10, np.float32)})
+        c.servers[0].kill()
+        with pytest.raises(ps.Unavailable) as err:
+            model.push({"w": np.ones(10, np.float32)})
+        assert f"push to model 'm' on {model.shards[0]}: UNAVAILABLE" in str(err.value)

@@ -168,7 +168,7 @@ def test_a_failing_worker_fails_the_job_with_its_message(tmp_path):
 
 def test_binary_csv_job_matches_a_single_process_numpy_loop(cluster, tmp_path):
     rng = np.random.default_rng(3)
-    n, d = 1500, 12
+    n, d = 4000, 12
     teacher = rng.standard_normal(d)
     x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3, d) + rng.uniform(-2, 2, d)
     logits = ((x - x.mean(0)) / x.std(0)) @ teacher + 0.8 * rng.standard_normal(n)
@@ -179,7 +179,7 @@ def test_binary_csv_job_matches_a_single_process_numpy_loop(cluster, tmp_path):
     spec = ps.JobSpec.from_dict({
         "name": "binary", "model": [{"type": "dense", "units": 16, "activation": "relu"}, {"type": "dense", "units": 1}],
         "loss": "binary_cross_entropy", "data": {"uri": str(path), "label": "target"},
-        "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 32, "epochs": 8, "seed": 1})
+        "optimizer": {"name": "adam", "lr": 0.005}, "batch_size": 32, "epochs": 10, "seed": 1})
     reference = train_local(spec)["test_accuracy"]
     with ps.Client(cluster.address) as client:
         trained = client.submit(spec).wait(progress=False)
