@@ -53,6 +53,14 @@ def tune_malloc(mmap_threshold: int | None = 32 << 20, trim_threshold: int | Non
         return False
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 

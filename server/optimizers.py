@@ -15,6 +15,7 @@ all of its passes run (float32 Adam: ~0.55 of the memory-copy limit, whole-array
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -308,18 +309,27 @@ def clip_norm_scale(grads: Iterable[np.ndarray], clip_norm: float | None) -> flo
 # 512 KiB lost a third with two threads updating at once; per-ufunc-call overhead (~0.3 us)
 # is what small blocks pay, cache misses what large ones pay.
 _BLOCK_BYTES = 256 * 1024
-_local = threading.local()
+_free_scratch: dict[np.dtype, list[np.ndarray]] = {}
+_scratch_lock = threading.Lock()
 
 
-def _scratch(dtype: np.dtype, rows: int, block: int) -> list[np.ndarray]:
-    """`rows` preallocated 1-D buffers of `block` elements, private to the calling thread."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    buf = bufs.get(dtype)
+@contextlib.contextmanager
+def _scratch(dtype: np.dtype, rows: int, block: int):
+    """`rows` 1-D buffers of `block` elements, for the caller alone until the block exits.
+
+    Buffers come from a shared free list rather than per thread: a server runs updates on
+    whichever of its many RPC threads received the push, and per-thread buffers held memory
+    for every thread that ever updated; the list holds one set per update running at once."""
+    with _scratch_lock:
+        free = _free_scratch.setdefault(dtype, [])
+        buf = free.pop() if free else None
     if buf is None or buf.shape[0] < rows or buf.shape[1] < block:
-        buf = bufs[dtype] = np.empty((max(rows, 3), block), dtype)
-    return [buf[i, :block] for i in range(rows)]
+        buf = np.empty((max(rows, 3), max(block, _BLOCK_BYTES // dtype.itemsize)), dtype)
+    try:
+        yield [buf[i, :block] for i in range(rows)]
+    finally:
+        with _scratch_lock:
+            _free_scratch[dtype].append(buf)
 
 
 class Optimizer:
@@ -353,21 +363,21 @@ class Optimizer:
             return
         dtype = param.dtype
         block = max(1024, _BLOCK_BYTES // dtype.itemsize)
-        g0, x, y = _scratch(dtype, 3, min(block, n))
         clip = self.config.clip_value
         scale = float(grad_scale)
         prep = scale != 1.0 or clip is not None or self.l2 != 0.0
         run = self._block_fn(step)
         states = [state[k] for k in self.state_names]
-        for a in range(0, n, block):
-            p = param[a:a + block]
-            m = p.shape[0]
-            if m != g0.shape[0]:
-                g0, x, y = g0[:m], x[:m], y[:m]
-            g = grad[a:a + block]
-            if prep:
-                g = self._grad(g, p, scale, clip, g0, x)
-            run(p, g, [s[a:a + block] for s in states], x, y)
+        with _scratch(dtype, 3, min(block, n)) as (g0, x, y):
+            for a in range(0, n, block):
+                p = param[a:a + block]
+                m = p.shape[0]
+                if m != g0.shape[0]:
+                    g0, x, y = g0[:m], x[:m], y[:m]
+                g = grad[a:a + block]
+                if prep:
+                    g = self._grad(g, p, scale, clip, g0, x)
+                run(p, g, [s[a:a + block] for s in states], x, y)
 
     def _grad(self, g, p, scale, clip, out, tmp):
         """Scale, clamp (clip_grad_value_) and add L2 decay, as torch does, into `out`."""
