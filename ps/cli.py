@@ -42,7 +42,7 @@ def emit_json(obj: dict) -> None:
 
 
 log_level = click.option("--log-level", default="info", envvar="PS_LOG_LEVEL", show_default=True,
-                         type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+                         type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity [env PS_LOG_LEVEL].")
 port_file = click.option("--port-file", default=None, hidden=True,
                          help="Write the bound port here once ready (used by LocalCluster).")
 host_opt = click.option("--host", default="0.0.0.0", envvar="PS_HOST", show_default=True,
@@ -77,7 +77,7 @@ def main(ctx: click.Context) -> None:
 @port_file
 @log_level
 def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_message_bytes, port_file, log_level):
-    """Run the scheduler: membership, shard maps."""
+    """Run the scheduler: membership, shard maps, jobs and task leases."""
     _setup_logging(log_level)
     from ps.scheduler.service import run
     run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
