@@ -61,7 +61,9 @@ _HEAVY = {"scheduler", "server", "worker", "local", "demo", "bench", "submit"}
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """paramserver: sharded parameter servers with server-side optimizers, over gRPC."""
-    if ctx.invoked_subcommand in _HEAVY and "--help" not in sys.argv and "-h" not in sys.argv:
+    # Only when run as a program (not called in-process, e.g. by click's test runner).
+    if (ctx.invoked_subcommand in _HEAVY and sys.argv[1:2] == [ctx.invoked_subcommand]
+            and "--help" not in sys.argv and "-h" not in sys.argv):
         rpc.reexec_with_hugepage_malloc(sys.argv[1:])
 
 
