@@ -99,17 +99,21 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_messa
               help="Refuse models beyond this many bytes of parameters + optimizer state [env PS_MAX_BYTES].")
 @click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
               help="Give up (exit 2) if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
+@click.option("--flow-window", type=Bytes(), default="0", envvar="PS_FLOW_WINDOW", show_default=True,
+              help="A fixed HTTP/2 stream window (e.g. 1MiB) bounds what grpc buffers per push stream: "
+                   "tens of MiB less memory, some throughput lost; 0: grpc's adaptive window "
+                   "[env PS_FLOW_WINDOW].")
 @max_msg
 @port_file
 @log_level
-def server(scheduler_addr, host, port, advertise, threads, max_bytes, connect_timeout, max_message_bytes,
-           port_file, log_level):
+def server(scheduler_addr, host, port, advertise, threads, max_bytes, connect_timeout, flow_window,
+           max_message_bytes, port_file, log_level):
     """Run a parameter-server shard."""
     _setup_logging(log_level)
     from ps.server.service import run
     run(scheduler_addr, host=host, port=port, advertise=advertise, threads=threads,
         max_message_bytes=max_message_bytes, max_bytes=max_bytes, port_file=port_file,
-        connect_timeout=connect_timeout)
+        connect_timeout=connect_timeout, flow_window=flow_window)
 
 
 @main.command()

@@ -103,9 +103,9 @@ def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float) -> Non
                           f"is it running, and is the address right?") from None
 
 
-def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Server:
+def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=()) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                       options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
+                       options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + list(extra))
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:

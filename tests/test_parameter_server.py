@@ -251,3 +251,11 @@ def test_a_push_to_a_dead_server_raises_unavailable_naming_it():
         with pytest.raises(ps.Unavailable) as err:
             model.push({"w": np.ones(10, np.float32)})
         assert f"push to model 'm' on {model.shards[0]}: UNAVAILABLE" in str(err.value)
+
+
+def test_servers_with_a_fixed_flow_window_move_large_models_correctly():
+    with ps.LocalCluster(servers=2, server_args=["--flow-window", "1MiB"]) as c, ps.Client(c.address) as client:
+        n = 4 << 20
+        model = client.create_model("w", {"w": np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0})
+        grad = np.arange(n, dtype=np.float32)
+        np.testing.assert_array_equal(model.push_pull({"w": grad})["w"], -grad)
