@@ -59,22 +59,16 @@ def _timed(fn: Callable[[], None], seconds: float, min_iters: int = 3) -> float:
 def echo_ceiling(size: int, servers: int, chunk_bytes: int, seconds: float) -> float:
     """GB/s (bytes sent + received) of raw grpcio bidi echo streams to ``servers`` processes,
     the payload cut into chunk_bytes messages, one stream per server in parallel."""
-    import subprocess
+    import shutil
     import tempfile
+
+    from ps.local import Process
     workdir = Path(tempfile.mkdtemp(prefix="ps-echo-"))
     procs, channels = [], []
     try:
-        for i in range(servers):
-            pf = workdir / f"echo{i}.port"
-            procs.append((subprocess.Popen([sys.executable, "-m", "ps.bench", "--port-file", str(pf)]), pf))
+        procs = [Process(f"echo{i}", [], workdir, module="ps.bench") for i in range(servers)]
         deadline = time.monotonic() + 60
-        addrs = []
-        for proc, pf in procs:
-            while not pf.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("echo server failed to start")
-                time.sleep(0.02)
-            addrs.append(f"127.0.0.1:{int(pf.read_text())}")
+        addrs = [f"127.0.0.1:{p.wait_port(deadline)}" for p in procs]
         payload = os.urandom(chunk_bytes)
         per_server = size // servers
         counts = [per_server // chunk_bytes + (1 if per_server % chunk_bytes else 0)] * servers
@@ -99,9 +93,9 @@ def echo_ceiling(size: int, servers: int, chunk_bytes: int, seconds: float) -> f
     finally:
         for ch in channels:
             ch.close()
-        for proc, _ in procs:
-            proc.terminate()
-            proc.wait()
+        for p in procs:
+            p.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,

@@ -175,6 +175,12 @@ class Model:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.specs.items()}
 
+    def _on_shards(self, fn: Callable[[int], object], names: Iterable[str] | None = None) -> None:
+        """fn(shard) in parallel for every shard holding a slice of ``names`` (all tensors: None)."""
+        wanted = None if names is None else set(names)
+        shards = sorted({s.shard for s in self.slices if wanted is None or s.tensor in wanted})
+        self.client.map(fn, [(i,) for i in shards])
+
     def _slices_of(self, shard: int, names: Iterable[str] | None = None) -> list[sharding.Slice]:
         wanted = None if names is None else set(names)
         return [s for s in self.slices if s.shard == shard and (wanted is None or s.tensor in wanted)]
@@ -193,9 +199,7 @@ class Model:
             msg = req.slices.add(tensor=s.tensor, shape=list(spec.shape), dtype=dtype_code(spec.dtype),
                                  offset=s.offset, length=s.length)
             if init is not None:
-                msg.init.CopyFrom(server_pb2.Initializer(kind=init.kind, value=init.value, mean=init.mean,
-                                                         std=init.std, low=init.low, high=init.high,
-                                                         seed=init.seed))
+                msg.init.CopyFrom(init.to_proto())
         address = self.shards[shard]
         self.client.call(self.client.server(address).CreateModel, req, f"create model '{self.name}'", address)
 
@@ -250,11 +254,8 @@ class Model:
         with self._push_lock:
             flat, seq, scale = self._next_seq(grads, "push to")
 
-            def one(shard):
-                if any(True for _ in self._slices_of(shard, flat)):
-                    self._stream(shard, "push to", lambda stub: stub.Push(
-                        self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat)))
-            self.client.map(one, [(i,) for i in range(len(self.shards))])
+            self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
+                self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat))), flat)
 
     def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Apply gradients, and get back the fresh weights of the same tensors, in one round trip."""
@@ -263,12 +264,9 @@ class Model:
             out = {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in flat}
             versions = []
 
-            def one(shard):
-                if any(True for _ in self._slices_of(shard, flat)):
-                    self._stream(shard, "push_pull to", lambda stub: versions.append(self._receive(
-                        stub.PushPull(self._push_requests(shard, flat, seq, scale),
-                                      timeout=self._stream_timeout(flat)), out)))
-            self.client.map(one, [(i,) for i in range(len(self.shards))])
+            self._on_shards(lambda shard: self._stream(shard, "push_pull to", lambda stub: versions.append(
+                self._receive(stub.PushPull(self._push_requests(shard, flat, seq, scale),
+                                            timeout=self._stream_timeout(flat)), out))), flat)
             self.version = min(versions, default=self.version)
             return out
 
@@ -283,15 +281,13 @@ class Model:
         versions = []
 
         def one(shard):
-            slices = self._slices_of(shard, names)
-            if not slices:
-                return
             req = server_pb2.PullRequest(model=self.name, max_chunk_bytes=self.client.chunk_bytes,
                                          ranges=[server_pb2.Range(tensor=s.tensor, offset=s.offset,
-                                                                  length=s.length) for s in slices])
+                                                                  length=s.length)
+                                                 for s in self._slices_of(shard, names)])
             self._stream(shard, "pull from", lambda stub: versions.append(
                 self._receive(stub.Pull(req, timeout=self._stream_timeout(out)), out)))
-        self.client.map(one, [(i,) for i in range(len(self.shards))])
+        self._on_shards(one, names)
         self.version = min(versions, default=self.version)
         return out
 
@@ -318,11 +314,8 @@ class Model:
                     tensor=s.tensor, offset=o,
                     values=tensor_pb2.Tensor(dtype=dtype_code(a.dtype), shape=[n], data=a[o:o + n].tobytes())))
 
-        def one(shard):
-            if self._slices_of(shard, flat):
-                self._stream(shard, "assign to", lambda stub: stub.Assign(requests(shard),
-                                                                          timeout=self._stream_timeout(flat)))
-        self.client.map(one, [(i,) for i in range(len(self.shards))])
+        self._on_shards(lambda shard: self._stream(shard, "assign to", lambda stub: stub.Assign(
+            requests(shard), timeout=self._stream_timeout(flat))), flat)
 
     def stats(self) -> list[server_pb2.ModelStats]:
         """This model's statistics on each shard."""

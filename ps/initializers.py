@@ -39,6 +39,27 @@ class Init:
             raise InvalidArgument(f"unknown initializer '{self.kind}': expected one of {', '.join(KINDS)}")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
+    def to_proto(self):
+        """The ps.v1.Initializer that asks a shard to compute this initializer for its slices."""
+        from ps.v1 import server_pb2
+        return server_pb2.Initializer(kind=self.kind, value=self.value, mean=self.mean, std=self.std,
+                                      low=self.low, high=self.high, seed=self.seed)
+
+    @classmethod
+    def from_proto(cls, msg, shape: tuple[int, ...], dtype: str) -> "Init | None":
+        """The Init a ps.v1.Initializer describes for a tensor (None when unset); proto3 zeros
+        mean the defaults where zero makes no sense (std 0, an empty uniform range)."""
+        if not msg.kind:
+            return None
+        kw = {}
+        if msg.kind == "constant":
+            kw["value"] = msg.value
+        elif msg.kind == "normal":
+            kw.update(mean=msg.mean, std=msg.std or 1.0)
+        elif msg.kind == "uniform" and (msg.low or msg.high):
+            kw.update(low=msg.low, high=msg.high)
+        return cls(msg.kind, tuple(shape), dtype, seed=msg.seed, **kw)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")

@@ -26,15 +26,17 @@ def _tail(path: Path, lines: int = 20) -> str:
 class Process:
     """One role's process, its log file and the port it reported."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path, env: dict | None = None):
+    def __init__(self, name: str, args: list[str], workdir: Path, env: dict | None = None,
+                 module: str = "ps", listens: bool = True):
+        """Run ``python -m module *args`` (a listening process also gets ``--port-file``)."""
         self.name = name
         self.log = workdir / f"{name}.log"
         self.port_file = workdir / f"{name}.port"
         self.port: int | None = None
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        port_args = [] if args[0] == "worker" else ["--port-file", str(self.port_file)]
+        port_args = ["--port-file", str(self.port_file)] if listens else []
         with open(self.log, "wb") as log:
-            self.popen = subprocess.Popen([sys.executable, "-m", "ps", *args, *port_args],
+            self.popen = subprocess.Popen([sys.executable, "-m", module, *args, *port_args],
                                           stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                           start_new_session=True)
 
@@ -92,8 +94,8 @@ class LocalCluster:
             self.close()
             raise
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> Process:
-        p = Process(name, args, self.workdir, env)
+    def _spawn(self, name: str, args: list[str], env: dict | None = None, listens: bool = True) -> Process:
+        p = Process(name, args, self.workdir, env, listens=listens)
         self.processes.append(p)
         return p
 
@@ -108,7 +110,8 @@ class LocalCluster:
         """Start one more worker (one BLAS thread each, so workers scale across cores)."""
         p = self._spawn(f"worker-{len(self.workers)}", ["worker", "--scheduler", self.address,
                                                          *self.worker_args, *(extra or [])],
-                        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                        listens=False)
         self.workers.append(p)
         return p
 

@@ -22,19 +22,6 @@ log = logging.getLogger("ps.server")
 SERVICE_NAME = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
-def _init_from_proto(msg: server_pb2.Initializer, shape, dtype) -> initializers.Init | None:
-    if not msg.kind:
-        return None
-    kw = {}
-    if msg.kind == "constant":
-        kw["value"] = msg.value
-    elif msg.kind == "normal":
-        kw.update(mean=msg.mean, std=msg.std or 1.0)
-    elif msg.kind == "uniform" and (msg.low or msg.high):
-        kw.update(low=msg.low, high=msg.high)
-    return initializers.Init(msg.kind, tuple(shape), dtype.name, seed=msg.seed, **kw)
-
-
 def _decode(chunk, model: str, what: str) -> np.ndarray:
     try:
         return decode_1d(chunk.values, f"{what} '{model}/{chunk.tensor}' at offset {chunk.offset}")
@@ -60,7 +47,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                     raise InvalidArgument(f"create model '{request.model}': tensor '{s.tensor}': {e}") from None
                 shape = tuple(s.shape)
                 slices.append(SliceRequest(s.tensor, shape, dtype, s.offset, s.length,
-                                           _init_from_proto(s.init, shape, dtype)))
+                                           initializers.Init.from_proto(s.init, shape, dtype.name)))
             config = OptimizerConfig.from_proto(request.optimizer)
             nbytes = self.store.create(request.model, slices, config, replace=request.replace)
         except (PSError, ValueError) as e:

@@ -243,18 +243,11 @@ class ShardStore:
             sl.pushes += 1
         return sl, True
 
-    def read(self, name: str, tensor: str, offset: int, length: int, encode=None):
-        """[offset, offset + length) read under its slice's lock (see read_slice)."""
-        return self.read_slice(self.model(name).locate(tensor, offset, length, "pull from"), offset, length, encode)
-
     @staticmethod
-    def read_slice(sl: SliceState, offset: int, length: int, encode=None):
-        """Under the slice's lock: ``encode(view, version)`` of the range (one copy, no torn reads),
-        or (bytes, version) without an encoder."""
+    def read_slice(sl: SliceState, offset: int, length: int, encode):
+        """``encode(view, version)`` of [offset, offset + length), under the slice's lock so the
+        encoder's copy is the only one and never torn by a concurrent update."""
         a = offset - sl.offset
         with sl.lock:
             sl.pulls += 1
-            view = sl.param[a:a + length]
-            if encode is not None:
-                return encode(view, sl.version)
-            return view.tobytes(), sl.version
+            return encode(sl.param[a:a + length], sl.version)

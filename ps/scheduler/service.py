@@ -164,14 +164,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 weights = client.model(request.model).pull()
         except PSError as e:
             abort(context, e)
-        per_bytes = request.max_chunk_bytes or rpc.DEFAULT_CHUNK_BYTES
+        max_chunk = request.max_chunk_bytes or rpc.DEFAULT_CHUNK_BYTES
         for name, a in weights.items():
             flat = a.reshape(-1)
-            per = max(1, per_bytes // flat.itemsize)
-            for o in range(0, max(flat.size, 1), per):
-                part = flat[o:o + per]
+            for o, n in sharding.chunks(0, flat.size, flat.itemsize, max_chunk):
                 yield server_pb2.PullResponse(chunk=tensor_pb2.Chunk(tensor=name, offset=o, values=tensor_pb2.Tensor(
-                    dtype=dtype_code(part.dtype), shape=[part.size], data=part.tobytes())))
+                    dtype=dtype_code(flat.dtype), shape=[n], data=flat[o:o + n].tobytes())))
 
     def _free(self, job: Job) -> None:
         """Free a job's parameters on every server (in the background)."""
