@@ -57,8 +57,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.cluster = cluster
         self.clock = clock
         self.jobs = jobs or Jobs()
-        self.address = ""          # our own address, for the job starter's client
+        self.address = ""          # our own address, for the client the scheduler uses itself
         self.wake = threading.Event()
+        self._client = None
+        self._client_lock = threading.Lock()
+
+    def client(self):
+        """One long-lived client (to ourselves and the servers) for creating, relaying and freeing
+        jobs' parameters, instead of new channels for every call."""
+        with self._client_lock:
+            if self._client is None:
+                from ps.client import Client
+                self._client = Client(self.address, connect_timeout=10)
+            return self._client
 
     def RegisterServer(self, request, context):
         try:
@@ -156,12 +167,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     self.jobs.changed.wait(1.0)
 
     def FetchWeights(self, request, context):
-        from ps.client import Client
-        from ps.tensor import dtype_code
         from ps.v1 import server_pb2, tensor_pb2
         try:
-            with Client(self.address, connect_timeout=10) as client:
-                weights = client.model(request.model).pull()
+            weights = self.client().model(request.model).pull()
         except PSError as e:
             abort(context, e)
         max_chunk = request.max_chunk_bytes or rpc.DEFAULT_CHUNK_BYTES
@@ -175,9 +183,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         """Free a job's parameters on every server (in the background)."""
         def run():
             try:
-                from ps.client import Client
-                with Client(self.address, connect_timeout=10) as client:
-                    client.delete_model(job.job_id)
+                self.client().delete_model(job.job_id)
                 log.info("job %s: parameters freed on every server", job.job_id)
             except PSError as e:
                 log.warning("job %s: could not free its parameters: %s", job.job_id, e)
@@ -244,13 +250,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 log.info("job %s running", job.job_id)
 
     def _create_parameters(self, job: Job) -> None:
-        from ps.client import Client
         from ps.spec import JobSpec, build_model
         spec = JobSpec.from_json(job.spec_json)
         model = build_model(spec, tuple(job.prep["input_shape"]))
         params = model.init_params(spec.seed)
-        with Client(self.address, connect_timeout=10) as client:
-            client.create_model(job.job_id, params, optimizer=spec.optimizer, replace=True)
+        self.client().create_model(job.job_id, params, optimizer=spec.optimizer, replace=True)
 
 
 def _watch_membership(servicer: SchedulerServicer, stop: threading.Event, clock) -> None:
