@@ -100,8 +100,9 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_messa
 @click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
               help="Give up (exit 2) if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
 @click.option("--flow-window", type=Bytes(), default="0", envvar="PS_FLOW_WINDOW", show_default=True,
-              help="A fixed HTTP/2 stream window (e.g. 1MiB) bounds what grpc buffers per push stream: "
-                   "tens of MiB less memory, some throughput lost; 0: grpc's adaptive window "
+              help="A fixed HTTP/2 stream window (e.g. 1MiB) bounds what grpc buffers for a client "
+                   "that streams ahead without waiting (Push, Assign, raw clients; ps.Client's "
+                   "push_pull already waits), at some throughput; 0: grpc's adaptive window "
                    "[env PS_FLOW_WINDOW].")
 @max_msg
 @port_file

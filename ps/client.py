@@ -35,14 +35,18 @@ class Client:
     def __init__(self, address: str, *, timeout: float = rpc.DEFAULT_TIMEOUT_S,
                  chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
-                 connect_timeout: float = 10.0, client_id: str | None = None):
+                 connect_timeout: float = 10.0, client_id: str | None = None,
+                 inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS):
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
+        if inflight_chunks < 1:
+            raise ValueError(f"inflight_chunks must be at least 1, got {inflight_chunks}")
         rpc.tune_malloc()  # chunk buffers from the heap, not a page-faulting mmap each
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self.inflight_chunks = inflight_chunks
         self.max_message_bytes = max_message_bytes
         self.client_id = client_id or uuid.uuid4().hex
         self._channel = rpc.channel(address, max_message_bytes)
@@ -153,6 +157,36 @@ class Client:
         return job
 
 
+class _Credits:
+    """How many chunks of one push_pull stream may be unanswered: the request generator takes
+    a credit per chunk, each response gives one back. Bounds what both ends buffer per stream
+    to a few chunks whatever grpc's flow-control window has grown to."""
+
+    def __init__(self, n: int):
+        self._cond = threading.Condition()
+        self._n = n
+        self._closed = False
+
+    def take(self) -> bool:
+        """Wait for a credit; False once the stream is over (stop sending)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._n > 0 or self._closed)
+            if self._closed:
+                return False
+            self._n -= 1
+            return True
+
+    def give(self) -> None:
+        with self._cond:
+            self._n += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 class Model:
     """A handle on one model's parameters, sharded across the servers."""
 
@@ -235,9 +269,12 @@ class Model:
                     raise from_rpc_error(e, address, f"{what} model '{self.name}'") from None
                 time.sleep(0.1 * 2 ** attempt)  # back off: a restarting server needs a moment
 
-    def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float):
+    def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float,
+                       credits: _Credits | None = None):
         cid = self.client.client_id
         for s, o, n in self._chunks(shard, flat):
+            if credits is not None and not credits.take():
+                return
             a = flat[s.tensor]
             yield wire.encode_push(self.name, cid, seq, scale, s.tensor, o, dtype_code(a.dtype), a[o:o + n])
 
@@ -257,27 +294,58 @@ class Model:
             self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
                 self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat))), flat)
 
-    def push_pull(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Apply gradients, and get back the fresh weights of the same tensors, in one round trip."""
+    def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
+        """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking
+        each is there, of the tensor's shape and dtype, C-contiguous and writable."""
+        if out is None:
+            return {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in names}
+        names = list(names)
+        missing = [k for k in names if k not in out]
+        if missing:
+            raise InvalidArgument(f"{what} '{self.name}': out has no array for {', '.join(missing)}")
+        for k in names:
+            a, spec = out[k], self.specs[k]
+            if not isinstance(a, np.ndarray) or a.shape != spec.shape or a.dtype != spec.dtype \
+                    or not a.flags.c_contiguous or not a.flags.writeable:
+                got = (f"{a.dtype}{list(a.shape)}" + ("" if a.flags.c_contiguous else ", not C-contiguous")
+                       + ("" if a.flags.writeable else ", read-only")) if isinstance(a, np.ndarray) else type(a).__name__
+                raise InvalidArgument(f"{what} '{self.name}': out['{k}'] must be a writable C-contiguous "
+                                      f"{spec.dtype}{list(spec.shape)} array, got {got}")
+        return {k: out[k] for k in names}
+
+    def push_pull(self, grads: Mapping[str, np.ndarray],
+                  out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Apply gradients, and get back the fresh weights of the same tensors, in one round trip.
+
+        ``out``: arrays to write the weights into (one per pushed tensor, as ``pull`` returns them)
+        instead of fresh ones; reusing them spares the page faults of new memory every step."""
         with self._push_lock:
             flat, seq, scale = self._next_seq(grads, "push_pull to")
-            out = {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in flat}
+            out = self._out(flat, out, "push_pull to")
             versions = []
 
-            self._on_shards(lambda shard: self._stream(shard, "push_pull to", lambda stub: versions.append(
-                self._receive(stub.PushPull(self._push_requests(shard, flat, seq, scale),
-                                            timeout=self._stream_timeout(flat)), out))), flat)
+            def one(stub, shard):
+                credits = _Credits(self.client.inflight_chunks)
+                try:
+                    versions.append(self._receive(stub.PushPull(self._push_requests(shard, flat, seq, scale, credits),
+                                                                timeout=self._stream_timeout(flat)), out, credits))
+                finally:
+                    credits.close()
+
+            self._on_shards(lambda shard: self._stream(shard, "push_pull to", lambda stub: one(stub, shard)), flat)
             self.version = min(versions, default=self.version)
             return out
 
-    def pull(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Fresh weights of every tensor (or of ``names``), reassembled from all shards."""
+    def pull(self, names: Iterable[str] | None = None,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Fresh weights of every tensor (or of ``names``), reassembled from all shards (into ``out``'s
+        arrays when given, as for push_pull)."""
         names = list(self.specs) if names is None else list(names)
         for n in names:
             if n not in self.specs:
                 raise InvalidArgument(f"pull from model '{self.name}': unknown tensor '{n}' "
                                       f"(it has {', '.join(self.specs)})")
-        out = {k: np.empty(self.specs[k].shape, self.specs[k].dtype) for k in names}
+        out = self._out(names, out, "pull from")
         versions = []
 
         def one(shard):
@@ -291,7 +359,7 @@ class Model:
         self.version = min(versions, default=self.version)
         return out
 
-    def _receive(self, responses, out: dict[str, np.ndarray]) -> int:
+    def _receive(self, responses, out: dict[str, np.ndarray], credits: _Credits | None = None) -> int:
         """Copy streamed chunks into ``out``; return the lowest slice version seen."""
         version = None
         flats = {k: v.reshape(-1) for k, v in out.items()}
@@ -301,6 +369,8 @@ class Model:
             data = np.frombuffer(c.values.data, dtype=dst.dtype)
             dst[c.offset:c.offset + data.size] = data
             version = resp.version if version is None else min(version, resp.version)
+            if credits is not None:
+                credits.give()
         return version or 0
 
     def assign(self, values: Mapping[str, np.ndarray]) -> None:

@@ -20,9 +20,15 @@ from ps.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger("ps")
 
-#: payload bytes per chunk message; every larger transfer is split into chunks of this size
-#: (8 MiB measured best for push_pull throughput on loopback; see the README figures)
-DEFAULT_CHUNK_BYTES = 8 << 20
+#: payload bytes per chunk message; every larger transfer is split into chunks of this size.
+#: Each message in flight costs a process several times its size (grpc's receive slices, the
+#: Python bytes joined from them, the encoded reply and grpc's copy of it), so this sets a
+#: server's transient memory: 2 MiB keeps a shard's peak RSS ~25 MiB above its parameters and
+#: state, where 8 MiB took ~70 MiB, at the same push_pull throughput (see the README figures)
+DEFAULT_CHUNK_BYTES = 2 << 20
+#: push_pull chunks a client sends ahead of the replies it has read, per shard stream: two keep
+#: the wire busy while the shard updates one; more only add buffered memory at both ends
+DEFAULT_INFLIGHT_CHUNKS = 2
 #: gRPC's receive limit on every channel and server: a chunk plus headroom for its header
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 #: deadline for one unary call
@@ -33,13 +39,14 @@ def tune_malloc(mmap_threshold: int | None = 32 << 20, trim_threshold: int | Non
                 arena_max: int | None = None) -> bool:
     """glibc malloc settings for processes that move multi-megabyte messages.
 
-    Clients: keep chunk buffers in the heap instead of a fresh mmap per message, whose pages
-    fault in one by one at several times the cost of the copy itself (measured: encoding
-    64 MiB of chunks took 29 ms, 4 ms with this); freed buffers stay for the next message, up
-    to ``trim_threshold`` bytes. ``ps.Client`` calls it with the defaults.
-    Servers: ``arena_max=1`` (one malloc arena instead of one per RPC thread, each holding
-    freed buffers) took a shard's RSS under push_pull from ~190 MiB to ~115 MiB at no cost in
-    throughput. Returns False where there is no glibc."""
+    Keep message buffers in the heap instead of a fresh mmap per message, whose pages fault in
+    one by one at several times the cost of the copy itself (measured: encoding 64 MiB of
+    chunks took 29 ms, 4 ms with this); freed buffers stay for the next message, up to
+    ``trim_threshold`` bytes (a shard that trimmed and re-faulted its heap after every push
+    spent ~10% more CPU per push_pull for the same peak RSS). ``ps.Client`` calls it with the
+    defaults; servers add ``arena_max=1`` (one malloc arena instead of one per RPC thread, each
+    holding freed buffers: a shard's RSS under push_pull ~190 MiB -> ~115 MiB at no cost in
+    throughput). Returns False where there is no glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-DEFAULT_MAX_SLICE_BYTES = 8 << 20
+#: a slice is what one push chunk updates under one lock: the same size as ps.rpc.DEFAULT_CHUNK_BYTES
+DEFAULT_MAX_SLICE_BYTES = 2 << 20
 #: tensors at least this large are cut into at least one slice per shard
 DEFAULT_SPLIT_BYTES = 1 << 20
 

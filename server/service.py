@@ -88,9 +88,11 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             for req in request_iterator:
                 sl, ok = self._apply(req)
                 c = req.chunk
-                yield self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize, lambda view, version:
-                                            wire.encode_pull_response(c.tensor, c.offset, c.values.dtype, view,
-                                                                      version, duplicate=not ok))
+                resp = self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize,
+                                             lambda view, version: wire.encode_pull_response(
+                                                 c.tensor, c.offset, c.values.dtype, view, version, duplicate=not ok))
+                del req, c  # the request's buffer goes now, not after the response is sent
+                yield resp
         except PSError as e:
             abort(context, e)
 
@@ -184,8 +186,10 @@ class SchedulerLink:
 
 
 #: 0: grpc's adaptive (BDP-probed) HTTP/2 stream window. A fixed window (e.g. 1 MiB) bounds what
-#: grpc buffers per push stream: on a 64 MiB Adam model over 2 shards, RSS peaks 211-229 MiB ->
-#: 178-202 MiB, push_pull 1.43 -> 1.23-1.32 GB/s (see the README figures)
+#: grpc buffers per stream for clients that send ahead without waiting for replies (Push, Assign,
+#: raw clients); ps.Client's push_pull holds at most rpc.DEFAULT_INFLIGHT_CHUNKS unanswered
+#: chunks by itself. With 8 MiB chunks a 1 MiB window cut a 64 MiB Adam model's shard peak from
+#: 211-229 to 178-202 MiB and push_pull from 1.43 to 1.23-1.32 GB/s.
 DEFAULT_FLOW_WINDOW = 0
 
 
@@ -194,7 +198,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
         max_bytes: int | None = None, port_file: str | None = None, connect_timeout: float = 60.0,
         flow_window: int = DEFAULT_FLOW_WINDOW) -> None:
     """The `paramserver server` process: serve until SIGTERM/SIGINT."""
-    rpc.tune_malloc(mmap_threshold=None, trim_threshold=None, arena_max=1)
+    rpc.tune_malloc(arena_max=1)
     store = ShardStore(max_bytes=max_bytes)
     window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window)] if flow_window else []
     server = rpc.make_server(threads, max_message_bytes, window)

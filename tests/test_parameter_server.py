@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import ps
 from ps import initializers, rpc
-from ps.tensor import encode
+from ps.tensor import dtype_code, encode
 from ps.v1 import server_pb2, server_pb2_grpc, tensor_pb2
 
 
@@ -259,3 +259,92 @@ def test_servers_with_a_fixed_flow_window_move_large_models_correctly():
         model = client.create_model("w", {"w": np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0})
         grad = np.arange(n, dtype=np.float32)
         np.testing.assert_array_equal(model.push_pull({"w": grad})["w"], -grad)
+
+
+class HoldingShard:
+    """An in-process shard (the real servicer and store) that holds back its first push_pull
+    reply, so the test sees how many chunks a client sends before any reply comes."""
+
+    def __init__(self, store, expect: int):
+        from ps.server.service import ParameterServerServicer
+        outer = self
+        self.expect = expect  # chunks the client should send before its first reply
+        self.cond = threading.Condition()
+        self.seen = 0
+        self.before_first_reply = None
+
+        class Servicer(ParameterServerServicer):
+            def PushPull(self, request_iterator, context):
+                return outer.push_pull(super().PushPull, request_iterator, context)
+
+        self.server = rpc.make_server(4)
+        ps.wire.add_shard_servicer(Servicer(store), self.server)
+        self.address = f"127.0.0.1:{rpc.bind(self.server, '127.0.0.1', 0)}"
+        self.server.start()
+
+    def push_pull(self, real, request_iterator, context):
+        import queue
+        q: queue.Queue = queue.Queue()
+
+        def read():
+            for req in request_iterator:
+                with self.cond:
+                    self.seen += 1
+                    self.cond.notify_all()
+                q.put(req)
+            q.put(None)
+        threading.Thread(target=read, daemon=True).start()
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.seen >= self.expect, timeout=30)
+            # A client that sent ahead of its replies would have delivered more chunks by now.
+            self.cond.wait_for(lambda: self.seen > self.expect, timeout=0.5)
+            self.before_first_reply = self.seen
+        yield from real(iter(q.get, None), context)
+
+
+@pytest.mark.parametrize("inflight", [1, 3])
+def test_push_pull_sends_at_most_inflight_chunks_ahead_of_the_replies(cluster, inflight):
+    from ps.client import Model
+    from ps.server.optimizers import OptimizerConfig
+    from ps.server.shard import ShardStore, SliceRequest
+    from ps.v1 import scheduler_pb2
+    n, chunk = 8 * 1024, 4096  # 8 chunks of 1024 float32
+    store = ShardStore()
+    config = OptimizerConfig.from_dict({"name": "sgd", "lr": 1.0})
+    store.create("held", [SliceRequest("w", (n,), np.dtype("float32"), 0, n)], config)
+    shard = HoldingShard(store, expect=inflight)
+    try:
+        with ps.Client(cluster.address, chunk_bytes=chunk, inflight_chunks=inflight) as client:
+            smap = scheduler_pb2.ShardMap(model="held", servers=[shard.address], optimizer=config.to_proto(),
+                                          tensors=[scheduler_pb2.TensorInfo(name="w", shape=[n],
+                                                                             dtype=dtype_code("float32"))],
+                                          slices=[scheduler_pb2.SliceAssignment(tensor="w", offset=0, length=n)])
+            grad = np.arange(n, dtype=np.float32)
+            fresh = Model(client, smap).push_pull({"w": grad})
+        assert shard.before_first_reply == inflight
+        np.testing.assert_array_equal(fresh["w"], -grad)
+        assert shard.seen == n * 4 // chunk
+    finally:
+        shard.server.stop(0)
+
+
+def test_push_pull_and_pull_write_into_out_and_reject_a_wrong_one(client):
+    model = sgd_model(client, "out", {"w": np.zeros((30, 4), np.float32), "b": np.ones(4, np.float32)}, lr=1.0)
+    out = {"w": np.full((30, 4), 7, np.float32), "b": np.full(4, 7, np.float32)}
+    g = {"w": np.ones((30, 4), np.float32), "b": np.ones(4, np.float32)}
+    got = model.push_pull(g, out=out)
+    assert got["w"] is out["w"] and got["b"] is out["b"]
+    np.testing.assert_array_equal(out["w"], -1)
+    np.testing.assert_array_equal(out["b"], 0)
+    assert model.pull(["b"], out=out)["b"] is out["b"]
+    bad = [({"w": out["w"]}, "push_pull to 'out': out has no array for b"),
+           ({**out, "w": np.zeros((30, 4), np.float64)},
+            r"out\['w'\] must be a writable C-contiguous float32\[30, 4\] array, got float64\[30, 4\]"),
+           ({**out, "w": np.zeros((4, 30), np.float32).T},
+            r"out\['w'\] must be a writable C-contiguous float32\[30, 4\] array, got float32\[30, 4\], "
+            "not C-contiguous")]
+    for o, message in bad:
+        with pytest.raises(ps.InvalidArgument, match=message):
+            model.push_pull(g, out=o)
+    np.testing.assert_array_equal(model.pull()["w"], -1)  # the rejected calls pushed nothing
+    model.delete()

@@ -196,6 +196,9 @@ class Worker:
         xp, spec = self.xp, ctx.spec
         lo, hi = shard_ranges(len(ctx.x_train), task.shards)[task.shard]
         params = self._to_device(ctx.handle.pull())
+        # push_pull writes fresh weights into these two sets in turn (fresh arrays every step cost
+        # their page faults): the set being written is never the one the next batch computes with.
+        bufs = [{k: np.empty(s.shape, s.dtype) for k, s in ctx.handle.specs.items()} for _ in range(2)]
         pending: Future | None = None
         loss_sum, samples, steps = 0.0, 0, 0
         seed = spec.seed * 1_000_003 + task.shard
@@ -209,7 +212,7 @@ class Worker:
             if pending is not None:
                 # Overlap: this batch was computed while the previous push_pull was in flight.
                 params = self._to_device(pending.result())
-            pending = self._pusher.submit(ctx.handle.push_pull, host)
+            pending = self._pusher.submit(ctx.handle.push_pull, host, out=bufs[i % 2])
             n = len(idx)
             loss_sum += float(loss) * n
             samples += n
