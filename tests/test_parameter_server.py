@@ -253,8 +253,9 @@ def test_a_push_to_a_dead_server_raises_unavailable_naming_it():
         assert f"push to model 'm' on {model.shards[0]}: UNAVAILABLE" in str(err.value)
 
 
-def test_servers_with_a_fixed_flow_window_move_large_models_correctly():
-    with ps.LocalCluster(servers=2, server_args=["--flow-window", "1MiB"]) as c, ps.Client(c.address) as client:
+@pytest.mark.parametrize("window", ["1MiB", "0"], ids=["window-below-a-chunk", "grpc-adaptive-window"])
+def test_servers_with_another_flow_window_move_large_models_correctly(window):
+    with ps.LocalCluster(servers=2, server_args=["--flow-window", window]) as c, ps.Client(c.address) as client:
         n = 4 << 20
         model = client.create_model("w", {"w": np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0})
         grad = np.arange(n, dtype=np.float32)
