@@ -305,12 +305,15 @@ class Model:
             raise InvalidArgument(f"{what} '{self.name}': out has no array for {', '.join(missing)}")
         for k in names:
             a, spec = out[k], self.specs[k]
-            if not isinstance(a, np.ndarray) or a.shape != spec.shape or a.dtype != spec.dtype \
-                    or not a.flags.c_contiguous or not a.flags.writeable:
+            if not isinstance(a, np.ndarray):
+                got = type(a).__name__
+            elif a.shape != spec.shape or a.dtype != spec.dtype or not a.flags.c_contiguous or not a.flags.writeable:
                 got = (f"{a.dtype}{list(a.shape)}" + ("" if a.flags.c_contiguous else ", not C-contiguous")
-                       + ("" if a.flags.writeable else ", read-only")) if isinstance(a, np.ndarray) else type(a).__name__
-                raise InvalidArgument(f"{what} '{self.name}': out['{k}'] must be a writable C-contiguous "
-                                      f"{spec.dtype}{list(spec.shape)} array, got {got}")
+                       + ("" if a.flags.writeable else ", read-only"))
+            else:
+                continue
+            raise InvalidArgument(f"{what} '{self.name}': out['{k}'] must be a writable C-contiguous "
+                                  f"{spec.dtype}{list(spec.shape)} array, got {got}")
         return {k: out[k] for k in names}
 
     def push_pull(self, grads: Mapping[str, np.ndarray],

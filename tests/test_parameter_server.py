@@ -338,12 +338,16 @@ def test_push_pull_and_pull_write_into_out_and_reject_a_wrong_one(client):
     np.testing.assert_array_equal(out["w"], -1)
     np.testing.assert_array_equal(out["b"], 0)
     assert model.pull(["b"], out=out)["b"] is out["b"]
+    read_only = np.zeros(4, np.float32)
+    read_only.flags.writeable = False
     bad = [({"w": out["w"]}, "push_pull to 'out': out has no array for b"),
            ({**out, "w": np.zeros((30, 4), np.float64)},
             r"out\['w'\] must be a writable C-contiguous float32\[30, 4\] array, got float64\[30, 4\]"),
            ({**out, "w": np.zeros((4, 30), np.float32).T},
             r"out\['w'\] must be a writable C-contiguous float32\[30, 4\] array, got float32\[30, 4\], "
-            "not C-contiguous")]
+            "not C-contiguous"),
+           ({**out, "b": read_only}, r"out\['b'\] must be .* array, got float32\[4\], read-only"),
+           ({**out, "b": [0.0] * 4}, r"out\['b'\] must be a writable C-contiguous float32\[4\] array, got list")]
     for o, message in bad:
         with pytest.raises(ps.InvalidArgument, match=message):
             model.push_pull(g, out=o)
