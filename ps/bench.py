@@ -69,8 +69,10 @@ class EchoCeiling:
         from ps.local import Process
         self.workdir = Path(tempfile.mkdtemp(prefix="ps-echo-"))
         self.procs, self.channels = [], []
+        self.pool = ThreadPoolExecutor(servers)  # its threads start on first use
         try:
-            self.procs = [Process(f"echo{i}", [], self.workdir, module="ps.bench") for i in range(servers)]
+            for i in range(servers):  # one by one, so that close() stops those started before a failure
+                self.procs.append(Process(f"echo{i}", [], self.workdir, module="ps.bench"))
             deadline = time.monotonic() + 60
             addrs = [f"127.0.0.1:{p.wait_port(deadline)}" for p in self.procs]
         except BaseException:
@@ -82,7 +84,6 @@ class EchoCeiling:
         self.bytes_per_call = 2 * sum(self.counts) * chunk_bytes
         self.channels = [rpc.channel(a) for a in addrs]
         self.calls = [ch.stream_stream(ECHO_METHOD) for ch in self.channels]
-        self.pool = ThreadPoolExecutor(servers)
 
     def _stream(self, call, n: int) -> int:
         return sum(len(msg) for msg in call(iter([self.payload] * n), timeout=600))
@@ -92,8 +93,7 @@ class EchoCeiling:
 
     def close(self) -> None:
         import shutil
-        if hasattr(self, "pool"):
-            self.pool.shutdown()
+        self.pool.shutdown()
         for ch in self.channels:
             ch.close()
         for p in self.procs:

@@ -99,10 +99,11 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_messa
               help="Refuse models beyond this many bytes of parameters + optimizer state [env PS_MAX_BYTES].")
 @click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
               help="Give up (exit 2) if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
-@click.option("--flow-window", type=Bytes(), default="4MiB", envvar="PS_FLOW_WINDOW", show_default=True,
+@click.option("--flow-window", type=Bytes(), default=rpc.DEFAULT_FLOW_WINDOW, envvar="PS_FLOW_WINDOW",
+              show_default=f"{rpc.DEFAULT_FLOW_WINDOW >> 20}MiB",
               help="Fixed HTTP/2 stream window: bounds what grpc buffers for a client that streams "
                    "ahead without waiting (Assign, Push, raw clients; ps.Client's push_pull keeps "
-                   "4 MiB in flight by itself); 0: grpc's adaptive window, for links whose "
+                   f"{rpc.DEFAULT_FLOW_WINDOW >> 20} MiB in flight by itself); 0: grpc's adaptive window, for links whose "
                    "bandwidth x delay exceeds it [env PS_FLOW_WINDOW].")
 @max_msg
 @port_file

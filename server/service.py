@@ -185,19 +185,10 @@ class SchedulerLink:
         self.channel.close()
 
 
-#: A fixed HTTP/2 stream window bounds what grpc buffers for a stream whose client sends ahead
-#: without waiting for replies (Assign, Push, raw clients): with grpc's adaptive (BDP-probed)
-#: window, creating a 64 MiB Adam model now and then took a shard's peak RSS from ~175 to
-#: ~195 MiB. 4 MiB is what ps.Client's push_pull keeps in flight per stream anyway
-#: (rpc.DEFAULT_INFLIGHT_CHUNKS x DEFAULT_CHUNK_BYTES), so it costs push_pull nothing measurable
-#: on loopback. 0 restores grpc's adaptive window (links whose bandwidth x delay exceeds 4 MiB).
-DEFAULT_FLOW_WINDOW = rpc.DEFAULT_INFLIGHT_CHUNKS * rpc.DEFAULT_CHUNK_BYTES
-
-
 def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str | None = None,
         threads: int = 32, max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
         max_bytes: int | None = None, port_file: str | None = None, connect_timeout: float = 60.0,
-        flow_window: int = DEFAULT_FLOW_WINDOW) -> None:
+        flow_window: int = rpc.DEFAULT_FLOW_WINDOW) -> None:
     """The `paramserver server` process: serve until SIGTERM/SIGINT."""
     rpc.tune_malloc(arena_max=1)
     store = ShardStore(max_bytes=max_bytes)
