@@ -345,6 +345,7 @@ def cancel(job_id, scheduler_addr):
               help="Submit to this cluster instead of starting a local one [env PS_SCHEDULER].")
 @click.option("--servers", default=2, show_default=True, help="Local cluster: server shards.")
 @click.option("--workers", default=2, show_default=True, help="Local cluster: workers.")
+@click.option("--device", default="cpu", show_default=True, help="Local cluster: the workers' device, cpu or gpu:N.")
 @click.option("--epochs", default=None, type=int, help="Override the demo's epochs.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--lease-timeout", default=30.0, show_default=True, help="Seconds before a silent worker's task "
@@ -352,7 +353,7 @@ def cancel(job_id, scheduler_addr):
 @click.option("--logdir", default=None, help="Write TensorBoard event files here.")
 @click.option("--save", default=None, help="Save the trained model to this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-def demo(model_kind, scheduler_addr, servers, workers, epochs, seed, lease_timeout, logdir, save, as_json):
+def demo(model_kind, scheduler_addr, servers, workers, device, epochs, seed, lease_timeout, logdir, save, as_json):
     """Train on the bundled 8x8 digits (7:3 split) and print the test accuracy."""
     import contextlib
     import time
@@ -361,11 +362,14 @@ def demo(model_kind, scheduler_addr, servers, workers, epochs, seed, lease_timeo
     from ps.local import LocalCluster
     spec = demo_spec(model_kind, epochs=epochs, seed=seed, workers=workers, lease_timeout_s=lease_timeout)
     start = time.perf_counter()
+    cluster = None
     with contextlib.ExitStack() as stack:
         if scheduler_addr is None:
-            cluster = stack.enter_context(LocalCluster(servers=servers, workers=workers))
+            cluster = stack.enter_context(LocalCluster(servers=servers, workers=workers,
+                                                       worker_args=["--device", device]))
             scheduler_addr = cluster.address
-            click.echo(f"local cluster: scheduler {cluster.address}, {servers} servers, {workers} workers", err=as_json)
+            click.echo(f"local cluster: scheduler {cluster.address}, {servers} servers, {workers} workers"
+                       f"{'' if device == 'cpu' else ' on ' + device}", err=as_json)
         client = stack.enter_context(_client(scheduler_addr))
         job = client.submit(spec)
         click.echo(f"submitted {job.job_id}: {model_kind.upper()} on digits, {spec.epochs} epochs", err=as_json)
@@ -376,8 +380,8 @@ def demo(model_kind, scheduler_addr, servers, workers, epochs, seed, lease_timeo
     click.echo(f"test accuracy {m['test_accuracy']:.4f} on the held-out 30% after {m['epoch']} epochs; "
                f"{m['samples_per_s']:.0f} samples/s; {time.perf_counter() - start:.1f} s in all", err=as_json)
     if as_json:
-        emit_json({"model": model_kind, "job_id": job.job_id, "test_accuracy": m["test_accuracy"],
-                   "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
+        emit_json({"model": model_kind, "device": device if cluster else None, "job_id": job.job_id,
+                   "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
                    "samples_per_s": m["samples_per_s"], "train_seconds": m["seconds"],
                    "seconds": time.perf_counter() - start})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -14,6 +15,28 @@ def cluster():
     """A scheduler and two servers as real processes, for the tests of one module."""
     with ps.LocalCluster(servers=2) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def cp():
+    """The cupy module with a CUDA GPU behind it. Without one the test is skipped with the reason
+    shown, unless PS_REQUIRE_GPU=1 (as .ci/gpu-check sets): then it fails, so a GPU host whose
+    cupy is missing or broken cannot pass the GPU checks by skipping them."""
+    def missing(why: str):
+        if os.environ.get("PS_REQUIRE_GPU") == "1":
+            pytest.fail(f"PS_REQUIRE_GPU=1 but {why}", pytrace=False)
+        pytest.skip(why)
+    try:
+        import cupy
+    except ImportError as e:
+        missing(f"no cupy: {e}")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, or a CUDA runtime that cannot start
+        missing(f"no CUDA GPU: {type(e).__name__}: {e}")
+    if count == 0:
+        missing("no CUDA GPU: cupy sees 0 devices")
+    return cupy
 
 
 @pytest.fixture

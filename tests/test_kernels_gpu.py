@@ -1,6 +1,6 @@
 """Each fused CuPy kernel against its NumPy reference, on random inputs in float32 and float64.
 
-Skipped, with the reason shown, where cupy or a CUDA GPU is missing.
+Skipped, with the reason shown, where cupy or a CUDA GPU is missing (the ``cp`` fixture, conftest.py).
 """
 
 from __future__ import annotations
@@ -15,18 +15,6 @@ from ps.worker.xp import get_xp, make_rng, pinned_to_host, to_numpy
 pytestmark = pytest.mark.gpu
 
 DTYPES = [np.float32, np.float64]
-
-
-@pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, or a CUDA runtime that cannot start
-        pytest.skip(f"no CUDA GPU: {type(e).__name__}: {e}")
-    if count == 0:
-        pytest.skip("no CUDA GPU: cupy sees 0 devices")
-    return cupy
 
 
 def tol(dtype) -> dict:
