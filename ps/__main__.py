@@ -3,4 +3,4 @@
 from ps.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="paramserver")  # usage and errors name the command people type

@@ -111,7 +111,7 @@ def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = r
                        repeats: int = 3) -> float:
     """params/s of pushes through the shard store (decode view, validation, finite check, update),
     in this process, one thread, chunks of chunk_bytes."""
-    from ps.server.optimizers import OptimizerConfig
+    from ps.optimizer_config import OptimizerConfig
     from ps.server.shard import ShardStore, SliceRequest
     store = ShardStore()
     per = chunk_bytes // 4
@@ -182,6 +182,105 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         "server_rss_bytes": rss, "server_peak_rss_bytes": peak, "server_rss_bound_bytes": [round(b) for b in bound],
         "server_rss_within_bound": all(p <= b for p, b in zip(peak, bound)),
     }
+
+
+CODEC_STEPS = ("push_encode", "push_decode", "pull_encode", "pull_decode")
+
+
+def codec(chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES, iterations: int = 200,
+          echo: Callable[[str], None] = print) -> dict:
+    """`paramserver bench codec`: the hand-written codec (ps.wire) against the generated protobuf
+    classes on one float32 chunk of the hot path, step by step: the client encodes a PushRequest,
+    the server decodes it to an array (np.frombuffer), the server encodes the PullResponse from its
+    weights, the client decodes that to an array. Each iteration times every step once with each
+    codec, in alternating order; the figures are medians, and ``speedup`` is generated / wire
+    time (above 1: the hand-written codec is faster)."""
+    from google.protobuf import __version__ as protobuf_version
+    from google.protobuf.internal import api_implementation
+
+    from ps import wire
+    from ps.v1 import server_pb2, tensor_pb2
+    rpc.tune_malloc()  # as ps.Client and the servers do
+    n = max(chunk_bytes // 4, 1)
+    grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    weights = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    model, cid, seq, scale, tensor, offset, version = "bench", "client-0", 12345, 0.5, "layer0/w", 3 << 20, 777
+    f32 = tensor_pb2.FLOAT32
+
+    def gen_push_encode():
+        return server_pb2.PushRequest(
+            model=model, client_id=cid, seq=seq, grad_scale=scale,
+            chunk=tensor_pb2.Chunk(tensor=tensor, offset=offset, values=tensor_pb2.Tensor(
+                dtype=f32, shape=[n], data=grad.tobytes()))).SerializeToString()
+
+    def gen_pull_encode():
+        return server_pb2.PullResponse(
+            chunk=tensor_pb2.Chunk(tensor=tensor, offset=offset, values=tensor_pb2.Tensor(
+                dtype=f32, shape=[n], data=weights.tobytes())), version=version).SerializeToString()
+
+    def push_decode(decode):
+        def run(buf):  # what the servicer reads of a push: every field, the gradient as an array
+            r = decode(buf)
+            c = r.chunk
+            _ = (r.model, r.client_id, r.seq, r.grad_scale, c.tensor, c.offset, c.values.dtype, c.values.shape)
+            return np.frombuffer(c.values.data, np.float32)
+        return run
+
+    def pull_decode(decode):
+        def run(buf):  # what the client reads of a reply: every field, the weights as an array
+            r = decode(buf)
+            c = r.chunk
+            _ = (r.version, r.duplicate, c.tensor, c.offset, c.values.dtype, c.values.shape)
+            return np.frombuffer(c.values.data, np.float32)
+        return run
+
+    steps = {  # step -> {codec: (fn, argument)}
+        "push_encode": {"wire": (lambda _: wire.encode_push(model, cid, seq, scale, tensor, offset, f32, grad), None),
+                        "generated": (lambda _: gen_push_encode(), None)},
+        "push_decode": {"wire": (push_decode(wire.decode_push), wire.encode_push(
+                            model, cid, seq, scale, tensor, offset, f32, grad)),
+                        "generated": (push_decode(server_pb2.PushRequest.FromString), gen_push_encode())},
+        "pull_encode": {"wire": (lambda _: wire.encode_pull_response(tensor, offset, f32, weights, version), None),
+                        "generated": (lambda _: gen_pull_encode(), None)},
+        "pull_decode": {"wire": (pull_decode(wire.decode_pull_response),
+                                 wire.encode_pull_response(tensor, offset, f32, weights, version)),
+                        "generated": (pull_decode(server_pb2.PullResponse.FromString), gen_pull_encode())},
+    }
+    # The two must give the same before their speeds mean anything.
+    for step, c in steps.items():
+        (fw, aw), (fg, ag) = c["wire"], c["generated"]
+        a, b = fw(aw), fg(ag)
+        same = (a == b if step.endswith("encode") else
+                np.array_equal(a, b) and np.array_equal(a, grad if step == "push_decode" else weights))
+        if not same:
+            raise RuntimeError(f"bench codec: {step}: the hand-written and the generated codec disagree")
+    times: dict[str, dict[str, list[float]]] = {s: {"wire": [], "generated": []} for s in steps}
+    for i in range(iterations + 3):  # the first 3 warm up
+        for step, codecs in steps.items():
+            for name in (("wire", "generated") if i % 2 else ("generated", "wire")):
+                fn, arg = codecs[name]
+                t = time.perf_counter()
+                fn(arg)
+                dt = time.perf_counter() - t
+                if i >= 3:
+                    times[step][name].append(dt)
+    med = {s: {c: float(np.median(v)) for c, v in per.items()} for s, per in times.items()}
+    result: dict = {"chunk_bytes": n * 4, "iterations": iterations,
+                    "protobuf": f"{protobuf_version} ({api_implementation.Type()})"}
+    echo(f"one float32 chunk of {n * 4 / 2**20:g} MiB; protobuf {result['protobuf']}; median of {iterations} "
+         f"interleaved rounds; speedup = generated / wire")
+    for step in CODEC_STEPS:
+        w, g = med[step]["wire"], med[step]["generated"]
+        result.update({f"{step}_wire_us": round(w * 1e6, 1), f"{step}_generated_us": round(g * 1e6, 1),
+                       f"{step}_speedup": round(g / w, 3)})
+        echo(f"{step.replace('_', ' '):12s} wire {w * 1e6:8.1f} us   generated {g * 1e6:8.1f} us   speedup {g / w:5.2f}x")
+    total_w = sum(med[s]["wire"] for s in CODEC_STEPS)
+    total_g = sum(med[s]["generated"] for s in CODEC_STEPS)
+    result.update(total_wire_us=round(total_w * 1e6, 1), total_generated_us=round(total_g * 1e6, 1),
+                  speedup=round(total_g / total_w, 3))
+    echo(f"all four      wire {total_w * 1e6:8.1f} us   generated {total_g * 1e6:8.1f} us   speedup "
+         f"{total_g / total_w:5.2f}x")
+    return result
 
 
 def train_spec(epochs: int = 6):

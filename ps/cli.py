@@ -52,6 +52,39 @@ max_msg = click.option("--max-message-bytes", type=Bytes(), default=rpc.DEFAULT_
                        help="gRPC message size limit [env PS_MAX_MESSAGE_BYTES].")
 
 
+def limit_options(role: str, skip: tuple[str, ...] = ()):
+    """The flags of every ps.limits.Limits setting that ``role`` takes (each also read from its PS_*
+    variable); the command runs with ps.limits configured from them (``skip``: fields the command
+    declares itself)."""
+    import dataclasses
+    import functools
+
+    from ps import limits as ps_limits
+
+    fields = [f for f in dataclasses.fields(ps_limits.Limits)
+              if role in f.metadata.get("roles", ()) and f.name not in skip]
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            given = {f.name: kwargs.pop(f.name) for f in fields}
+            ps_limits.configure(ps_limits.Limits.from_env(
+                **given, max_message_bytes=kwargs.get("max_message_bytes")))
+            return fn(*args, **kwargs)
+        for f in reversed(fields):
+            size = f.metadata["size"]
+            default = None if f.default is dataclasses.MISSING else f.default
+            shown = f.metadata["shown"] if default is None else default
+            if size and default:
+                shown = next((f"{default >> s}{u}" for s, u in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
+                              if default % (1 << s) == 0), default)
+            wrapper = click.option(f.metadata["flag"], f.name, type=Bytes() if size else click.IntRange(min=0),
+                                   default=None, envvar=f.metadata["env"], show_default=str(shown),
+                                   help=f"{f.metadata['help']} [env {f.metadata['env']}]")(wrapper)
+        return wrapper
+    return decorate
+
+
 #: commands that move large messages for a long time: they run with huge-page malloc
 _HEAVY = {"scheduler", "server", "worker", "local", "demo", "bench", "submit"}
 
@@ -74,16 +107,33 @@ def main(ctx: click.Context) -> None:
               help="Seconds between server heartbeats [env PS_HEARTBEAT_INTERVAL].")
 @click.option("--server-timeout", default=5.0, envvar="PS_SERVER_TIMEOUT", show_default=True,
               help="A server silent this long is marked down [env PS_SERVER_TIMEOUT].")
-@click.option("--threads", default=32, envvar="PS_THREADS", show_default=True, help="RPC threads [env PS_THREADS].")
+@click.option("--threads", default=8, envvar="PS_THREADS", show_default=True,
+              help="Threads for short calls; followers and long polls take none [env PS_THREADS].")
+@click.option("--keep-jobs", default=1000, envvar="PS_KEEP_JOBS", show_default=True,
+              help="Ended jobs kept, newest first [env PS_KEEP_JOBS].")
+@click.option("--keep-jobs-for", default=7 * 24 * 3600.0, envvar="PS_KEEP_JOBS_FOR", show_default=True,
+              help="Seconds an ended job is kept [env PS_KEEP_JOBS_FOR].")
+@click.option("--keep-params-for", default=24 * 3600.0, envvar="PS_KEEP_PARAMS_FOR", show_default=True,
+              help="Seconds a succeeded job's parameters stay on the servers, unless its spec sets keep_params "
+                   "[env PS_KEEP_PARAMS_FOR].")
+@click.option("--max-job-events", default=1000, envvar="PS_MAX_JOB_EVENTS", show_default=True,
+              help="Events kept per job [env PS_MAX_JOB_EVENTS].")
+@click.option("--max-followers", default=10_000, envvar="PS_MAX_FOLLOWERS", show_default=True,
+              help="WatchJob streams open at once [env PS_MAX_FOLLOWERS].")
 @max_msg
 @port_file
 @log_level
-def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_message_bytes, port_file, log_level):
+@limit_options("scheduler")
+def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs, keep_jobs_for, keep_params_for,
+              max_job_events, max_followers, max_message_bytes, port_file, log_level):
     """Run the scheduler: membership, shard maps, jobs and task leases."""
     _setup_logging(log_level)
-    from ps.scheduler.service import run
+    from ps.scheduler.service import Retention, run
+    retention = Retention(keep_jobs=keep_jobs, keep_jobs_s=keep_jobs_for, params_s=keep_params_for,
+                          events=max_job_events, followers=max_followers)
     run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
-        server_timeout=server_timeout, port_file=port_file, max_message_bytes=max_message_bytes)
+        server_timeout=server_timeout, port_file=port_file, max_message_bytes=max_message_bytes,
+        retention=retention)
 
 
 @main.command()
@@ -96,7 +146,9 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_messa
                    "default: the listening host (127.0.0.1 when listening on 0.0.0.0) and port.")
 @click.option("--threads", default=32, envvar="PS_THREADS", show_default=True, help="RPC threads [env PS_THREADS].")
 @click.option("--max-bytes", type=Bytes(), default=None, envvar="PS_MAX_BYTES",
-              help="Refuse models beyond this many bytes of parameters + optimizer state [env PS_MAX_BYTES].")
+              show_default="half the memory this process may use (physical, cgroup or RLIMIT_AS, whichever is least)",
+              help="Refuse models beyond this many bytes of parameters + optimizer state, all models "
+                   "together [env PS_MAX_BYTES].")
 @click.option("--connect-timeout", default=60.0, envvar="PS_CONNECT_TIMEOUT", show_default=True,
               help="Give up (exit 2) if the scheduler cannot be reached for this long [env PS_CONNECT_TIMEOUT].")
 @click.option("--flow-window", type=Bytes(), default=rpc.DEFAULT_FLOW_WINDOW, envvar="PS_FLOW_WINDOW",
@@ -108,6 +160,7 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, max_messa
 @max_msg
 @port_file
 @log_level
+@limit_options("server", skip=("max_bytes",))
 def server(scheduler_addr, host, port, advertise, threads, max_bytes, connect_timeout, flow_window,
            max_message_bytes, port_file, log_level):
     """Run a parameter-server shard."""
@@ -226,6 +279,33 @@ def bench_train(epochs, as_json):
         emit_json(result)
 
 
+@bench.command("codec")
+@click.option("--chunk", "chunk_bytes", type=Bytes(), default=rpc.DEFAULT_CHUNK_BYTES,
+              show_default=f"{rpc.DEFAULT_CHUNK_BYTES >> 20}MiB", help="Chunk size (float32).")
+@click.option("--iterations", default=200, show_default=True, help="Interleaved rounds (medians are reported).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_codec(chunk_bytes, iterations, as_json):
+    """The hand-written wire codec against the generated protobuf classes, per hot-path step."""
+    from ps.bench import codec
+    result = codec(chunk_bytes, iterations, echo=click.echo)
+    if as_json:
+        emit_json(result)
+
+
+@bench.command("scheduler")
+@click.option("--members", default=1000, show_default=True, help="Simulated workers (heartbeat every second).")
+@click.option("--followers", default=200, show_default=True, help="WatchJob streams on a running job.")
+@click.option("--seconds", default=10.0, show_default=True, help="Measured time, after every member registered.")
+@click.option("--task-seconds", default=5.0, show_default=True, help="How long a simulated task holds its lease.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_scheduler(members, followers, seconds, task_seconds, as_json):
+    """Heartbeat and lease latency of a real scheduler under N simulated members and F followers."""
+    from ps.bench_scheduler import scheduler
+    result = scheduler(members, followers, seconds, task_seconds, echo=click.echo)
+    if as_json:
+        emit_json(result)
+
+
 @main.command()
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER",
               help="Scheduler HOST:PORT [env PS_SCHEDULER].")
@@ -252,13 +332,20 @@ def worker(scheduler_addr, device, name, connect_timeout, health_port, log_level
 
 
 def _follow(job, progress: bool, logdir: str | None):
-    """Wait for a job; print its outcome; exit 1 if it did not succeed."""
+    """Wait for a job; print its outcome; exit 1 if it did not succeed, 3 if the scheduler went away."""
     from ps.client import JobCancelled, JobFailed
+    from ps.errors import PSError
     try:
         return job.wait(progress=progress, logdir=logdir)
     except (JobFailed, JobCancelled) as e:
         click.echo(str(e), err=True)
         sys.exit(1)
+    except PSError as e:
+        address = job.client.address
+        click.echo(f"lost the scheduler at {address} while following {job.job_id} "
+                   f"({type(e).__name__}: {str(e).split(': ')[-1]}); once it is back, "
+                   f"`paramserver follow {job.job_id} --scheduler {address}` picks the job up again", err=True)
+        sys.exit(3)
 
 
 def _client(address: str):
@@ -294,7 +381,7 @@ def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         click.echo(f"submitted {job.job_id}", err=as_json)
-        result = {"job_id": job.job_id, "state": job.status()}
+        result = {"job_id": job.job_id, "state": job.summary.state}
         if follow:
             model = _follow(job, progress=not as_json, logdir=logdir)
             if save:
@@ -306,12 +393,35 @@ def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
 
 
 @main.command()
+@click.argument("job_id")
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--logdir", default=None, help="Write TensorBoard event files here.")
+@click.option("--save", default=None, help="Save the trained model to this directory.")
+@click.option("--json", "as_json", is_flag=True)
+def follow(job_id, scheduler_addr, logdir, save, as_json):
+    """Follow a submitted job to its end (progress bar), as `submit --follow` does."""
+    from ps.errors import PSError
+    with _client(scheduler_addr) as client:
+        try:
+            job = client.job(job_id)
+        except PSError as e:
+            click.echo(str(e), err=True)
+            sys.exit(1)
+        model = _follow(job, progress=not as_json, logdir=logdir)
+        if save:
+            model.save(save)
+    click.echo(f"{job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
+    if as_json:
+        emit_json({"job_id": job_id, "state": "succeeded", **model.metrics})
+
+
+@main.command()
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
 @click.option("--json", "as_json", is_flag=True)
 def jobs(scheduler_addr, as_json):
     """List jobs and their state."""
     with _client(scheduler_addr) as client:
-        infos = [j.info() for j in client.jobs()]
+        infos = [j.summary for j in client.jobs()]
     if as_json:
         emit_json({"jobs": [{"job_id": i.job_id, "name": i.name, "state": i.state, "error": i.error,
                              "tasks_done": i.tasks_done, "tasks_total": i.tasks_total,
@@ -337,6 +447,22 @@ def cancel(job_id, scheduler_addr):
             click.echo(str(e), err=True)
             sys.exit(1)
     click.echo(f"cancelled {job_id}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+def delete(job_id, scheduler_addr):
+    """Delete a job: cancel it if it runs, free its parameters on every server, forget its record."""
+    from ps.errors import PSError
+    with _client(scheduler_addr) as client:
+        try:
+            freed = client.delete_job(job_id)
+        except PSError as e:
+            click.echo(str(e), err=True)
+            sys.exit(1)
+    click.echo(f"deleted {job_id}" + ("" if freed else " (some servers could not be reached to free its "
+                                                       "parameters)"))
 
 
 @main.command()

@@ -8,6 +8,8 @@ tensors across every shard in parallel, cut into chunks, and reassembles them.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import sys
 import threading
 import time
@@ -21,12 +23,14 @@ import numpy as np
 from ps import rpc, sharding, wire
 from ps.errors import InvalidArgument, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
-from ps.server.optimizers import OptimizerConfig, clip_norm_scale
+from ps.optimizer_config import OptimizerConfig, clip_norm_scale
 from ps.tensor import count_nonfinite, dtype_code, numpy_dtype, to_little_endian
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, tensor_pb2
 
 #: how many times a shard's stream is retried after UNAVAILABLE (pushes are deduplicated)
 RETRIES = 3
+
+log = logging.getLogger("ps.client")
 
 
 class Client:
@@ -55,6 +59,12 @@ class Client:
         self._servers: dict[str, tuple[grpc.Channel, wire.ShardStub]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ps-client")
+        # Exactly-once: the shards keep, per slice, the highest (client id, seq) applied and take
+        # anything not above it for a retry. So seq is one counter for the whole client, whatever
+        # handle a push goes through, and a model's pushes from this client are sent one at a time
+        # (a later seq must never reach a slice before an earlier one).
+        self._seqs = itertools.count(1)
+        self._push_locks: dict[str, threading.Lock] = {}
 
     def __enter__(self) -> "Client":
         return self
@@ -81,6 +91,16 @@ class Client:
                 ch = rpc.channel(address, self.max_message_bytes)
                 self._servers[address] = (ch, wire.ShardStub(ch))
             return self._servers[address][1]
+
+    def next_seq(self) -> int:
+        """The next push sequence number of this client (strictly increasing, thread-safe)."""
+        with self._lock:
+            return next(self._seqs)
+
+    def push_lock(self, model: str) -> threading.Lock:
+        """The lock that keeps this client's pushes to ``model`` in seq order, shared by its handles."""
+        with self._lock:
+            return self._push_locks.setdefault(model, threading.Lock())
 
     def map(self, fn: Callable, items: Iterable) -> list:
         """fn over items in parallel (one task per shard); the first error is raised."""
@@ -141,15 +161,38 @@ class Client:
     def delete_model(self, name: str) -> None:
         self.model(name).delete()
 
-    def submit(self, spec) -> "Job":
-        """Submit a training job (a ps.JobSpec, a dict or JSON text); returns its handle."""
-        info = self.call(self.scheduler.SubmitJob, scheduler_pb2.SubmitJobRequest(spec_json=_spec_json(spec)),
-                         "submit job", timeout=max(self.timeout, 120))
-        return Job(self, info)
+    def submit(self, spec, request_id: str | None = None) -> "Job":
+        """Submit a training job (a ps.JobSpec, a dict or JSON text); returns its handle.
 
-    def jobs(self) -> list["Job"]:
-        resp = self.call(self.scheduler.ListJobs, scheduler_pb2.ListJobsRequest(), "list jobs")
-        return [Job(self, info) for info in resp.jobs]
+        The request carries an id (``request_id``, a fresh one by default), and a lost reply is
+        retried with it: the scheduler returns the job that request created, never a second one."""
+        req = scheduler_pb2.SubmitJobRequest(spec_json=_spec_json(spec), request_id=request_id or uuid.uuid4().hex)
+        for attempt in range(RETRIES + 1):
+            try:
+                return Job(self, self.scheduler.SubmitJob(req, timeout=self.timeout))
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or attempt == RETRIES:
+                    raise from_rpc_error(e, self.address, "submit job") from None
+                time.sleep(0.2 * 2 ** attempt)
+
+    def jobs(self, page_size: int = 100) -> list["Job"]:
+        """Every job the scheduler keeps, newest first (summaries: ``Job.info()`` fetches the rest)."""
+        out, token = [], ""
+        while True:
+            resp = self.call(self.scheduler.ListJobs, scheduler_pb2.ListJobsRequest(page_size=page_size,
+                                                                                    page_token=token), "list jobs")
+            out.extend(Job(self, info) for info in resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def delete_job(self, job_id: str) -> bool:
+        """Forget a job: cancel it if it runs, free its parameters on every server, drop its record.
+        Returns whether its parameters were freed everywhere."""
+        resp = self.call(self.scheduler.DeleteJob, scheduler_pb2.DeleteJobRequest(job_id=job_id),
+                         f"delete job '{job_id}'", timeout=max(self.timeout, 60))
+        return resp.params_freed
 
     def job(self, job_id: str) -> "Job":
         job = Job(self, scheduler_pb2.JobInfo(job_id=job_id))
@@ -199,8 +242,13 @@ class Model:
         self.optimizer = OptimizerConfig.from_proto(smap.optimizer)
         self.slices = [sharding.Slice(s.tensor, s.offset, s.length, s.shard) for s in smap.slices]
         self.version = 0
-        self._seq = 0
-        self._push_lock = threading.Lock()
+        #: pushes the servers acknowledged through this handle
+        self.pushes = 0
+        #: gradient chunks the servers skipped as already applied. A retry after a lost reply
+        #: makes these by design; on a first attempt one means a push was taken for a retry
+        #: (logged as a warning): an update was lost
+        self.duplicates = 0
+        self._push_lock = client.push_lock(self.name)
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, tensors={len(self.specs)}, shards={len(self.shards)})"
@@ -209,11 +257,12 @@ class Model:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self.specs.items()}
 
-    def _on_shards(self, fn: Callable[[int], object], names: Iterable[str] | None = None) -> None:
-        """fn(shard) in parallel for every shard holding a slice of ``names`` (all tensors: None)."""
+    def _on_shards(self, fn: Callable[[int], object], names: Iterable[str] | None = None) -> list:
+        """fn(shard) in parallel for every shard holding a slice of ``names`` (all tensors: None);
+        their results in shard order."""
         wanted = None if names is None else set(names)
         shards = sorted({s.shard for s in self.slices if wanted is None or s.tensor in wanted})
-        self.client.map(fn, [(i,) for i in shards])
+        return self.client.map(fn, [(i,) for i in shards])
 
     def _slices_of(self, shard: int, names: Iterable[str] | None = None) -> list[sharding.Slice]:
         wanted = None if names is None else set(names)
@@ -256,14 +305,14 @@ class Model:
             out[tname] = a
         return out
 
-    def _stream(self, shard: int, what: str, run: Callable[[wire.ShardStub], None]) -> None:
+    def _stream(self, shard: int, what: str, run: Callable[[wire.ShardStub], object]):
         """Run one shard's stream, retrying on UNAVAILABLE (pushes carry client id and seq, so a
-        retried push is not applied twice)."""
+        retried push is not applied twice). Returns (run's result, the attempt that gave it)."""
         address = self.shards[shard]
         stub = self.client.server(address)
         for attempt in range(RETRIES + 1):
             try:
-                return run(stub)
+                return run(stub), attempt
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
                     raise from_rpc_error(e, address, f"{what} model '{self.name}'") from None
@@ -283,16 +332,27 @@ class Model:
         scale = 1.0
         if self.optimizer.clip_norm:
             scale = clip_norm_scale(flat.values(), self.optimizer.clip_norm)
-        self._seq += 1
-        return flat, self._seq, scale
+        return flat, self.client.next_seq(), scale
+
+    def _acknowledged(self, seq: int, results: list[tuple[int, int]], what: str) -> None:
+        """Count a push every shard acknowledged; ``results``: (duplicate chunks, attempt) per shard."""
+        self.pushes += 1
+        dup = sum(d for d, _ in results)
+        self.duplicates += dup
+        first = sum(d for d, attempt in results if attempt == 0)
+        if first:
+            log.warning("%s model '%s': the servers took %d chunk(s) of push %d (client %s) for retries of an "
+                        "earlier push and did not apply them", what, self.name, first, seq, self.client.client_id)
 
     def push(self, grads: Mapping[str, np.ndarray]) -> None:
         """Apply gradients on the servers (asynchronously with respect to other clients)."""
         with self._push_lock:
             flat, seq, scale = self._next_seq(grads, "push to")
 
-            self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
-                self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat))), flat)
+            results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
+                self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat)).duplicates),
+                flat)
+            self._acknowledged(seq, results, "push to")
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
         """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking
@@ -330,12 +390,17 @@ class Model:
             def one(stub, shard):
                 credits = _Credits(self.client.inflight_chunks)
                 try:
-                    versions.append(self._receive(stub.PushPull(self._push_requests(shard, flat, seq, scale, credits),
-                                                                timeout=self._stream_timeout(flat)), out, credits))
+                    responses = stub.PushPull(self._push_requests(shard, flat, seq, scale, credits),
+                                              timeout=self._stream_timeout(flat))
+                    version, dup = self._receive(responses, out, credits)
                 finally:
                     credits.close()
+                versions.append(version)
+                return dup
 
-            self._on_shards(lambda shard: self._stream(shard, "push_pull to", lambda stub: one(stub, shard)), flat)
+            results = self._on_shards(lambda shard: self._stream(shard, "push_pull to",
+                                                                 lambda stub: one(stub, shard)), flat)
+            self._acknowledged(seq, results, "push_pull to")
             self.version = min(versions, default=self.version)
             return out
 
@@ -357,14 +422,16 @@ class Model:
                                                                   length=s.length)
                                                  for s in self._slices_of(shard, names)])
             self._stream(shard, "pull from", lambda stub: versions.append(
-                self._receive(stub.Pull(req, timeout=self._stream_timeout(out)), out)))
+                self._receive(stub.Pull(req, timeout=self._stream_timeout(out)), out)[0]))
         self._on_shards(one, names)
         self.version = min(versions, default=self.version)
         return out
 
-    def _receive(self, responses, out: dict[str, np.ndarray], credits: _Credits | None = None) -> int:
-        """Copy streamed chunks into ``out``; return the lowest slice version seen."""
+    def _receive(self, responses, out: dict[str, np.ndarray], credits: _Credits | None = None) -> tuple[int, int]:
+        """Copy streamed chunks into ``out``; return the lowest slice version seen and how many
+        chunks were marked duplicate (push_pull: pushed chunks the shard had already applied)."""
         version = None
+        duplicates = 0
         flats = {k: v.reshape(-1) for k, v in out.items()}
         for resp in responses:
             c = resp.chunk
@@ -372,9 +439,10 @@ class Model:
             data = np.frombuffer(c.values.data, dtype=dst.dtype)
             dst[c.offset:c.offset + data.size] = data
             version = resp.version if version is None else min(version, resp.version)
+            duplicates += resp.duplicate
             if credits is not None:
                 credits.give()
-        return version or 0
+        return version or 0, duplicates
 
     def assign(self, values: Mapping[str, np.ndarray]) -> None:
         """Overwrite parameter values (optimizer state is kept)."""
@@ -432,7 +500,7 @@ class JobCancelled(PSError):
 def _metrics(m: scheduler_pb2.JobMetrics) -> dict:
     return {"epoch": m.epoch, "steps": m.steps, "samples": m.samples, "train_loss": m.train_loss,
             "test_loss": m.test_loss, "test_accuracy": m.test_accuracy, "samples_per_s": m.samples_per_s,
-            "seconds": m.seconds}
+            "seconds": m.seconds, "duplicates": m.duplicates}
 
 
 def _progress_line(m: scheduler_pb2.JobMetrics) -> str:
@@ -456,6 +524,11 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.job_id!r}, state={self._info.state!r})"
+
+    @property
+    def summary(self) -> scheduler_pb2.JobInfo:
+        """The job's record as last fetched (from ``Client.jobs``: without spec and preprocessing)."""
+        return self._info
 
     def info(self) -> scheduler_pb2.JobInfo:
         self._info = self.client.call(self.client.scheduler.GetJob, scheduler_pb2.GetJobRequest(job_id=self.job_id),
@@ -489,14 +562,22 @@ class Job:
         if logdir:
             from ps.tblog import EventWriter
             writer = EventWriter(logdir, self.job_id)
-        bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+        # On a terminal a bar redrawn in place; in a file or pipe, where every redraw would be a
+        # new line, one line per epoch instead.
+        lines = progress and not sys.stderr.isatty()
+        bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress or lines, dynamic_ncols=True,
+                   mininterval=0.5)
         try:
             for ev in self.events(timeout):
-                if ev.kind == "warning":
-                    bar.write(f"{self.job_id}: {ev.message}", file=sys.stderr)
+                m = ev.metrics
+                if ev.kind == "warning" or (lines and ev.kind == "epoch"):
+                    text = ev.message if ev.kind == "warning" else f"{ev.message}; {_progress_line(m)}"
+                    if lines:
+                        print(f"{self.job_id}: {text}", file=sys.stderr, flush=True)
+                    else:
+                        bar.write(f"{self.job_id}: {text}", file=sys.stderr)
                 bar.total = ev.tasks_total
                 bar.n = ev.tasks_done
-                m = ev.metrics
                 bar.set_postfix_str(_progress_line(m), refresh=True)
                 if writer is not None and ev.kind == "epoch":
                     writer.scalars(m.epoch, {"train/loss": m.train_loss, "test/loss": m.test_loss,

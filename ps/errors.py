@@ -64,6 +64,24 @@ def from_rpc_error(err: grpc.RpcError, peer: str, what: str) -> PSError:
     return exc
 
 
+#: longest status message, in bytes on the wire (grpc percent-encodes all but printable ASCII):
+#: a client drops a response whose trailers pass 8 KiB (sometimes) or 16 KiB (always), and
+#: reports RESOURCE_EXHAUSTED instead of the real status
+MAX_STATUS_MESSAGE_BYTES = 6000
+
+
+def short_message(msg: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``msg`` cut to ``limit`` bytes as grpc sends it, saying how much was left out."""
+    if len(msg) * 12 <= limit:  # 4 UTF-8 bytes a character, each percent-encoded: it fits
+        return msg
+    size = 0
+    for i, ch in enumerate(msg):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if size > limit:
+            return f"{msg[:i]} ... ({len(msg) - i} more characters)"
+    return msg
+
+
 def abort(context: grpc.ServicerContext, exc: PSError) -> None:
     """End an RPC with the status that ``exc`` travels as (raises, as context.abort does)."""
-    context.abort(exc.code, str(exc))
+    context.abort(exc.code, short_message(str(exc)))

@@ -38,6 +38,22 @@ class Init:
         if self.kind not in KINDS:
             raise InvalidArgument(f"unknown initializer '{self.kind}': expected one of {', '.join(KINDS)}")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not 0 <= int(self.seed) < 1 << 64:
+            raise InvalidArgument(f"initializer '{self.kind}': seed must be in [0, 2**64), got {self.seed}")
+        # Values a draw cannot overflow in the parameters' dtype (uniform draws high - low; a
+        # normal draw never strays 16 standard deviations), and no NaN or inf.
+        try:
+            top = float(np.finfo(np.dtype(self.dtype)).max) / 16
+        except (TypeError, ValueError):
+            top = float(np.finfo(np.float64).max) / 16
+        for name in ("value", "mean", "std", "low", "high"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or not math.isfinite(v) \
+                    or abs(v) > top:
+                raise InvalidArgument(f"initializer '{self.kind}': {name} must be a finite number of magnitude "
+                                      f"at most {top:.3g} ({self.dtype}), got {v!r}")
+        if self.std < 0:
+            raise InvalidArgument(f"initializer '{self.kind}': std must be >= 0, got {self.std}")
 
     def to_proto(self):
         """The ps.v1.Initializer that asks a shard to compute this initializer for its slices."""
@@ -100,7 +116,7 @@ def values(init: Init, tensor: str, offset: int = 0, length: int | None = None) 
         raise InvalidArgument(f"initializer for '{tensor}': range [{offset}, {offset + length}) "
                               f"is outside the tensor's {n} elements")
     dtype = np.dtype(init.dtype)
-    if init.kind == "zeros":
+    if init.kind == "zeros" or length == 0:  # an empty range needs no fans (an empty tensor has none)
         return np.zeros(length, dtype)
     if init.kind == "constant":
         return np.full(length, init.value, dtype)

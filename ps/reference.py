@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from ps.spec import JobSpec, build_model, load_data, prepare
+from ps.spec import JobSpec
+from ps.worker.inspect import build_model, load_data, prepare
 
 
 def train_local(spec: JobSpec, epochs: int | None = None) -> dict:

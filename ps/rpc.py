@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -108,18 +109,47 @@ def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
     ])
 
 
-def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float) -> None:
-    """Block until ``ch`` connects, or raise Unavailable naming the peer and what was waited for."""
+#: how often a process waiting for a peer says so in its log
+WAITING_LOG_INTERVAL_S = 3.0
+
+
+def unreachable_reason(address: str) -> str:
+    """Why ``address`` (host:port) may not answer: a host name that does not resolve, or no one listening."""
+    import socket
+    host = address.rsplit(":", 1)[0].strip("[]")
     try:
-        grpc.channel_ready_future(ch).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        raise Unavailable(f"could not reach the {role} at {address} within {timeout:g} s: "
-                          f"is it running, and is the address right?") from None
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"the host name '{host}' does not resolve ({getattr(e, 'strerror', None) or e})"
+    return "nothing answers there: is it running, and is the address right?"
+
+
+def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float) -> None:
+    """Block until ``ch`` connects, or raise Unavailable naming the peer and what was waited for.
+    While it waits it logs a warning every few seconds saying what it waits for and why."""
+    ready = grpc.channel_ready_future(ch)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            ready.result(timeout=max(0.0, min(WAITING_LOG_INTERVAL_S, end - time.monotonic())))
+            return
+        except grpc.FutureTimeoutError:
+            left = end - time.monotonic()
+            if left <= 0:
+                ready.cancel()
+                raise Unavailable(f"could not reach the {role} at {address} within {timeout:g} s: "
+                                  f"{unreachable_reason(address)}") from None
+            log.warning("cannot reach the %s at %s yet: %s (still trying for %.0f s)", role, address,
+                        unreachable_reason(address), left)
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=()) -> list[tuple[str, int]]:
+    return message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + list(extra)
 
 
 def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=()) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                       options=message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + list(extra))
+                       options=server_options(max_message_bytes, extra))
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
@@ -129,6 +159,18 @@ def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str])
     names = list(service_names)
     for name in ["", *names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return servicer
+
+
+async def add_health_and_reflection_aio(server: grpc.aio.Server, service_names: Iterable[str]):
+    """``add_health_and_reflection`` for a grpc.aio server."""
+    from grpc_health.v1.health import aio as health_aio
+    servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = list(service_names)
+    for name in ["", *names]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
 
@@ -182,16 +224,41 @@ def serve_until_signal(server: grpc.Server, on_stop: Callable[[], None] | None =
     server.stop(grace).wait()
 
 
-def retry_unavailable(fn: Callable[[], object], what: str, deadline_s: float, interval: float = 0.5):
-    """Call fn until it does not raise UNAVAILABLE, up to deadline_s; then raise Unavailable naming ``what``."""
-    end = time.monotonic() + deadline_s
+async def serve_until_signal_aio(server: grpc.aio.Server, on_stop: Callable[[], None] | None = None,
+                                 grace: float = 5.0) -> None:
+    """``serve_until_signal`` for a grpc.aio server running on the current event loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def handler(signum):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler, sig)
+    await stop.wait()
+    if on_stop is not None:
+        on_stop()
+    await server.stop(grace)
+
+
+def retry_unavailable(fn: Callable[[], object], what: str, deadline_s: float, interval: float = 0.5,
+                      address: str | None = None):
+    """Call fn until it does not raise UNAVAILABLE, up to deadline_s; then raise Unavailable naming ``what``.
+    Every few seconds of waiting is logged, with why ``address`` (the peer) does not answer."""
+    start = time.monotonic()
+    end, said = start + deadline_s, start
     while True:
         try:
             return fn()
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= end:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise Unavailable(f"{what}: still unreachable after {deadline_s:g} s "
-                                      f"({e.details()})") from None
+                    raise Unavailable(f"{what}: still unreachable after {deadline_s:g} s: "
+                                      f"{unreachable_reason(address) if address else e.details()}") from None
                 raise
+            if time.monotonic() - said >= WAITING_LOG_INTERVAL_S:
+                said = time.monotonic()
+                log.warning("%s: unreachable for %.0f s: %s (still trying for %.0f s)", what, said - start,
+                            unreachable_reason(address) if address else e.details(), end - said)
         time.sleep(interval)

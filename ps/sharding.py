@@ -10,10 +10,11 @@ largest-first onto the least-loaded shard, so bytes per shard stay balanced.
 from __future__ import annotations
 
 import heapq
+import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 
 #: a slice is what one push chunk updates under one lock: the same size as ps.rpc.DEFAULT_CHUNK_BYTES
 DEFAULT_MAX_SLICE_BYTES = 2 << 20
@@ -31,7 +32,7 @@ class TensorSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # exact: np.prod would wrap around int64
 
     @property
     def itemsize(self) -> int:
@@ -57,6 +58,17 @@ class Slice:
         return self.offset + self.length
 
 
+def slice_count(n: int, itemsize: int, num_shards: int, max_slice_bytes: int = DEFAULT_MAX_SLICE_BYTES,
+                split_bytes: int = DEFAULT_SPLIT_BYTES) -> int:
+    """How many slices ``plan`` cuts a tensor of ``n`` elements into (arithmetic only, so a
+    request can be checked before anything is planned)."""
+    max_elems = max(1, max_slice_bytes // itemsize)
+    k = max(1, -(-n // max_elems))
+    if n * itemsize >= split_bytes and k < num_shards:
+        k = min(num_shards, max(1, n))
+    return k
+
+
 def split_lengths(n: int, pieces: int) -> list[int]:
     """``n`` cut into ``pieces`` contiguous lengths that differ by at most one."""
     base, extra = divmod(n, pieces)
@@ -76,15 +88,12 @@ def plan(tensors: Sequence[TensorSpec], num_shards: int,
         raise ValueError(f"max_slice_bytes must be >= 1, got {max_slice_bytes}")
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
         raise ValueError(f"duplicate tensor names: {dup}")
     pieces: list[tuple[int, int, int, int]] = []  # (nbytes, tensor index, offset, length)
     for ti, t in enumerate(tensors):
         n, item = t.size, t.itemsize
-        max_elems = max(1, max_slice_bytes // item)
-        k = max(1, -(-n // max_elems))
-        if t.nbytes >= split_bytes and k < num_shards:
-            k = min(num_shards, max(1, n))
+        k = slice_count(n, item, num_shards, max_slice_bytes, split_bytes)
         offset = 0
         for length in split_lengths(n, k):
             pieces.append((length * item, ti, offset, length))
@@ -112,7 +121,17 @@ def bytes_per_shard(tensors: Iterable[TensorSpec], slices: Iterable[Slice], num_
     return loads
 
 
+def iter_chunks(offset: int, length: int, itemsize: int, max_chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """Cut [offset, offset + length) into (offset, length) runs of at most max_chunk_bytes, one at a
+    time (however many there are, nothing is built up front)."""
+    per = max(1, max_chunk_bytes // itemsize)
+    if length <= 0:
+        yield offset, 0
+        return
+    for o in range(offset, offset + length, per):
+        yield o, min(per, offset + length - o)
+
+
 def chunks(offset: int, length: int, itemsize: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
     """Cut [offset, offset + length) into (offset, length) runs of at most max_chunk_bytes."""
-    per = max(1, max_chunk_bytes // itemsize)
-    return [(o, min(per, offset + length - o)) for o in range(offset, offset + length, per)] or [(offset, 0)]
+    return list(iter_chunks(offset, length, itemsize, max_chunk_bytes))

@@ -1,8 +1,9 @@
 """JobSpec: what to train, on what data, how. Plain data (dataclasses), loadable from JSON or
 TOML, so a job travels to any stateless worker as text; nothing is unpickled.
 
-``prepare(spec)`` validates a spec against its data (submit time) and returns the
-preprocessing statistics, computed on the training split only.
+Only schema checks live here: this module reads no data and builds no model, so the scheduler
+and the client can check a spec without importing worker code. Checking a spec against its
+data (``ps.worker.inspect``) is the job's first task, run on a worker.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 LOSSES = ("softmax_cross_entropy", "binary_cross_entropy", "mse")
 SCALERS = ("standard", "minmax", "none")
@@ -64,6 +63,7 @@ class JobSpec:
     consistency: str = "asp"
     lease_timeout_s: float = 30.0
     metrics: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
+    keep_params: bool = False  # keep the parameters on the servers after success (else freed after retention)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
@@ -114,15 +114,62 @@ class JobSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def check(self) -> None:
-        """Checks that need no data."""
-        def positive(name, value, kind=int):
+        """Checks that need no data; sizes against this process's limits (ps.limits.current())."""
+        from ps.errors import PSError
+        from ps.limits import current
+        lim = current()
+
+        def positive(name, value, kind=int, limit=None):
             if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
                 raise SpecError(f"spec.{name}: expected a positive {kind.__name__}, got {value!r}")
-        positive("batch_size", self.batch_size)
-        positive("epochs", self.epochs)
-        positive("workers", self.workers)
-        if not isinstance(self.lease_timeout_s, (int, float)) or self.lease_timeout_s <= 0:
+            if limit is not None and value > getattr(lim, limit):
+                raise SpecError(f"spec.{name}: {value} exceeds the limit {getattr(lim, limit)} {lim.hint(limit)}")
+
+        def kind_of(name, value, kinds, expected):
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise SpecError(f"spec.{name}: expected {expected}, got {value!r}")
+        positive("batch_size", self.batch_size, limit="max_batch_size")
+        positive("epochs", self.epochs, limit="max_epochs")
+        positive("workers", self.workers, limit="max_shards")
+        kind_of("name", self.name, str, "a string")
+        try:
+            lim.check_name("spec.name", self.name)
+        except PSError as e:
+            raise SpecError(str(e)) from None
+        kind_of("seed", self.seed, int, "an integer in [0, 2**63)")
+        if not 0 <= self.seed < 1 << 63:
+            raise SpecError(f"spec.seed: expected an integer in [0, 2**63), got {self.seed}")
+        kind_of("keep_params", self.keep_params, bool, "true or false")
+        kind_of("lease_timeout_s", self.lease_timeout_s, (int, float), "a positive number")
+        if not math.isfinite(self.lease_timeout_s) or self.lease_timeout_s <= 0:
             raise SpecError(f"spec.lease_timeout_s: expected a positive number, got {self.lease_timeout_s!r}")
+        kind_of("loss", self.loss, str, "a string")
+        kind_of("consistency", self.consistency, str, "a string")
+        kind_of("optimizer", self.optimizer, dict, "an object")
+        kind_of("metrics", self.metrics, list, "a list")
+        d = self.data
+        kind_of("data.uri", d.uri, str, "a string")
+        kind_of("data.format", d.format, (str, type(None)), "a string")
+        kind_of("data.label", d.label, (str, int, type(None)), "a column name or index")
+        kind_of("data.reshape", d.reshape, (list, type(None)), "a list of positive ints")
+        kind_of("data.scale", d.scale, str, "a string")
+        kind_of("data.one_hot", d.one_hot, bool, "true or false")
+        kind_of("data.test_fraction", d.test_fraction, (int, float), "a number in (0, 1)")
+        kind_of("data.shards", d.shards, int, "an integer >= 0")
+        if not 0 <= d.shards <= lim.max_shards:
+            raise SpecError(f"spec.data.shards: expected an integer >= 0 (0: 2 per worker), at most the limit "
+                            f"{lim.max_shards} {lim.hint('max_shards')}, got {d.shards}")
+        if d.reshape is not None and (len(d.reshape) > lim.max_dims or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= lim.max_synthetic_values
+                for v in d.reshape)):
+            raise SpecError(f"spec.data.reshape: expected at most {lim.max_dims} positive ints "
+                            f"{lim.hint('max_dims')}, got {d.reshape!r}")
+        if d.uri.startswith("synthetic:"):
+            try:
+                lim.check_synthetic_uri("spec.data.uri", d.uri)
+            except PSError as e:
+                raise SpecError(str(e)) from None
         if self.loss not in LOSSES:
             raise SpecError(f"spec.loss: unknown loss '{self.loss}': expected one of {', '.join(LOSSES)}")
         if self.consistency not in CONSISTENCY:
@@ -135,76 +182,7 @@ class JobSpec:
         if not 0 < self.data.test_fraction < 1:
             raise SpecError(f"spec.data.test_fraction: expected a number in (0, 1), got {self.data.test_fraction}")
         try:
-            from ps.server.optimizers import OptimizerConfig
+            from ps.optimizer_config import OptimizerConfig
             OptimizerConfig.from_dict(dict(self.optimizer))
         except (ValueError, TypeError) as e:
             raise SpecError(f"spec.optimizer: {e}") from None
-
-
-def load_data(spec: JobSpec):
-    """The job's dataset (cached per process), reshaped as the spec says."""
-    from ps.worker.data import load_cached, read_dataset
-    d = spec.data
-    key = json.dumps(dataclasses.asdict(d), sort_keys=True)
-
-    def load():
-        ds = read_dataset(d.uri, d.format, label=d.label)
-        if d.reshape:
-            want = int(np.prod(d.reshape))
-            if int(np.prod(ds.x.shape[1:])) != want:
-                raise SpecError(f"spec.data.reshape: {d.reshape} holds {want} values, but each example has "
-                                f"{int(np.prod(ds.x.shape[1:]))}")
-            ds.x = ds.x.reshape((len(ds.x), *d.reshape))
-        return ds
-    return load_cached(key, load)
-
-
-def build_model(spec: JobSpec, input_shape: tuple[int, ...]):
-    from ps.worker.model import Sequential
-    try:
-        return Sequential.from_spec(spec.model, input_shape=tuple(input_shape))
-    except ValueError as e:
-        raise SpecError(f"spec.model: {e}") from None
-
-
-def prepare(spec: JobSpec) -> dict:
-    """Validate the spec against its data and compute what every worker shares: the input shape,
-    the split sizes and the scaler statistics (training split only). Raises SpecError."""
-    from ps.worker.preprocess import Scaler, train_test_split
-    try:
-        ds = load_data(spec)
-    except FileNotFoundError as e:
-        raise SpecError(f"spec.data.uri: {e}") from None
-    except SpecError:
-        raise
-    except (ValueError, OSError) as e:
-        raise SpecError(f"spec.data: {e}") from None
-    n = len(ds.x)
-    if n < 2:
-        raise SpecError(f"spec.data: '{spec.data.uri}' has {n} example(s); need at least 2")
-    input_shape = tuple(int(s) for s in ds.x.shape[1:])
-    model = build_model(spec, input_shape)
-    out = tuple(model.output_shape)
-    units = int(np.prod(out))
-    y = ds.y
-    if spec.loss == "softmax_cross_entropy" or (spec.loss == "mse" and spec.data.one_hot):
-        n_classes = units
-        bad = np.flatnonzero((y < 0) | (y >= n_classes) | (y != np.floor(y)))
-        if bad.size:
-            raise SpecError(f"spec.data: label {y[bad[0]]:g} at row {bad[0]} is outside [0, {n_classes}) "
-                            f"(the model has {n_classes} outputs)")
-    elif spec.loss == "binary_cross_entropy":
-        if units != 1:
-            raise SpecError(f"spec.loss: binary_cross_entropy needs 1 output, the model has {units}")
-        bad = np.flatnonzero((y != 0) & (y != 1))
-        if bad.size:
-            raise SpecError(f"spec.data: label {y[bad[0]]:g} at row {bad[0]} is not 0 or 1 "
-                            f"(binary_cross_entropy)")
-    elif spec.loss == "mse" and y.ndim == 1 and units != 1:
-        raise SpecError(f"spec.loss: mse on scalar targets needs 1 output, the model has {units}")
-    train_idx, test_idx = train_test_split(n, spec.data.test_fraction, spec.seed)
-    scaler = Scaler(spec.data.scale).fit(ds.x[train_idx].reshape(len(train_idx), -1))
-    shards = spec.data.shards or 2 * spec.workers
-    shards = max(1, min(shards, math.ceil(len(train_idx) / spec.batch_size)))
-    return {"input_shape": list(input_shape), "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-            "shards": int(shards), "scaler": scaler.to_dict(), "output_shape": list(out)}

@@ -33,7 +33,8 @@ class TrainedModel:
     job_id: str = ""
 
     def _net(self):
-        from ps.spec import JobSpec, build_model
+        from ps.spec import JobSpec
+        from ps.worker.inspect import build_model
         return build_model(JobSpec.from_dict(self.spec), tuple(self.prep["input_shape"]))
 
     def _prepare(self, x) -> np.ndarray:
@@ -51,6 +52,18 @@ class TrainedModel:
     def predict(self, x) -> np.ndarray:
         """Class ids (softmax cross-entropy), 0/1 (binary cross-entropy) or values (MSE) for raw inputs."""
         return np.asarray(self._net().predict(np, self.weights, self._prepare(x), loss=self.spec["loss"]))
+
+    def predict_proba(self, x) -> np.ndarray:
+        """Probabilities for raw inputs: per class, shape (N, classes), for softmax cross-entropy;
+        of class 1, shape (N,), for binary cross-entropy. An MSE model has none (ValueError)."""
+        logits = self.forward(x).astype(np.float64)
+        loss = self.spec["loss"]
+        if loss == "softmax_cross_entropy":
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+        if loss == "binary_cross_entropy":
+            return 1.0 / (1.0 + np.exp(-logits.reshape(len(logits))))
+        raise ValueError(f"predict_proba: a model trained with loss '{loss}' predicts values, not probabilities")
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file

@@ -15,12 +15,35 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ps.v1 import server_pb2, server_pb2_grpc
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _DOUBLE = struct.Struct("<d")
+_ZERO_DOUBLE = bytes(8)
+_U64 = (1 << 64) - 1
 SERVICE = "ps.v1.ParameterServer"
+
+# Field numbers, typed by hand from proto/ps/v1/server.proto and tensor.proto.
+_PUSH_MODEL, _PUSH_CLIENT_ID, _PUSH_SEQ, _PUSH_GRAD_SCALE, _PUSH_CHUNK = 1, 2, 3, 4, 5
+_PULL_CHUNK, _PULL_VERSION, _PULL_DUPLICATE = 1, 2, 3
+_CHUNK_TENSOR, _CHUNK_OFFSET, _CHUNK_VALUES = 1, 2, 3
+_TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3
+
+#: (message, field) -> (field number, wire type) of every field the codec writes and reads, for
+#: tests/test_wire.py to check against the generated descriptors (shape: packed, so length-delimited)
+FIELDS = {
+    ("PushRequest", "model"): (_PUSH_MODEL, _LEN), ("PushRequest", "client_id"): (_PUSH_CLIENT_ID, _LEN),
+    ("PushRequest", "seq"): (_PUSH_SEQ, _VARINT), ("PushRequest", "grad_scale"): (_PUSH_GRAD_SCALE, _I64),
+    ("PushRequest", "chunk"): (_PUSH_CHUNK, _LEN),
+    ("PullResponse", "chunk"): (_PULL_CHUNK, _LEN), ("PullResponse", "version"): (_PULL_VERSION, _VARINT),
+    ("PullResponse", "duplicate"): (_PULL_DUPLICATE, _VARINT),
+    ("Chunk", "tensor"): (_CHUNK_TENSOR, _LEN), ("Chunk", "offset"): (_CHUNK_OFFSET, _VARINT),
+    ("Chunk", "values"): (_CHUNK_VALUES, _LEN),
+    ("Tensor", "dtype"): (_TENSOR_DTYPE, _VARINT), ("Tensor", "shape"): (_TENSOR_SHAPE, _LEN),
+    ("Tensor", "data"): (_TENSOR_DATA, _LEN),
+}
 
 
 class WireError(ValueError):
@@ -59,79 +82,102 @@ def _uint_field(field_no: int, n: int) -> bytes:
 
 def _tensor_header(dtype: int, shape: tuple[int, ...], nbytes: int) -> bytes:
     packed = b"".join(_varint(d) for d in shape)
-    return (_uint_field(1, dtype) + (_len_prefix(2, len(packed)) + packed if shape else b"")
-            + _len_prefix(3, nbytes))
+    return (_uint_field(_TENSOR_DTYPE, dtype)
+            + (_len_prefix(_TENSOR_SHAPE, len(packed)) + packed if shape else b"")
+            + (_len_prefix(_TENSOR_DATA, nbytes) if nbytes else b""))  # proto3 leaves empty bytes out
+
+
+def _raw(values: np.ndarray) -> memoryview:
+    """The bytes of a 1-D contiguous array, uncopied (through a uint8 view: a memoryview of
+    ml_dtypes' bfloat16 cannot be taken directly)."""
+    return memoryview(values.view(np.uint8))
 
 
 def _chunk_prefix(field_no: int, tensor: str, offset: int, dtype: int, n: int, nbytes: int) -> bytes:
     """Everything of a Chunk field up to its data bytes."""
     theader = _tensor_header(dtype, (n,), nbytes)
-    chead = _str_field(1, tensor) + _uint_field(2, offset) + _len_prefix(3, len(theader) + nbytes)
+    chead = (_str_field(_CHUNK_TENSOR, tensor) + _uint_field(_CHUNK_OFFSET, offset)
+             + _len_prefix(_CHUNK_VALUES, len(theader) + nbytes))
     return _len_prefix(field_no, len(chead) + len(theader) + nbytes) + chead + theader
 
 
 def encode_push(model: str, client_id: str, seq: int, grad_scale: float, tensor: str, offset: int,
                 dtype: int, values: np.ndarray) -> bytes:
     """A serialized ps.v1.PushRequest carrying ``values`` (1-D, contiguous, little-endian)."""
-    data = memoryview(values).cast("B")
-    head = (_str_field(1, model) + _str_field(2, client_id) + _uint_field(3, seq)
-            + (_key(4, _I64) + _DOUBLE.pack(grad_scale) if grad_scale else b""))
-    return b"".join((head, _chunk_prefix(5, tensor, offset, dtype, values.size, data.nbytes), data))
+    data = _raw(values)
+    scale = _DOUBLE.pack(grad_scale)  # written unless +0.0, as protobuf does (-0.0 and NaN are)
+    head = (_str_field(_PUSH_MODEL, model) + _str_field(_PUSH_CLIENT_ID, client_id)
+            + _uint_field(_PUSH_SEQ, seq)
+            + (_key(_PUSH_GRAD_SCALE, _I64) + scale if scale != _ZERO_DOUBLE else b""))
+    return b"".join((head, _chunk_prefix(_PUSH_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data))
 
 
 def encode_pull_response(tensor: str, offset: int, dtype: int, values: np.ndarray, version: int,
                          duplicate: bool = False) -> bytes:
     """A serialized ps.v1.PullResponse carrying ``values``."""
-    data = memoryview(values).cast("B")
-    return b"".join((_chunk_prefix(1, tensor, offset, dtype, values.size, data.nbytes), data,
-                     _uint_field(2, version), _uint_field(3, int(duplicate))))
+    data = _raw(values)
+    return b"".join((_chunk_prefix(_PULL_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data,
+                     _uint_field(_PULL_VERSION, version), _uint_field(_PULL_DUPLICATE, int(duplicate))))
 
 
 # -- decoding ------------------------------------------------------------------------------
 def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    """A varint as protobuf reads it: at most 10 bytes, bits past the 64th dropped."""
     result = shift = 0
     while True:
-        if pos >= end or shift > 63:
-            raise WireError("truncated or overlong varint")
+        if pos >= end:
+            raise WireError("truncated varint")
+        if shift > 63:
+            raise WireError("varint longer than 10 bytes")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return result, pos
+            return result & _U64, pos
         shift += 7
 
 
-def _fields(buf, pos: int, end: int):
-    """(field number, wire type, value) where value is an int or a (start, stop) span."""
-    while pos < end:
-        key, pos = _read_varint(buf, pos, end)
-        fno, wt = key >> 3, key & 7
-        if wt == _VARINT:
-            v, pos = _read_varint(buf, pos, end)
-        elif wt == _LEN:
-            n, pos = _read_varint(buf, pos, end)
-            if pos + n > end:
-                raise WireError(f"field {fno}: length {n} runs past the end of the message")
-            v, pos = (pos, pos + n), pos + n
-        elif wt == _I64:
-            if pos + 8 > end:
-                raise WireError(f"field {fno}: truncated 64-bit value")
-            v, pos = (pos, pos + 8), pos + 8
-        elif wt == _I32:
-            if pos + 4 > end:
-                raise WireError(f"field {fno}: truncated 32-bit value")
-            v, pos = (pos, pos + 4), pos + 4
-        else:
-            raise WireError(f"field {fno}: unsupported wire type {wt}")
-        if fno == 0:
-            raise WireError("field number 0 is invalid")
-        yield fno, wt, v
-    if pos != end:
-        raise WireError("message ends inside a field")
+def _fields(buf, pos: int, end: int, msg: str):
+    """(field number, wire type, value) where value is an int or a (start, stop) span; a
+    WireError names ``msg`` (the message type) and the field."""
+    fno = None
+    try:
+        while pos < end:
+            fno = None
+            key, pos = _read_varint(buf, pos, end)
+            fno, wt = key >> 3, key & 7
+            if fno == 0:
+                raise WireError("field number 0 is invalid")
+            if wt == _VARINT:
+                v, pos = _read_varint(buf, pos, end)
+            elif wt == _LEN:
+                n, pos = _read_varint(buf, pos, end)
+                if n > end - pos:
+                    raise WireError(f"length {n} runs past the end of the message ({end - pos} bytes left)")
+                v, pos = (pos, pos + n), pos + n
+            elif wt == _I64:
+                if pos + 8 > end:
+                    raise WireError("truncated 64-bit value")
+                v, pos = (pos, pos + 8), pos + 8
+            elif wt == _I32:
+                if pos + 4 > end:
+                    raise WireError("truncated 32-bit value")
+                v, pos = (pos, pos + 4), pos + 4
+            else:
+                raise WireError(f"unsupported wire type {wt}")
+            yield fno, wt, v
+    except WireError as e:
+        raise WireError(f"{msg} {'field key' if fno is None else f'field {fno}'}: {e}") from None
 
 
 def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
+
+
+def _enum(n: int) -> int:
+    """An enum varint as protobuf reads it: the low 32 bits, signed."""
+    n &= 0xFFFFFFFF
+    return n - (1 << 32) if n >= 1 << 31 else n
 
 
 @dataclass
@@ -170,68 +216,74 @@ class PullView:
     duplicate: bool = False
 
 
-def _str(mv: memoryview, span) -> str:
+def _str(mv: memoryview, span, what: str) -> str:
     try:
         return bytes(mv[span[0]:span[1]]).decode()
     except UnicodeDecodeError:
-        raise WireError("a string field is not valid UTF-8") from None
+        raise WireError(f"{what} is not valid UTF-8") from None
 
 
 def _tensor(mv: memoryview, s: int, e: int) -> TensorView:
     t = TensorView()
-    for fno, wt, v in _fields(mv, s, e):
-        if fno == 1 and wt == _VARINT:
-            t.dtype = v
-        elif fno == 2 and wt == _LEN:  # packed shape
+    for fno, wt, v in _fields(mv, s, e, "ps.v1.Tensor"):
+        if fno == _TENSOR_DTYPE and wt == _VARINT:
+            t.dtype = _enum(v)
+        elif fno == _TENSOR_SHAPE and wt == _LEN:  # packed shape
             p = v[0]
-            while p < v[1]:
-                d, p = _read_varint(mv, p, v[1])
-                t.shape.append(_signed(d))
-        elif fno == 2 and wt == _VARINT:
+            try:
+                while p < v[1]:
+                    d, p = _read_varint(mv, p, v[1])
+                    t.shape.append(_signed(d))
+            except WireError as err:
+                raise WireError(f"ps.v1.Tensor field {fno} (packed shape): {err}") from None
+        elif fno == _TENSOR_SHAPE and wt == _VARINT:
             t.shape.append(_signed(v))
-        elif fno == 3 and wt == _LEN:
+        elif fno == _TENSOR_DATA and wt == _LEN:
             t.data = mv[v[0]:v[1]]
     return t
 
 
 def _chunk(mv: memoryview, s: int, e: int) -> ChunkView:
     c = ChunkView()
-    for fno, wt, v in _fields(mv, s, e):
-        if fno == 1 and wt == _LEN:
-            c.tensor = _str(mv, v)
-        elif fno == 2 and wt == _VARINT:
+    for fno, wt, v in _fields(mv, s, e, "ps.v1.Chunk"):
+        if fno == _CHUNK_TENSOR and wt == _LEN:
+            c.tensor = _str(mv, v, "ps.v1.Chunk.tensor")
+        elif fno == _CHUNK_OFFSET and wt == _VARINT:
             c.offset = _signed(v)
-        elif fno == 3 and wt == _LEN:
+        elif fno == _CHUNK_VALUES and wt == _LEN:
             c.values = _tensor(mv, *v)
     return c
 
 
 def decode_push(data: bytes) -> PushView:
+    """A serialized ps.v1.PushRequest, read in place; WireError names what is wrong with bytes
+    that are not one."""
     mv = memoryview(data)
     r = PushView()
-    for fno, wt, v in _fields(mv, 0, len(mv)):
-        if fno == 1 and wt == _LEN:
-            r.model = _str(mv, v)
-        elif fno == 2 and wt == _LEN:
-            r.client_id = _str(mv, v)
-        elif fno == 3 and wt == _VARINT:
+    for fno, wt, v in _fields(mv, 0, len(mv), "ps.v1.PushRequest"):
+        if fno == _PUSH_MODEL and wt == _LEN:
+            r.model = _str(mv, v, "ps.v1.PushRequest.model")
+        elif fno == _PUSH_CLIENT_ID and wt == _LEN:
+            r.client_id = _str(mv, v, "ps.v1.PushRequest.client_id")
+        elif fno == _PUSH_SEQ and wt == _VARINT:
             r.seq = v
-        elif fno == 4 and wt == _I64:
+        elif fno == _PUSH_GRAD_SCALE and wt == _I64:
             r.grad_scale = _DOUBLE.unpack_from(mv, v[0])[0]
-        elif fno == 5 and wt == _LEN:
+        elif fno == _PUSH_CHUNK and wt == _LEN:
             r.chunk = _chunk(mv, *v)
     return r
 
 
 def decode_pull_response(data: bytes) -> PullView:
+    """A serialized ps.v1.PullResponse, read in place (WireError as decode_push)."""
     mv = memoryview(data)
     r = PullView()
-    for fno, wt, v in _fields(mv, 0, len(mv)):
-        if fno == 1 and wt == _LEN:
+    for fno, wt, v in _fields(mv, 0, len(mv), "ps.v1.PullResponse"):
+        if fno == _PULL_CHUNK and wt == _LEN:
             r.chunk = _chunk(mv, *v)
-        elif fno == 2 and wt == _VARINT:
+        elif fno == _PULL_VERSION and wt == _VARINT:
             r.version = v
-        elif fno == 3 and wt == _VARINT:
+        elif fno == _PULL_DUPLICATE and wt == _VARINT:
             r.duplicate = bool(v)
     return r
 
@@ -260,20 +312,72 @@ class ShardStub(server_pb2_grpc.ParameterServerStub):
                                          response_deserializer=decode_pull_response)
 
 
+class _Malformed:
+    """What the server's Push/PushPull deserializer returns for bytes that are not a PushRequest
+    (grpc would answer a raising deserializer with INTERNAL, and log a traceback)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: WireError):
+        self.error = error
+
+
+def _decode_push_request(data: bytes):
+    try:
+        return decode_push(data)
+    except WireError as e:
+        return _Malformed(e)
+
+
+def _decoding_or_malformed(from_string):
+    """A protobuf deserializer for a client stream that returns _Malformed instead of raising:
+    grpc (1.85) aborts the call with INTERNAL when a streamed request does not deserialize but
+    never retires it, so server.stop() waited forever and SIGTERM could not stop a shard that
+    had once been sent an undecodable Assign message."""
+    def decode(data: bytes):
+        try:
+            return from_string(data)
+        except DecodeError as e:
+            return _Malformed(e)
+    return decode
+
+
+def _checked_requests(request_iterator, context, what: str = "push request"):
+    for req in request_iterator:
+        if type(req) is _Malformed:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: {req.error}")
+        yield req
+
+
+def _rejecting_malformed(handler, what: str = "push request"):
+    """``handler`` (a client-streaming method), its call ended with INVALID_ARGUMENT, naming the
+    problem, at the first request that did not decode."""
+    def handle(request_iterator, context):
+        return handler(_checked_requests(request_iterator, context, what), context)
+    return handle
+
+
 def add_shard_servicer(servicer, server: grpc.Server) -> None:
-    """Register a ParameterServer servicer: Push/PushPull requests arrive as PushView, and
-    Pull/PushPull handlers may yield pre-encoded bytes."""
+    """Register a ParameterServer servicer: Push/PushPull requests arrive as PushView (bytes that
+    are not a PushRequest end the call with INVALID_ARGUMENT), and Pull/PushPull handlers may
+    yield pre-encoded bytes."""
     methods = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].methods
     handlers = {}
     for m in methods:
         req_cls = getattr(server_pb2, m.input_type.name)
         resp_cls = getattr(server_pb2, m.output_type.name)
-        deserialize = decode_push if m.name in _FAST_REQUESTS else req_cls.FromString
+        deserialize = _decode_push_request if m.name in _FAST_REQUESTS else req_cls.FromString
         serialize = _serialize if m.name in _FAST_RESPONSES else resp_cls.SerializeToString
+        behavior = getattr(servicer, m.name)
+        if m.name in _FAST_REQUESTS:
+            behavior = _rejecting_malformed(behavior)
+        elif m.client_streaming:
+            deserialize = _decoding_or_malformed(req_cls.FromString)
+            behavior = _rejecting_malformed(behavior, m.input_type.name)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=deserialize,
+        handlers[m.name] = make(behavior, request_deserializer=deserialize,
                                 response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

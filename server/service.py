@@ -3,6 +3,7 @@ and the server process: listen, register with the scheduler, heartbeat."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -12,8 +13,10 @@ import grpc
 import numpy as np
 
 from ps import initializers, rpc, sharding, wire
-from ps.errors import InvalidArgument, NotFound, PSError, abort
-from ps.server.optimizers import OptimizerConfig
+from ps.errors import InvalidArgument, NotFound, PSError, ResourceExhausted, abort
+from ps import limits as ps_limits
+from ps.limits import Limits
+from ps.optimizer_config import OptimizerConfig
 from ps.server.shard import ShardStore, SliceRequest
 from ps.tensor import CodecError, decode_1d, dtype_code, numpy_dtype
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc
@@ -32,15 +35,28 @@ def _decode(chunk, model: str, what: str) -> np.ndarray:
 class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     """gRPC front of a ShardStore."""
 
-    def __init__(self, store: ShardStore, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES):
+    def __init__(self, store: ShardStore, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES, limits: Limits | None = None):
         self.store = store
         self.chunk_bytes = chunk_bytes
+        self.limits = limits or store.limits
         self.started = time.time()
 
+    def _names(self, what: str, req) -> None:
+        """A Push/Assign request's names, checked before any message or lookup uses them."""
+        lim = self.limits
+        lim.check_name(f"{what}: model name", req.model)
+        lim.check_name(f"{what}: tensor name", req.chunk.tensor)
+
     def CreateModel(self, request, context):
+        lim = self.limits
         try:
+            lim.check_name("create model: model name", request.model)
+            lim.check_count(f"create model '{request.model}': slices", len(request.slices), "max_slices")
             slices = []
             for s in request.slices:
+                lim.check_name(f"create model '{request.model}': tensor name", s.tensor)
+                lim.check_count(f"create model '{request.model}': tensor '{s.tensor}': shape dimensions",
+                                len(s.shape), "max_dims", InvalidArgument)
                 try:
                     dtype = numpy_dtype(s.dtype)
                 except CodecError as e:
@@ -52,6 +68,9 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             nbytes = self.store.create(request.model, slices, config, replace=request.replace)
         except (PSError, ValueError) as e:
             abort(context, e if isinstance(e, PSError) else InvalidArgument(f"create model '{request.model}': {e}"))
+        except MemoryError:  # max_bytes above what this host has left
+            abort(context, ResourceExhausted(f"create model '{request.model}': out of memory; lower this "
+                                             f"shard's limit {self.store.max_bytes} {lim.hint('max_bytes')}"))
         log.info("created model '%s': %d slices, %d bytes, optimizer %s", request.model,
                  len(request.slices), nbytes, config.name)
         return server_pb2.CreateModelResponse(bytes=nbytes)
@@ -60,6 +79,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         n = 0
         try:
             for req in request_iterator:
+                self._names("assign to", req)
                 values = _decode(req.chunk, req.model, "assign to")
                 self.store.assign(req.model, req.chunk.tensor, req.chunk.offset, values)
                 n += 1
@@ -68,6 +88,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         return server_pb2.AssignResponse(chunks=n)
 
     def _apply(self, req: server_pb2.PushRequest):
+        self._names("push to", req)
+        self.limits.check_name("push to: client_id", req.client_id)
         grad = _decode(req.chunk, req.model, "push to")
         return self.store.push(req.model, req.client_id, req.seq, req.chunk.tensor, req.chunk.offset,
                                grad, req.grad_scale or 1.0)
@@ -98,7 +120,12 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def Pull(self, request, context) -> Iterator[bytes]:
         max_chunk = request.max_chunk_bytes or self.chunk_bytes
+        lim = self.limits
         try:
+            lim.check_name("pull from: model name", request.model)
+            lim.check_chunk_bytes(f"pull from '{request.model}'", request.max_chunk_bytes)
+            lim.check_count(f"pull from '{request.model}': ranges", len(request.ranges), "max_slices")
+            lim.check_names(f"pull from '{request.model}': tensor name", (r.tensor for r in request.ranges))
             model = self.store.model(request.model)
             if request.ranges:
                 wanted = [(model.locate(r.tensor, r.offset, r.length, "pull from"), r.offset, r.length)
@@ -109,13 +136,16 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
         for sl, offset, length in wanted:
             code = dtype_code(sl.param.dtype)
-            for o, n in sharding.chunks(offset, length, sl.param.itemsize, max_chunk):
+            for o, n in sharding.iter_chunks(offset, length, sl.param.itemsize, max_chunk):
                 yield self.store.read_slice(sl, o, n, lambda view, version, o=o:
                                             wire.encode_pull_response(sl.tensor, o, code, view, version))
 
     def DeleteModel(self, request, context):
         try:
+            self.limits.check_name("delete model: model name", request.model)
             freed = self.store.delete(request.model)
+        except InvalidArgument as e:
+            abort(context, e)
         except NotFound:
             return server_pb2.DeleteModelResponse(deleted=False)
         log.info("deleted model '%s': %d bytes freed", request.model, freed)
@@ -132,6 +162,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                             bytes=nbytes, pushes=sum(s.pushes for s in slices),
                             pulls=sum(s.pulls for s in slices),
                             max_version=max((s.version for s in slices), default=0),
+                            min_version=min((s.version for s in slices), default=0),
                             optimizer=m.optimizer.config.name)
         resp.bytes = total
         return resp
@@ -157,7 +188,7 @@ class SchedulerLink:
         resp = rpc.retry_unavailable(
             lambda: self.stub.RegisterServer(scheduler_pb2.RegisterServerRequest(address=self.advertise),
                                              timeout=rpc.DEFAULT_TIMEOUT_S),
-            f"registering with the scheduler at {self.scheduler}", deadline_s)
+            f"registering with the scheduler at {self.scheduler}", deadline_s, address=self.scheduler)
         self.server_id, self.interval = resp.server_id, resp.heartbeat_interval_s or 1.0
         log.info("registered with scheduler %s as %s (advertising %s)", self.scheduler, self.server_id,
                  self.advertise)
@@ -188,10 +219,14 @@ class SchedulerLink:
 def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str | None = None,
         threads: int = 32, max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
         max_bytes: int | None = None, port_file: str | None = None, connect_timeout: float = 60.0,
-        flow_window: int = rpc.DEFAULT_FLOW_WINDOW) -> None:
-    """The `paramserver server` process: serve until SIGTERM/SIGINT."""
+        flow_window: int = rpc.DEFAULT_FLOW_WINDOW, limits: Limits | None = None) -> None:
+    """The `paramserver server` process: serve until SIGTERM/SIGINT. ``limits``: what requests may
+    name (default: ps.limits.current()); ``max_bytes`` and ``max_message_bytes`` override its own."""
     rpc.tune_malloc(arena_max=1)
-    store = ShardStore(max_bytes=max_bytes)
+    limits = dataclasses.replace(limits or ps_limits.current(), max_message_bytes=max_message_bytes,
+                                 **({} if max_bytes is None else {"max_bytes": max_bytes}))
+    ps_limits.configure(limits)
+    store = ShardStore(limits=limits)
     window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window)] if flow_window else []
     server = rpc.make_server(threads, max_message_bytes, window)
     wire.add_shard_servicer(ParameterServerServicer(store), server)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ps import initializers
 from ps.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from ps.server.optimizers import Optimizer, OptimizerConfig, make_optimizer
+from ps.limits import Limits, current as current_limits
+from ps.optimizer_config import OptimizerConfig
+from ps.server.optimizers import Optimizer, make_optimizer
 from ps.tensor import count_nonfinite
 
 PARAM_DTYPES = (np.dtype("float32"), np.dtype("float64"))
@@ -33,8 +36,10 @@ class SliceState:
     version: int = 0
     pushes: int = 0
     pulls: int = 0
-    # client id -> [seq, end of the last chunk applied for that seq, step used by that push]
-    applied: dict[str, list[int]] = field(default_factory=dict)
+    # client id -> [seq, end of the last chunk applied for that seq, step used by that push, when
+    # (monotonic) that client last pushed here]; pruned by age (ShardStore.dedup_ttl_s)
+    applied: dict[str, list] = field(default_factory=dict)
+    pruned_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -90,7 +95,9 @@ class ModelState:
             raise NotFound(f"{what}: model '{self.name}' has no tensor '{tensor}' on this shard")
         i = bisect.bisect_right(meta.starts, offset) - 1
         if length < 0 or i < 0 or offset + length > meta.slices[i].stop:
-            held = ", ".join(f"[{s.offset}, {s.stop})" for s in meta.slices)
+            held = ", ".join(f"[{s.offset}, {s.stop})" for s in meta.slices[:8])
+            if len(meta.slices) > 8:
+                held += f" and {len(meta.slices) - 8} more slices"
             raise InvalidArgument(f"{what}: range [{offset}, {offset + length}) of '{self.name}/{tensor}' "
                                   f"is not held by this shard (it holds {held})")
         return meta.slices[i]
@@ -118,10 +125,17 @@ def check_finite(values: np.ndarray, what: str) -> None:
 class ShardStore:
     """Every model this shard holds."""
 
-    def __init__(self, max_bytes: int | None = None):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None, limits: Limits | None = None,
+                 dedup_ttl_s: float = 3600.0, clock=time.monotonic):
+        self.limits = limits or current_limits()
+        #: bytes of parameters + optimizer state this shard may hold (default: the limits' max_bytes)
+        self.max_bytes = self.limits.max_bytes if max_bytes is None else max_bytes
         self._models: dict[str, ModelState] = {}
         self._lock = threading.Lock()
+        #: a client's exactly-once record on a slice is dropped once it has not pushed there for
+        #: this long (a retry comes within seconds; worker churn must not grow the records forever)
+        self.dedup_ttl_s = dedup_ttl_s
+        self._clock = clock
 
     def model(self, name: str) -> ModelState:
         m = self._models.get(name)
@@ -142,6 +156,9 @@ class ShardStore:
         """Allocate and initialise a model's slices; returns bytes allocated."""
         if not name:
             raise InvalidArgument("create model: the model name is empty")
+        lim = self.limits
+        lim.check_name("create model: model name", name)
+        lim.check_count(f"create model '{name}': slices", len(slices), "max_slices")
         try:
             optimizer = make_optimizer(config)
         except ValueError as e:
@@ -154,6 +171,7 @@ class ShardStore:
                 raise InvalidArgument(f"create model '{name}': tensor '{req.tensor}' is declared as both "
                                       f"{meta.dtype}{list(meta.shape)} and {req.dtype}{list(req.shape)}")
             meta.slices.append(req)  # placeholder, replaced by SliceState below
+        lim.check_count(f"create model '{name}': tensors", len(tensors), "max_tensors")
         need = 0
         for tname, meta in tensors.items():
             meta.slices.sort(key=lambda r: r.offset)
@@ -165,26 +183,26 @@ class ShardStore:
         with self._lock:
             if name in self._models and not replace:
                 raise AlreadyExists(f"model '{name}' already exists on this shard")
+            if name not in self._models:
+                lim.check_count(f"create model '{name}': models on this shard", len(self._models) + 1, "max_models")
             held = sum(m.nbytes for k, m in self._models.items() if k != name)
             if self.max_bytes is not None and held + need > self.max_bytes:
                 raise ResourceExhausted(f"create model '{name}': needs {need} bytes, this shard holds {held} "
-                                        f"of its limit {self.max_bytes}")
+                                        f"of its limit {self.max_bytes} {lim.hint('max_bytes')}")
             for meta in tensors.values():
                 meta.slices = [self._allocate(r, optimizer) for r in meta.slices]
                 meta.starts = [s.offset for s in meta.slices]
             self._models[name] = ModelState(name, optimizer, tensors)
         return need
 
-    @staticmethod
-    def _check_slice(name: str, r: SliceRequest) -> None:
+    def _check_slice(self, name: str, r: SliceRequest) -> None:
         what = f"create model '{name}': tensor '{r.tensor}'"
         if not r.tensor:
             raise InvalidArgument(f"create model '{name}': a slice has an empty tensor name")
+        self.limits.check_name(f"create model '{name}': tensor name", r.tensor)
         if r.dtype not in PARAM_DTYPES:
             raise InvalidArgument(f"{what}: parameters must be float32 or float64, got {r.dtype}")
-        if any(d < 0 for d in r.shape):
-            raise InvalidArgument(f"{what}: negative dimension in shape {list(r.shape)}")
-        size = int(np.prod(r.shape, dtype=np.int64))
+        size = self.limits.check_shape(what, r.shape)  # exact: np.prod would wrap around int64
         if r.offset < 0 or r.length < 0 or r.offset + r.length > size:
             raise InvalidArgument(f"{what}: slice [{r.offset}, {r.offset + r.length}) is outside its "
                                   f"{size} elements")
@@ -228,20 +246,31 @@ class ShardStore:
         check_finite(grad, f"push to '{name}/{tensor}' [{offset}, {offset + grad.size})")
         a, b = offset - sl.offset, offset - sl.offset + grad.size
         with sl.lock:
+            now = self._clock()
             rec = sl.applied.get(client_id)
             if rec is not None and (seq < rec[0] or (seq == rec[0] and offset < rec[1])):
+                rec[3] = now
                 return sl, False
             if rec is not None and seq == rec[0]:
                 step = rec[2]  # a later chunk of a push that already counted as this slice's update
-                rec[1] = offset + grad.size
+                rec[1], rec[3] = offset + grad.size, now
             else:
                 sl.version += 1
                 step = sl.version
-                sl.applied[client_id] = [seq, offset + grad.size, step]
+                sl.applied[client_id] = [seq, offset + grad.size, step, now]
+                if now - sl.pruned_at > self.dedup_ttl_s / 4:
+                    self._prune(sl, now)
             m.optimizer.apply(sl.param[a:b], grad, {k: v[a:b] for k, v in sl.state.items()}, step,
                               grad_scale or 1.0)
             sl.pushes += 1
         return sl, True
+
+    def _prune(self, sl: SliceState, now: float) -> None:
+        """Drop the records of clients silent on this slice for longer than dedup_ttl_s (under its lock)."""
+        old = [cid for cid, rec in sl.applied.items() if now - rec[3] > self.dedup_ttl_s]
+        for cid in old:
+            del sl.applied[cid]
+        sl.pruned_at = now
 
     @staticmethod
     def read_slice(sl: SliceState, offset: int, length: int, encode):

@@ -10,15 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ps.server.optimizers import (
-    OPTIMIZERS,
-    OptimizerConfig,
-    Schedule,
-    clip_norm_scale,
-    lr_at,
-    make_optimizer,
-    update_rate,
-)
+from ps.optimizer_config import OPTIMIZERS, OptimizerConfig, Schedule, clip_norm_scale, lr_at
+from ps.server.optimizers import make_optimizer, update_rate
 from ps.v1 import optimizer_pb2
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "torch_optim_reference.json").read_text())

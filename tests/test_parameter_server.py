@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import grpc
@@ -231,8 +232,11 @@ def test_chunks_smaller_than_a_slice_count_as_one_update_per_push(cluster):
         for g in grads:
             fresh = model.push_pull({"w": g})
         model.push({"w": grads[0]})   # a fourth push, then the same one again as a retry:
-        model._seq -= 1
+        assert model.duplicates == 0
+        small._seqs = itertools.count(small.next_seq() - 1)
         model.push({"w": grads[0]})
+        chunks = sum(-(-s.length * 8 // small.chunk_bytes) for s in model.slices)
+        assert (model.pushes, model.duplicates) == (5, chunks)  # every chunk of the repeat was skipped
         got = model.pull()["w"]
         model.delete()
     opt = make_optimizer(config)
@@ -306,7 +310,7 @@ class HoldingShard:
 @pytest.mark.parametrize("inflight", [1, 3])
 def test_push_pull_sends_at_most_inflight_chunks_ahead_of_the_replies(cluster, inflight):
     from ps.client import Model
-    from ps.server.optimizers import OptimizerConfig
+    from ps.optimizer_config import OptimizerConfig
     from ps.server.shard import ShardStore, SliceRequest
     from ps.v1 import scheduler_pb2
     n, chunk = 8 * 1024, 4096  # 8 chunks of 1024 float32

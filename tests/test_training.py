@@ -69,6 +69,10 @@ def test_submit_wait_save_and_predict_locally(cluster, tmp_path):
         _, test_idx = train_test_split(len(digits.x), 0.3, 0)
         pred = loaded.predict(digits.x[test_idx])  # raw pixels: the saved scaler is applied
         accuracy = float((pred == digits.y[test_idx]).mean())
+        proba = loaded.predict_proba(digits.x[test_idx])
+        assert proba.shape == (len(test_idx), 10)
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
+        np.testing.assert_array_equal(proba.argmax(axis=1), pred)
         assert accuracy == pytest.approx(model.metrics["test_accuracy"], abs=0.02)
         curves = read_scalars(tmp_path / "tb" / job.job_id)
         assert [s for s, _ in curves["test/accuracy"]] == [1, 2, 3, 4, 5]
@@ -85,22 +89,17 @@ def test_several_jobs_run_at_once_each_with_its_own_model(cluster):
         assert not np.array_equal(models[0].weights["0.dense.w"], models[1].weights["0.dense.w"])
 
 
-BAD_SPECS = [
-    ({"model": [{"type": "dense", "units": 10}, {"type": "foo"}]}, "spec.model: layer 1: unknown layer type 'foo'"),
+SCHEMA_ERRORS = [
     ({"loss": "hinge"}, "spec.loss: unknown loss 'hinge'"),
-    ({"model": [{"type": "conv2d", "filters": 4, "kernel": 3}]}, "spec.model: layer 0"),
-    ({"data": {"uri": "/nonexistent/data.csv"}}, "spec.data.uri: "),
-    ({"model": [{"type": "dense", "units": 5}]}, "spec.data: label 5 at row"),
     ({"batch_size": 0}, "spec.batch_size: expected a positive int, got 0"),
     ({"optimizer": {"name": "adamz"}}, "spec.optimizer: unknown optimizer 'adamz'"),
     ({"epochz": 3}, "spec.epochz: unknown field"),
 ]
 
 
-@pytest.mark.parametrize("change,message", BAD_SPECS, ids=["unknown-layer", "unknown-loss", "shapes-dont-chain",
-                                                           "missing-file", "label-out-of-range", "batch-size",
-                                                           "optimizer", "unknown-field"])
-def test_bad_specs_are_rejected_at_submit_and_start_nothing(cluster, change, message):
+@pytest.mark.parametrize("change,message", SCHEMA_ERRORS, ids=["unknown-loss", "batch-size", "optimizer",
+                                                               "unknown-field"])
+def test_specs_that_break_the_schema_are_rejected_at_submit_and_start_nothing(cluster, change, message):
     spec = small_mlp().to_dict()
     spec.update(change)
     with ps.Client(cluster.address) as client:
@@ -111,14 +110,39 @@ def test_bad_specs_are_rejected_at_submit_and_start_nothing(cluster, change, mes
         assert len(client.jobs()) == before
 
 
-def test_unparsable_csv_is_rejected_at_submit(cluster, tmp_path):
+DATA_ERRORS = [
+    ({"model": [{"type": "dense", "units": 10}, {"type": "foo"}]}, "spec.model: layer 1: unknown layer type 'foo'"),
+    ({"model": [{"type": "conv2d", "filters": 4, "kernel": 3}]}, "spec.model: layer 0"),
+    ({"data": {"uri": "/nonexistent/data.csv"}}, "spec.data.uri: "),
+    ({"model": [{"type": "dense", "units": 5}]}, "spec.data: label 5 at row"),
+]
+
+
+@pytest.mark.parametrize("change,message", DATA_ERRORS, ids=["unknown-layer", "shapes-dont-chain", "missing-file",
+                                                             "label-out-of-range"])
+def test_specs_that_dont_fit_their_data_fail_the_job_at_its_first_task(cluster, change, message):
+    """The scheduler reads no data: a worker inspects it as the job's first task, and its error
+    fails the job with the same field-naming message; no parameters are created."""
+    spec = small_mlp().to_dict()
+    spec.update(change)
+    with ps.Client(cluster.address) as client:
+        job = client.submit(spec)
+        with pytest.raises(ps.JobFailed) as err:
+            job.wait(progress=False, timeout=60)
+        assert job.info().error.startswith(message) and message in str(err.value)
+        assert [e.state for e in job.events() if e.kind == "state"] == ["queued", "failed"]
+        held = {m.model for s in client.cluster().servers for m in client.stats(s.address).models}
+        assert job.job_id not in held and job.job_id not in client.cluster().models
+
+
+def test_unparsable_csv_fails_the_job_naming_the_value(cluster, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b,label\n1,2,0\n3,oops,1\n")
     spec = small_mlp().to_dict()
     spec.update(data={"uri": str(bad), "label": "label"}, model=[{"type": "dense", "units": 2}])
     with ps.Client(cluster.address) as client:
-        with pytest.raises(ps.InvalidArgument, match="oops"):
-            client.submit(spec)
+        with pytest.raises(ps.JobFailed, match="oops"):
+            client.submit(spec).wait(progress=False, timeout=60)
 
 
 def test_cancel_stops_tasks_and_frees_parameters_on_every_server(cluster):
@@ -147,7 +171,7 @@ def test_a_worker_killed_mid_job_costs_time_not_the_job():
         assert model.metrics["test_accuracy"] >= 0.95
 
 
-def test_a_failing_worker_fails_the_job_with_its_message(tmp_path):
+def test_data_that_vanishes_after_submit_fails_the_job_naming_the_file(tmp_path):
     data = tmp_path / "data.csv"
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 3))
@@ -155,14 +179,14 @@ def test_a_failing_worker_fails_the_job_with_its_message(tmp_path):
     spec = small_mlp().to_dict()
     spec.update(data={"uri": str(data), "label": "y"}, model=[{"type": "dense", "units": 2}])
     with ps.LocalCluster(servers=1, workers=0) as c, ps.Client(c.address) as client:
-        job = client.submit(spec)  # validated: the file is there
-        data.unlink()              # ... and then it vanishes before any worker reads it
+        job = client.submit(spec)  # schema-checked only: the scheduler reads no data
+        data.unlink()              # the file vanishes before any worker reads it
         warning = next(e for e in job.events() if e.kind == "warning")
         assert "no workers are registered with the scheduler" in warning.message
         c.add_worker()
         with pytest.raises(ps.JobFailed) as err:
             job.wait(progress=False, timeout=60)
-        assert "FileNotFoundError" in str(err.value) and "data.csv" in str(err.value)
+        assert f"spec.data.uri: no such dataset file: {data}" in str(err.value)
         assert job.status() == "failed"
 
 

@@ -12,10 +12,11 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+
+from ps.worker.dataset import Dataset
 
 FORMATS = ("npz", "csv", "tsv", "libsvm", "svmlight", "idx", "parquet")
 
@@ -26,18 +27,6 @@ _EXTENSIONS = {
 _COMPRESSIONS = ("gz", "bz2", "xz", "zst", "lz4")
 
 
-@dataclass
-class Dataset:
-    """Examples as numpy arrays: ``x`` float32 (N, ...), ``y`` int64 class ids or float32 targets."""
-
-    x: np.ndarray
-    y: np.ndarray
-    feature_names: list[str] | None = None
-    classes: list[str] | None = None   # label names when the label column held text; y indexes them
-    sparse: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # CSR (data, indices, indptr), LIBSVM only
-
-    def __len__(self) -> int:
-        return len(self.x)
 
 
 def read_dataset(uri: str, format: str | None = None, *, label: str | int | None = None,

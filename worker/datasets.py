@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from ps.worker.data import Dataset
+from ps.worker.dataset import Dataset
 
 BUILTINS = ("digits",)
 GENERATORS = ("classification", "regression")
@@ -53,6 +53,12 @@ def synthetic(kind: str, n: int = 10_000, features: int = 20, classes: int = 2, 
         raise ValueError(f"unknown synthetic generator '{kind}' (available: {', '.join(GENERATORS)})")
     if n < 1 or features < 1:
         raise ValueError(f"synthetic:{kind}: n and features must be at least 1, got n={n}, features={features}")
+    from ps.errors import PSError
+    from ps.limits import current
+    try:  # before anything is drawn: n x features values are allocated at once
+        current().check_synthetic(f"synthetic:{kind}", n, features, classes if kind == "classification" else None)
+    except PSError as e:
+        raise ValueError(str(e)) from None
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, features), dtype=np.float32)
     names = [f"x{i}" for i in range(features)]
@@ -102,6 +108,6 @@ def open_uri(uri: str) -> Dataset:
         try:
             kwargs[key] = _PARAMS[key](float(value)) if _PARAMS[key] is int and "e" in value.lower() \
                 else _PARAMS[key](value)
-        except ValueError:
+        except (ValueError, OverflowError):  # int(float("1e400")) overflows
             raise ValueError(f"{uri}: parameter '{key}' must be a number, got '{value}'") from None
     return synthetic(name, **kwargs)

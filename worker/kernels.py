@@ -3,6 +3,11 @@
 On NumPy each runs its reference implementation; on CuPy a fused kernel (built lazily, so
 importing this module never needs CuPy) computes the same numbers in one launch. The GPU
 tests compare the two.
+
+Every CUDA kernel is a ``cupy.RawKernel`` over contiguous arrays, built from complete CUDA C that
+``cuda_sources()`` returns without CuPy, one source per kernel and dtype (float32, float64): CI
+compiles each with NVRTC for compute_80 and compute_90 (tests/test_kernels_compile.py), so a
+kernel that does not compile fails there, not first on a GPU host.
 """
 
 from __future__ import annotations
@@ -26,6 +31,60 @@ def pair(v) -> tuple[int, int]:
     if isinstance(v, (tuple, list)):
         return int(v[0]), int(v[1])
     return int(v), int(v)
+
+
+# ---------------------------------------------------------------- CUDA kernels: sources and launches
+
+KERNEL_DTYPES = ("float32", "float64")  # the dtypes every CUDA kernel is built (and compile-checked) for
+_CTYPES = {"float32": "float", "float64": "double"}
+# dtype -> its kernels' name suffix: a dict lookup, as numpy's dtype.name costs microseconds a call.
+_KERNEL_SUFFIX = {np.dtype(name): name for name in KERNEL_DTYPES}
+
+
+def _kernel_suffix(xp, a) -> str | None:
+    """The name suffix of the CUDA kernels for ``a``; None on NumPy, or for a dtype with no kernels."""
+    return _KERNEL_SUFFIX.get(a.dtype) if is_cupy(xp) else None
+
+
+def _contiguous(xp, a):
+    return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
+
+# An elementwise kernel: one element per iteration of a grid-stride loop over contiguous arrays,
+# flat index ``i``; ``body`` reads its inputs at ``i`` and writes its outputs there. ``size`` is
+# always the last parameter.
+_ELEMENTWISE_SOURCE = """\
+typedef {ctype} T;
+
+extern "C" __global__ void {name}({params}, const long long size) {{
+    for (long long _i = (long long)blockIdx.x * blockDim.x + threadIdx.x; _i < size;
+         _i += (long long)blockDim.x * gridDim.x) {{
+        const ptrdiff_t i = _i;
+{body}
+    }}
+}}
+"""
+
+
+def _elementwise_source(name: str, dtype: str, params: str, body: str) -> str:
+    body = "\n".join(("        " + line) if line.strip() else "" for line in body.strip("\n").splitlines())
+    return _ELEMENTWISE_SOURCE.format(ctype=_CTYPES[dtype], name=name, params=params, body=body)
+
+
+_THREADS = 256
+_MAX_BLOCKS = 65536  # the grid-stride loops cover any size beyond 256 * 65536 elements
+
+
+@functools.cache
+def _raw_kernel(name: str):
+    import cupy
+    return cupy.RawKernel(_sources()[name], name)
+
+
+def _launch(name: str, size: int, args: tuple) -> None:
+    """Run elementwise kernel ``name`` over ``size`` elements (nothing to do for 0); ``args`` without ``size``."""
+    if size:
+        blocks = min((size + _THREADS - 1) // _THREADS, _MAX_BLOCKS)
+        _raw_kernel(name)((blocks,), (_THREADS,), (*args, np.int64(size)))
 
 
 # ---------------------------------------------------------------- bias + activation
@@ -74,29 +133,52 @@ _BWD_CODE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _act_forward_kernel(act: str, with_bias: bool):
-    import cupy
+def _act_forward_name(act: str, with_bias: bool, dtype: str) -> str:
+    return f"ps_{'bias_' if with_bias else ''}{act}_forward_{dtype}"
+
+
+def _act_backward_name(act: str, dtype: str) -> str:
+    return f"ps_{act}_backward_{dtype}"
+
+
+def _act_forward_source(act: str, with_bias: bool, dtype: str) -> str:
+    name = _act_forward_name(act, with_bias, dtype)
     if with_bias:
-        # b has shape (n,) and broadcasts over the rows of z (n = last axis).
-        return cupy.ElementwiseKernel("T z, T b, float64 alpha", "T y", "T v = z + b; " + _FWD_CODE[act],
-                                      f"ps_bias_{act}_forward")
-    return cupy.ElementwiseKernel("T z, float64 alpha", "T y", "T v = z; " + _FWD_CODE[act], f"ps_{act}_forward")
+        # b has shape (nb,) and broadcasts over the rows of z (nb = z's last axis, z contiguous).
+        params = ("const T* __restrict__ z_, const T* __restrict__ b_, const long long nb, const double alpha, "
+                  "T* __restrict__ y_")
+        load = "const T z = z_[i];\nconst T b = b_[i % nb];\nT y;\nT v = z + b; "
+    else:
+        params = "const T* __restrict__ z_, const double alpha, T* __restrict__ y_"
+        load = "const T z = z_[i];\nT y;\nT v = z; "
+    return _elementwise_source(name, dtype, params, load + _FWD_CODE[act] + "\ny_[i] = y;")
 
 
-@functools.lru_cache(maxsize=None)
-def _act_backward_kernel(act: str):
-    import cupy
-    return cupy.ElementwiseKernel("T g, T y, float64 alpha", "T dz", _BWD_CODE[act], f"ps_{act}_backward")
+def _act_backward_source(act: str, dtype: str) -> str:
+    params = ("const T* __restrict__ g_, const T* __restrict__ y_, const double alpha, "
+              "T* __restrict__ dz_")
+    body = "const T g = g_[i];\nconst T y = y_[i];\nT dz;\n" + _BWD_CODE[act] + "\ndz_[i] = dz;"
+    return _elementwise_source(_act_backward_name(act, dtype), dtype, params, body)
 
 
 def bias_act_forward(xp, z, b, act: str, alpha: float = 0.01):
     """``act(z + b)`` with ``b`` (shape (n,), or None for no bias) broadcast over the last axis of ``z``."""
     _check_act(act)
-    if is_cupy(xp):
+    suffix = _kernel_suffix(xp, z)
+    if suffix is not None:
+        z = _contiguous(xp, z)
+        if b is not None:
+            b = b.astype(z.dtype, copy=False)
+            if b.shape != z.shape[-1:]:
+                # Any other broadcast: add in z's dtype (as the fused kernel does), then activate.
+                return bias_act_forward(xp, z + b, None, act, alpha)
+        y = xp.empty(z.shape, z.dtype)
         if b is None:
-            return _act_forward_kernel(act, False)(z, float(alpha))
-        return _act_forward_kernel(act, True)(z, b.astype(z.dtype, copy=False), float(alpha))
+            _launch(_act_forward_name(act, False, suffix), y.size, (z, np.float64(alpha), y))
+        else:
+            _launch(_act_forward_name(act, True, suffix), y.size,
+                    (z, _contiguous(xp, b), np.int64(b.size), np.float64(alpha), y))
+        return y
     v = z if b is None else z + b
     return _act_ref(xp, v, act, alpha)
 
@@ -107,8 +189,15 @@ def bias_act_backward(xp, grad_out, out, act: str, alpha: float = 0.01, bias: bo
     The bias gradient sums the pre-activation gradient over every axis but the last.
     """
     _check_act(act)
-    if is_cupy(xp):
-        dz = _act_backward_kernel(act)(grad_out, out, float(alpha))
+    suffix = _kernel_suffix(xp, grad_out)
+    if suffix is not None:
+        if out.dtype != grad_out.dtype:
+            raise TypeError(f"bias_act_backward: grad_out is {grad_out.dtype} but out is {out.dtype}")
+        if grad_out.shape != out.shape:
+            grad_out, out = xp.broadcast_arrays(grad_out, out)
+        grad_out, out = _contiguous(xp, grad_out), _contiguous(xp, out)
+        dz = xp.empty(out.shape, out.dtype)
+        _launch(_act_backward_name(act, suffix), dz.size, (grad_out, out, np.float64(alpha), dz))
     else:
         dz = _act_grad_ref(xp, grad_out, out, act, alpha)
     db = dz.reshape(-1, dz.shape[-1]).sum(axis=0) if bias else None
@@ -150,16 +239,13 @@ extern "C" __global__ void ps_softmax_xent_REAL(const REAL* logits, const long l
 """
 
 
-@functools.lru_cache(maxsize=None)
-def _softmax_xent_kernel(dtype_name: str):
-    import cupy
-    if dtype_name == "float32":
+def _softmax_xent_source(dtype: str) -> str:
+    if dtype == "float32":
         real, exp, log, nan = "float", "expf", "logf", "__int_as_float(0x7fc00000)"
     else:
         real, exp, log, nan = "double", "exp", "log", "__longlong_as_double(0x7ff8000000000000LL)"
-    code = (_SOFTMAX_XENT_CODE.replace("NAN_VALUE", nan).replace("REAL", real)
-            .replace("EXP", exp).replace("LOG", log))
-    return cupy.RawKernel(code, f"ps_softmax_xent_{real}")
+    return (_SOFTMAX_XENT_CODE.replace("ps_softmax_xent_REAL", f"ps_softmax_xent_{dtype}")
+            .replace("NAN_VALUE", nan).replace("REAL", real).replace("EXP", exp).replace("LOG", log).lstrip("\n"))
 
 
 def _softmax_xent_ref(xp, logits, labels):
@@ -195,7 +281,7 @@ def softmax_xent(xp, logits, labels):
     correct = xp.empty(n, np.int32)
     if n:
         threads = 128
-        _softmax_xent_kernel(logits.dtype.name)(
+        _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(
             ((n + threads - 1) // threads,), (threads,),
             (logits, labels, np.int64(n), np.int64(c), logits.dtype.type(1.0 / n), d, losses, correct))
     return float(losses.sum()) / max(n, 1), d, int(correct.sum())
@@ -203,20 +289,22 @@ def softmax_xent(xp, logits, labels):
 
 # ---------------------------------------------------------------- binary cross-entropy with logits
 
-@functools.lru_cache(maxsize=None)
-def _bce_kernel():
-    import cupy
-    return cupy.ElementwiseKernel(
-        "T z, T t, T inv_n", "T loss, T dz, int32 ok",
-        """
-        // max(z, 0) - z t + log(1 + exp(-|z|)) is log(1 + exp(z)) - z t without overflow.
-        const T e = exp(z >= (T)0 ? -z : z);
-        loss = (z > (T)0 ? z : (T)0) - z * t + log1p(e);
-        const T s = z >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
-        dz = (s - t) * inv_n;
-        ok = ((z > (T)0) == (t > (T)0.5)) ? 1 : 0;
-        """,
-        "ps_bce_logits")
+_BCE_CODE = """
+// max(z, 0) - z t + log(1 + exp(-|z|)) is log(1 + exp(z)) - z t without overflow.
+const T e = exp(z >= (T)0 ? -z : z);
+loss = (z > (T)0 ? z : (T)0) - z * t + log1p(e);
+const T s = z >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
+dz = (s - t) * inv_n;
+ok = ((z > (T)0) == (t > (T)0.5)) ? 1 : 0;
+"""
+
+
+def _bce_source(dtype: str) -> str:
+    params = ("const T* __restrict__ z_, const T* __restrict__ t_, const T inv_n, T* __restrict__ loss_, "
+              "T* __restrict__ dz_, int* __restrict__ ok_")
+    body = ("const T z = z_[i];\nconst T t = t_[i];\nT loss;\nT dz;\nint ok;" + _BCE_CODE
+            + "loss_[i] = loss;\ndz_[i] = dz;\nok_[i] = ok;")
+    return _elementwise_source(f"ps_bce_logits_{dtype}", dtype, params, body)
 
 
 def bce_logits(xp, logits, targets):
@@ -227,8 +315,11 @@ def bce_logits(xp, logits, targets):
     """
     targets = targets.reshape(logits.shape).astype(logits.dtype, copy=False)
     size = max(logits.size, 1)
-    if is_cupy(xp) and logits.dtype in (np.float32, np.float64):
-        loss, d, ok = _bce_kernel()(logits, targets, logits.dtype.type(1.0 / size))
+    suffix = _kernel_suffix(xp, logits)
+    if suffix is not None:
+        z, t = _contiguous(xp, logits), _contiguous(xp, targets)
+        loss, d, ok = xp.empty(z.shape, z.dtype), xp.empty(z.shape, z.dtype), xp.empty(z.shape, np.int32)
+        _launch(f"ps_bce_logits_{suffix}", z.size, (z, t, z.dtype.type(1.0 / size), loss, d, ok))
         return float(loss.sum()) / size, d, int(ok.sum())
     e = xp.exp(-xp.abs(logits))
     loss = float((xp.maximum(logits, 0) - logits * targets + xp.log1p(e)).sum()) / size
@@ -286,19 +377,29 @@ for (int ki = 0; ki < KH; ++ki) {
 dx = acc;
 """
 
-_GEOMETRY = "int32 C, int32 H, int32 W, int32 KH, int32 KW, int32 SH, int32 SW, int32 PH, int32 PW, int32 OH, int32 OW"
+_GEOMETRY = ("const int C, const int H, const int W, const int KH, const int KW, const int SH, const int SW, "
+             "const int PH, const int PW, const int OH, const int OW")
 
 
-@functools.lru_cache(maxsize=None)
-def _im2col_kernel():
-    import cupy
-    return cupy.ElementwiseKernel("raw T x, " + _GEOMETRY, "T col", _IM2COL_CODE, "ps_im2col")
+def _im2col_source(dtype: str) -> str:
+    # One output element (row (n, oh, ow), column (c, ki, kj)) per index i of the contiguous cols.
+    params = "const T* __restrict__ x, " + _GEOMETRY + ", T* __restrict__ col_"
+    return _elementwise_source(f"ps_im2col_{dtype}", dtype, params, "T col;" + _IM2COL_CODE + "col_[i] = col;")
 
 
-@functools.lru_cache(maxsize=None)
-def _col2im_kernel():
-    import cupy
-    return cupy.ElementwiseKernel("raw T cols, " + _GEOMETRY, "T dx", _COL2IM_CODE, "ps_col2im")
+def _col2im_source(dtype: str) -> str:
+    # One pixel (n, c, h, w) of the contiguous dx per index i.
+    params = "const T* __restrict__ cols, " + _GEOMETRY + ", T* __restrict__ dx_"
+    return _elementwise_source(f"ps_col2im_{dtype}", dtype, params, "T dx;" + _COL2IM_CODE + "dx_[i] = dx;")
+
+
+def _geometry_args(c, h, w, kh, kw, sh, sw, ph, pw, oh, ow) -> tuple:
+    return tuple(np.int32(v) for v in (c, h, w, kh, kw, sh, sw, ph, pw, oh, ow))
+
+
+def _kernel_dtype(dtype) -> np.dtype:
+    """The dtype a CUDA kernel computes ``dtype`` in: itself when built for it, else float64."""
+    return dtype if dtype in _KERNEL_SUFFIX else np.dtype(np.float64)
 
 
 def im2col(xp, x, kh: int, kw: int, stride=1, pad=0):
@@ -310,10 +411,13 @@ def im2col(xp, x, kh: int, kw: int, stride=1, pad=0):
     n, c, h, w = x.shape
     oh, ow = conv_output_hw(h, w, kh, kw, (sh, sw), (ph, pw))
     if is_cupy(xp):
-        cols = xp.empty((n * oh * ow, c * kh * kw), x.dtype)
-        if cols.size:
-            _im2col_kernel()(xp.ascontiguousarray(x), c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, cols)
-        return cols
+        # Kernels exist for float32 and float64; any other dtype is gathered in float64 (exact) and cast back.
+        kt = _kernel_dtype(x.dtype)
+        cols = xp.empty((n * oh * ow, c * kh * kw), kt)
+        geometry = _geometry_args(c, h, w, kh, kw, sh, sw, ph, pw, oh, ow)
+        xc = _contiguous(xp, x.astype(kt, copy=False))
+        _launch(f"ps_im2col_{_KERNEL_SUFFIX[kt]}", cols.size, (xc, *geometry, cols))
+        return cols if kt == x.dtype else cols.astype(x.dtype)
     if ph or pw:
         x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
@@ -327,10 +431,13 @@ def col2im(xp, cols, x_shape, kh: int, kw: int, stride=1, pad=0):
     n, c, h, w = x_shape
     oh, ow = conv_output_hw(h, w, kh, kw, (sh, sw), (ph, pw))
     if is_cupy(xp):
-        dx = xp.empty(tuple(x_shape), cols.dtype)
-        if dx.size:
-            _col2im_kernel()(xp.ascontiguousarray(cols), c, h, w, kh, kw, sh, sw, ph, pw, oh, ow, dx)
-        return dx
+        # Kernels exist for float32 and float64; any other dtype is summed in float64 and cast back.
+        kt = _kernel_dtype(cols.dtype)
+        dx = xp.empty(tuple(x_shape), kt)
+        geometry = _geometry_args(c, h, w, kh, kw, sh, sw, ph, pw, oh, ow)
+        cc = _contiguous(xp, cols.astype(kt, copy=False))
+        _launch(f"ps_col2im_{_KERNEL_SUFFIX[kt]}", dx.size, (cc, *geometry, dx))
+        return dx if kt == cols.dtype else dx.astype(cols.dtype)
     cols6 = cols.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # (N, C, kh, kw, OH, OW)
     dx = np.zeros((n, c, h + 2 * ph, w + 2 * pw), cols.dtype)
     for ki in range(kh):  # kh*kw strided adds, whatever the batch size
@@ -339,3 +446,31 @@ def col2im(xp, cols, x_shape, kh: int, kw: int, stride=1, pad=0):
     if ph or pw:
         dx = np.ascontiguousarray(dx[:, :, ph:ph + h, pw:pw + w])
     return dx
+
+
+# ---------------------------------------------------------------- every CUDA source
+
+@functools.cache
+def _sources() -> dict[str, str]:
+    out = {}
+    for dtype in KERNEL_DTYPES:
+        for act in ACTIVATIONS:
+            for with_bias in (True, False):
+                out[_act_forward_name(act, with_bias, dtype)] = _act_forward_source(act, with_bias, dtype)
+            out[_act_backward_name(act, dtype)] = _act_backward_source(act, dtype)
+        out[f"ps_softmax_xent_{dtype}"] = _softmax_xent_source(dtype)
+        out[f"ps_bce_logits_{dtype}"] = _bce_source(dtype)
+        out[f"ps_im2col_{dtype}"] = _im2col_source(dtype)
+        out[f"ps_col2im_{dtype}"] = _col2im_source(dtype)
+    return out
+
+
+def cuda_sources() -> dict[str, str]:
+    """Every CUDA kernel the worker can launch, as complete CUDA C (no CuPy needed): kernel name -> source.
+
+    One entry per kernel, activation, bias or none, and dtype in ``KERNEL_DTYPES``; each source
+    defines one ``extern "C" __global__`` function named like its key. The CuPy path builds its
+    kernels from exactly these sources (``cupy.RawKernel(source, name)``), and CI compiles every
+    one with NVRTC for compute_80 and compute_90 without a GPU (tests/test_kernels_compile.py).
+    """
+    return dict(_sources())

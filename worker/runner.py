@@ -18,9 +18,13 @@ import numpy as np
 
 from ps.client import Client, Model
 from ps.errors import PSError
+from ps.spec import SpecError
 from ps.v1 import scheduler_pb2
 
 log = logging.getLogger("ps.worker")
+
+#: an idle worker's LeaseTask waits this long at the scheduler for work (a long poll: no busy polling)
+LEASE_WAIT_S = 5.0
 
 
 class TaskAbandoned(Exception):
@@ -39,6 +43,12 @@ class JobContext:
     y_train: object
     x_test: object
     y_test: object
+    #: push_pull writes fresh weights into these two sets in turn (fresh arrays every step cost
+    #: their page faults): the set being written is never the one the next batch computes with
+    bufs: list = None
+
+    def __post_init__(self):
+        self.bufs = [{k: np.empty(s.shape, s.dtype) for k, s in self.handle.specs.items()} for _ in range(2)]
 
 
 class Worker:
@@ -118,8 +128,14 @@ class Worker:
         """Lease and run tasks until ``stop`` is set."""
         while not self.stop.is_set():
             try:
-                resp = self.client.scheduler.LeaseTask(scheduler_pb2.LeaseTaskRequest(worker_id=self.worker_id),
-                                                       timeout=10)
+                call = self.client.scheduler.LeaseTask.future(
+                    scheduler_pb2.LeaseTaskRequest(worker_id=self.worker_id, wait_s=LEASE_WAIT_S),
+                    timeout=LEASE_WAIT_S + 10)
+                while not call.done():
+                    if self.stop.wait(0.05):
+                        call.cancel()  # stopping: don't sit out the long poll
+                        return
+                resp = call.result()
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     self._register()
@@ -138,11 +154,17 @@ class Worker:
         result = {}
         error = ""
         try:
-            ctx = self._context(task)
-            result = self._train(ctx, task) if task.kind == "train" else self._eval(ctx, task)
+            if task.kind == "inspect":
+                result = self._inspect(task)
+            else:
+                ctx = self._context(task)
+                result = self._train(ctx, task) if task.kind == "train" else self._eval(ctx, task)
         except TaskAbandoned as e:
             log.info("task %s abandoned: %s", task.task_id, e)
             return
+        except SpecError as e:  # the job's spec does not fit its data: the message names the field
+            error = str(e)
+            log.error("task %s: %s", task.task_id, e)
         except Exception as e:  # noqa: BLE001 - any failure of the computation fails the job, with its message
             error = f"{type(e).__name__}: {e}"
             log.exception("task %s failed", task.task_id)
@@ -156,11 +178,19 @@ class Worker:
         except grpc.RpcError as e:
             log.warning("could not report task %s: %s", task.task_id, e.details())
 
+    def _inspect(self, task: scheduler_pb2.Task) -> dict:
+        """The job's first task: read its data, check it against the spec, report what the
+        scheduler needs to start it (preprocessing statistics, parameter initializer specs)."""
+        from ps.spec import JobSpec
+        from ps.worker.inspect import inspect
+        return {"result_json": json.dumps(inspect(JobSpec.from_json(task.spec_json)))}
+
     def _context(self, task: scheduler_pb2.Task) -> JobContext:
         ctx = self.jobs.get(task.job_id)
         if ctx is not None:
             return ctx
-        from ps.spec import JobSpec, build_model, load_data
+        from ps.spec import JobSpec
+        from ps.worker.inspect import build_model, load_data
         from ps.trained import scale
         from ps.worker.preprocess import one_hot, train_test_split
         spec = JobSpec.from_json(task.spec_json)
@@ -180,7 +210,11 @@ class Worker:
         ctx = JobContext(spec, prep, model, self.client.model(task.job_id),
                          xp.asarray(x[train_idx]), xp.asarray(y[train_idx]),
                          xp.asarray(x[test_idx]), xp.asarray(y[test_idx]))
-        self.jobs = {task.job_id: ctx}  # keep one job's data: workers move on with the queue
+        if self.jobs:  # keep one job's data and buffers: workers move on with the queue
+            from ps.worker.xp import release_pinned
+            self.jobs.clear()
+            release_pinned()
+        self.jobs = {task.job_id: ctx}
         return ctx
 
     def _to_device(self, weights: dict) -> dict:
@@ -196,11 +230,10 @@ class Worker:
         xp, spec = self.xp, ctx.spec
         lo, hi = shard_ranges(len(ctx.x_train), task.shards)[task.shard]
         params = self._to_device(ctx.handle.pull())
-        # push_pull writes fresh weights into these two sets in turn (fresh arrays every step cost
-        # their page faults): the set being written is never the one the next batch computes with.
-        bufs = [{k: np.empty(s.shape, s.dtype) for k, s in ctx.handle.specs.items()} for _ in range(2)]
+        bufs = ctx.bufs
         pending: Future | None = None
-        loss_sum, samples, steps = 0.0, 0, 0
+        loss_sum, samples = 0.0, 0
+        pushes_before, duplicates_before = ctx.handle.pushes, ctx.handle.duplicates
         seed = spec.seed * 1_000_003 + task.shard
         for i, idx in enumerate(batches(hi - lo, spec.batch_size, seed, task.epoch)):
             self._check(task)
@@ -216,10 +249,14 @@ class Worker:
             n = len(idx)
             loss_sum += float(loss) * n
             samples += n
-            steps += 1
         if pending is not None:
             pending.result()
-        return {"samples": samples, "steps": steps, "loss_sum": loss_sum}
+        # What the servers acknowledged for this task (the handle counts across tasks of the job).
+        steps, duplicates = ctx.handle.pushes - pushes_before, ctx.handle.duplicates - duplicates_before
+        if duplicates:
+            log.warning("task %s: the servers skipped %d gradient chunk(s) as already applied", task.task_id,
+                        duplicates)
+        return {"samples": samples, "steps": steps, "loss_sum": loss_sum, "duplicates": duplicates}
 
     def _eval(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
         from ps.worker.losses import LOSSES
@@ -239,6 +276,13 @@ class Worker:
     def close(self) -> None:
         self.stop.set()
         self._pusher.shutdown(wait=True)
+        if self.worker_id:
+            try:  # leaving on purpose: the scheduler re-queues our leases now and logs us as leaving
+                self.client.scheduler.DeregisterWorker(
+                    scheduler_pb2.DeregisterWorkerRequest(worker_id=self.worker_id), timeout=2)
+                log.info("deregistered from scheduler %s", self.client.address)
+            except grpc.RpcError as e:
+                log.warning("could not deregister from scheduler %s: %s", self.client.address, e.details())
         if self.health is not None:
             self.health[0].stop(0)
         self.client.close()

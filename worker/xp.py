@@ -70,6 +70,12 @@ def _pinned_buffer(key: str, nbytes: int) -> np.ndarray:
     return buf
 
 
+def release_pinned() -> None:
+    """Drop the page-locked buffers (a worker moving on to another job's tensors)."""
+    with _pinned_lock:
+        _pinned.clear()
+
+
 def pinned_to_host(xp, arrays: dict) -> dict:
     """Copy a dict of device arrays to host NumPy arrays through reused page-locked buffers.
 

@@ -115,6 +115,14 @@ class Cluster:
             w.last_seen = now
             return True
 
+    def deregister_worker(self, worker_id: str, now: float) -> Worker | None:
+        """A worker leaving on purpose; returns it (None if unknown)."""
+        with self._lock:
+            w = self.workers.pop(worker_id, None)
+            if w is not None:
+                self.transitions.record(now, worker_id, "up -> left", "deregistered")
+            return w
+
     def expire_workers(self, now: float, timeout: float) -> list[Worker]:
         """Forget workers silent for longer than ``timeout``; return them."""
         with self._lock:

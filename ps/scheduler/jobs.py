@@ -1,11 +1,18 @@
 """Jobs, tasks and leases as a pure state machine (no sockets; every event carries ``now``).
 
-A job runs epoch by epoch: the training split is cut into ``shards`` train tasks per epoch,
-which any worker may lease and run concurrently (asynchronous SGD: no barrier between
+A job starts with one ``inspect`` task: a worker reads the job's data, checks it against the
+spec and reports the preprocessing statistics and the model's parameter specs (the scheduler
+itself never reads data or builds models). Its parameters are then created on the servers,
+and the job runs epoch by epoch: the training split is cut into ``shards`` train tasks per
+epoch, which any worker may lease and run concurrently (asynchronous SGD: no barrier between
 workers). When an epoch's train tasks are all done, its eval task (the held-out split) and
 the next epoch's train tasks are queued. The job succeeds when the last epoch's eval is done.
 A lease that is not extended by its worker's heartbeat expires and the task goes back to
 the queue; a late result from an expired lease is dropped.
+
+``now`` is a monotonic clock (leases, ages); events carry wall-clock time for people. Every
+per-heartbeat and per-lease operation touches only the worker's own leases or the job at
+hand, never every task, so the cost per call does not grow with the number of jobs.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ps.errors import FailedPrecondition, NotFound
 from ps.scheduler.transitions import TransitionLog
@@ -23,13 +32,17 @@ QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "starting", "running", "succeeded", "failed", "cancelled")
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PENDING, LEASED, DONE = "pending", "leased", "done"
+INSPECT, TRAIN, EVAL = "inspect", "train", "eval"
+
+#: events kept per job (older ones are dropped; seq numbers keep counting)
+DEFAULT_MAX_EVENTS = 1000
 
 
 @dataclass
 class Task:
     task_id: str
     job_id: str
-    kind: str          # train | eval
+    kind: str          # inspect | train | eval
     epoch: int
     shard: int
     shards: int
@@ -43,13 +56,19 @@ class Task:
 @dataclass
 class Event:
     seq: int
-    time: float
+    time: float        # wall clock
     kind: str
     state: str
     message: str = ""
     metrics: dict = field(default_factory=dict)
     tasks_done: int = 0
     tasks_total: int = 0
+    wire: object = field(default=None, compare=False, repr=False)  # its ps.v1.JobEvent, built once for all followers
+
+
+def _new_metrics() -> dict:
+    return {"epoch": 0, "steps": 0, "samples": 0, "train_loss": math.nan, "test_loss": math.nan,
+            "test_accuracy": math.nan, "samples_per_s": 0.0, "seconds": 0.0, "duplicates": 0}
 
 
 @dataclass
@@ -57,22 +76,33 @@ class Job:
     job_id: str
     name: str
     spec_json: str
-    prep: dict
+    prep: dict | None        # None until the inspect task reports
     epochs: int
     shards: int
     lease_timeout: float
-    submitted_at: float
+    submitted_at: float      # wall clock
+    max_events: int = DEFAULT_MAX_EVENTS
+    keep_params: bool = False
+    request_id: str = ""
     state: str = QUEUED
     error: str = ""
     started_at: float = 0.0
+    finished_at: float = 0.0  # monotonic, when it reached a terminal state
+    params: dict = field(default_factory=dict)  # tensor name -> ps.initializers.Init fields
+    params_freed: bool = False
     tasks: dict[str, Task] = field(default_factory=dict)
-    events: list[Event] = field(default_factory=list)
-    metrics: dict = field(default_factory=lambda: {"epoch": 0, "steps": 0, "samples": 0, "train_loss": math.nan,
-                                                   "test_loss": math.nan, "test_accuracy": math.nan,
-                                                   "samples_per_s": 0.0, "seconds": 0.0})
+    events: deque = field(default_factory=deque)
+    next_event: int = 1
+    metrics: dict = field(default_factory=_new_metrics)
     epoch_loss: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, samples]
     warned_idle: bool = False
-    queued_epochs: int = 0  # epochs whose train tasks have been queued
+    queued_epochs: int = 0   # epochs whose train tasks have been queued
+    done: int = 0            # tasks done (train and eval)
+    pending_in: Counter = field(default_factory=Counter)   # epoch -> pending train tasks
+    undone_in: Counter = field(default_factory=Counter)    # epoch -> train tasks not done
+
+    def __post_init__(self):
+        self.events = deque(self.events, maxlen=self.max_events)
 
     @property
     def tasks_total(self) -> int:
@@ -80,30 +110,45 @@ class Job:
 
     @property
     def tasks_done(self) -> int:
-        return sum(t.state == DONE for t in self.tasks.values())
+        return self.done
 
 
 class Jobs:
-    """Every job and task; thread-safe. ``changed`` is notified on every new event."""
+    """Every job and task; thread-safe. ``changed`` is notified on every new event, and each
+    listener is called with the job id (and with "" when there is new work to lease)."""
 
-    def __init__(self, wall_clock=None):
+    def __init__(self, wall_clock: Callable[[], float] = time.time, max_events: int = DEFAULT_MAX_EVENTS):
         self.jobs: dict[str, Job] = {}
         self.queue: deque[str] = deque()  # pending task ids, oldest first
         self.transitions = TransitionLog()
         self.changed = threading.Condition(threading.RLock())
+        self.listeners: list[Callable[[str], None]] = []
+        self.max_events = max_events
         self._ids = itertools.count(1)
         self._leases = itertools.count(1)
         self._wall = wall_clock
+        self._leased: dict[str, Task] = {}              # task id -> task, every task under lease
+        self._by_worker: dict[str, set[str]] = {}       # worker id -> task ids it holds
+        self._requests: dict[str, str] = {}             # submit request id -> job id
 
     # -- helpers -----------------------------------------------------------------
-    def _event(self, job: Job, now: float, kind: str, message: str = "") -> None:
-        job.events.append(Event(len(job.events) + 1, now, kind, job.state, message, dict(job.metrics),
-                                job.tasks_done, job.tasks_total))
+    def _notify(self, key: str) -> None:
         self.changed.notify_all()
+        for listener in self.listeners:
+            listener(key)
+
+    def _event(self, job: Job, now: float, kind: str, message: str = "") -> None:
+        job.events.append(Event(job.next_event, self._wall(), kind, job.state, message, dict(job.metrics),
+                                job.tasks_done, job.tasks_total))
+        job.next_event += 1
+        self._notify(job.job_id)
 
     def _set_state(self, job: Job, state: str, now: float, reason: str) -> None:
         self.transitions.record(now, job.job_id, f"{job.state} -> {state}", reason)
         job.state = state
+        if state in TERMINAL:
+            job.finished_at = now
+            self._drop_tasks(job)
         self._event(job, now, "state", reason)
 
     def get(self, job_id: str) -> Job:
@@ -116,7 +161,7 @@ class Jobs:
         """Queue an epoch's train tasks (once)."""
         if epoch < job.epochs and epoch >= job.queued_epochs:
             for s in range(job.shards):
-                self._enqueue(job, "train", epoch, s)
+                self._enqueue(job, TRAIN, epoch, s)
             job.queued_epochs = epoch + 1
 
     def _lookahead(self) -> bool:
@@ -127,31 +172,57 @@ class Jobs:
             if job.state != RUNNING or job.queued_epochs >= job.epochs:
                 continue
             last = job.queued_epochs - 1
-            older_done = all(t.state == DONE for t in job.tasks.values() if t.kind == "train" and t.epoch < last)
-            if older_done and all(t.state != PENDING for t in job.tasks.values() if t.epoch == last):
+            older_done = all(job.undone_in[e] == 0 for e in range(max(last, 0)))
+            if older_done and job.pending_in[last] == 0:
                 self._enqueue_epoch(job, last + 1)
                 return True
         return False
 
     def _enqueue(self, job: Job, kind: str, epoch: int, shard: int) -> None:
-        """Queue a task; evals go first so an epoch's accuracy is measured close to its end."""
-        tid = f"{job.job_id}/{kind}-{epoch}" + (f"-{shard}" if kind == "train" else "")
+        """Queue a task; inspect and eval tasks go first (an epoch's accuracy is measured close to its end)."""
+        tid = f"{job.job_id}/{kind}" + (f"-{epoch}" if kind != INSPECT else "") + (
+            f"-{shard}" if kind == TRAIN else "")
         job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard, job.shards)
-        if kind == "eval":
-            self.queue.appendleft(tid)
-        else:
+        if kind == TRAIN:
+            job.pending_in[epoch] += 1
+            job.undone_in[epoch] += 1
             self.queue.append(tid)
+        else:
+            self.queue.appendleft(tid)
+        self._notify("")
 
     # -- job lifecycle -------------------------------------------------------------
-    def submit(self, name: str, spec_json: str, prep: dict, epochs: int, lease_timeout: float,
-               now: float) -> Job:
+    def submit(self, name: str, spec_json: str, prep: dict | None, epochs: int, lease_timeout: float,
+               now: float, *, request_id: str = "", keep_params: bool = False) -> Job:
+        """A new job (or, for a request id seen before, the job that request created). Without
+        ``prep`` the job's first task inspects its data; with it, the job is ready to start."""
         with self.changed:
+            if request_id and request_id in self._requests and self._requests[request_id] in self.jobs:
+                return self.jobs[self._requests[request_id]]
             job_id = f"job-{next(self._ids)}"
-            job = Job(job_id, name, spec_json, prep, epochs, int(prep["shards"]), lease_timeout, now)
+            job = Job(job_id, name, spec_json, prep, epochs, int(prep["shards"]) if prep else 0, lease_timeout,
+                      self._wall(), max_events=self.max_events, keep_params=keep_params, request_id=request_id)
             self.jobs[job_id] = job
+            if request_id:
+                self._requests[request_id] = job_id
             self.transitions.record(now, job_id, "new -> queued", "submitted")
             self._event(job, now, "state", "submitted")
+            if prep is None:
+                self._enqueue(job, INSPECT, 0, 0)
             return job
+
+    def inspected(self, job: Job, result: dict, now: float) -> None:
+        """The inspect task's result: the preprocessing statistics and the parameters' specs."""
+        job.prep = dict(result["prep"])
+        job.params = dict(result["params"])
+        job.shards = int(job.prep["shards"])
+        self._event(job, now, "task", f"data inspected: {job.prep.get('n_train', '?')} training examples, "
+                                      f"{job.shards} train tasks per epoch")
+
+    def ready(self) -> list[Job]:
+        """Queued jobs whose data has been inspected: their parameters can be created."""
+        with self.changed:
+            return [j for j in self.jobs.values() if j.state == QUEUED and j.prep is not None]
 
     def mark_starting(self, job_id: str, now: float) -> Job:
         with self.changed:
@@ -170,12 +241,13 @@ class Jobs:
             self._set_state(job, RUNNING, now, f"{job.shards} train tasks per epoch, {job.epochs} epochs")
 
     def warn_idle(self, have_workers: bool, now: float) -> list[Job]:
-        """Running jobs with pending work and no worker to lease it get one warning event each
+        """Jobs with pending work and no worker to lease it get one warning event each
         (again after workers came and went), so a client sees why nothing moves."""
         warned = []
         with self.changed:
             for job in self.jobs.values():
-                if have_workers or job.state != RUNNING:
+                waiting = job.state == RUNNING or (job.state == QUEUED and job.prep is None)
+                if have_workers or not waiting:
                     job.warned_idle = False
                     continue
                 if not job.warned_idle:
@@ -190,7 +262,6 @@ class Jobs:
             job = self.get(job_id)
             if job.state not in TERMINAL:
                 job.error = error
-                self._drop_tasks(job)
                 self._set_state(job, FAILED, now, error)
             return job
 
@@ -199,31 +270,96 @@ class Jobs:
             job = self.get(job_id)
             if job.state in TERMINAL:
                 raise FailedPrecondition(f"job '{job_id}' already {job.state}")
-            self._drop_tasks(job)
             self._set_state(job, CANCELLED, now, "cancelled by a client")
             return job
 
     def _drop_tasks(self, job: Job) -> None:
-        self.queue = deque(t for t in self.queue if self.jobs[self._job_of(t)] is not job)
+        """A job that ended keeps its counters, not its tasks; tasks still leased stay known (as
+        leased) until their worker's next heartbeat tells it to abandon them."""
+        self.queue = deque(t for t in self.queue if self._job_of(t) != job.job_id)
+        job.tasks = {tid: t for tid, t in job.tasks.items() if t.state == LEASED}
+
+    def delete(self, job_id: str, now: float) -> Job:
+        """Forget a job (cancelling it first if it has not ended); returns it."""
+        with self.changed:
+            job = self.get(job_id)
+            if job.state not in TERMINAL:
+                self._set_state(job, CANCELLED, now, "deleted by a client")
+            self._forget(job)
+            self._notify(job.job_id)
+            return job
+
+    def _forget(self, job: Job) -> None:
+        for t in list(job.tasks.values()):
+            self._unlease(t)
+        del self.jobs[job.job_id]
+        if job.request_id:
+            self._requests.pop(job.request_id, None)
+        self.transitions.record(0.0, job.job_id, f"{job.state} -> forgotten", "retention or delete")
+
+    def retire(self, now: float, keep: int, keep_s: float) -> list[Job]:
+        """Forget ended jobs beyond the newest ``keep`` and those ended more than ``keep_s`` ago."""
+        with self.changed:
+            ended = sorted((j for j in self.jobs.values() if j.state in TERMINAL), key=lambda j: j.finished_at)
+            excess = max(0, len(ended) - keep)
+            drop = [j for i, j in enumerate(ended) if i < excess or now - j.finished_at > keep_s]
+            for job in drop:
+                self._forget(job)
+            return drop
+
+    def params_due(self, now: float, after_s: float) -> list[Job]:
+        """Succeeded jobs whose parameters have been kept ``after_s`` and did not ask to keep them."""
+        with self.changed:
+            return [j for j in self.jobs.values() if j.state == SUCCEEDED and not j.keep_params
+                    and not j.params_freed and now - j.finished_at >= after_s]
+
+    def page(self, size: int, token: str) -> tuple[list[Job], str]:
+        """Jobs newest first, ``size`` at a time; the token names where the next page starts."""
+        with self.changed:
+            ordered = sorted(self.jobs.values(), key=lambda j: int(j.job_id.split("-")[1]), reverse=True)
+            if token:
+                try:
+                    below = int(token)
+                except ValueError:
+                    raise FailedPrecondition(f"list jobs: page_token '{token[:40]}' is not one this scheduler "
+                                             f"gave out") from None
+                ordered = [j for j in ordered if int(j.job_id.split("-")[1]) < below]
+            page = ordered[:size]
+            more = len(ordered) > size
+            return page, (page[-1].job_id.split("-")[1] if more and page else "")
 
     @staticmethod
     def _job_of(task_id: str) -> str:
         return task_id.split("/", 1)[0]
 
     # -- tasks -------------------------------------------------------------------
+    def _unlease(self, t: Task) -> None:
+        self._leased.pop(t.task_id, None)
+        held = self._by_worker.get(t.worker_id)
+        if held is not None:
+            held.discard(t.task_id)
+            if not held:
+                del self._by_worker[t.worker_id]
+
     def lease(self, worker_id: str, now: float) -> tuple[Task, Job] | None:
-        """The oldest pending task of a running job, leased to ``worker_id``."""
+        """The oldest pending task of a job that can run it, leased to ``worker_id``."""
         with self.changed:
             while self.queue or self._lookahead():
                 tid = self.queue.popleft()
-                job = self.jobs[self._job_of(tid)]
-                task = job.tasks[tid]
-                if job.state != RUNNING or task.state != PENDING:
+                job = self.jobs.get(self._job_of(tid))
+                task = job.tasks.get(tid) if job is not None else None
+                if task is None or task.state != PENDING:
+                    continue
+                if job.state != (QUEUED if task.kind == INSPECT else RUNNING):
                     continue
                 task.state, task.worker_id = LEASED, worker_id
                 task.lease_id = f"lease-{next(self._leases)}"
                 task.expires = now + job.lease_timeout
                 task.attempts += 1
+                if task.kind == TRAIN:
+                    job.pending_in[task.epoch] -= 1
+                self._leased[tid] = task
+                self._by_worker.setdefault(worker_id, set()).add(tid)
                 self.transitions.record(now, tid, "pending -> leased", f"to {worker_id} as {task.lease_id}")
                 return task, job
             return None
@@ -232,67 +368,83 @@ class Jobs:
         """A worker's heartbeat: extend its leases; return the ones it must abandon."""
         abandon = []
         with self.changed:
-            for job in self.jobs.values():
-                for t in job.tasks.values():
-                    if t.worker_id == worker_id and t.state == LEASED:
-                        if job.state == RUNNING:
-                            t.expires = max(t.expires, now + job.lease_timeout)
-                        else:
-                            abandon.append(t.task_id)
+            for tid in list(self._by_worker.get(worker_id, ())):
+                t = self._leased[tid]
+                job = self.jobs.get(t.job_id)
+                if job is not None and job.state not in TERMINAL:
+                    t.expires = max(t.expires, now + job.lease_timeout)
+                else:
+                    abandon.append(tid)
+                    self._unlease(t)
+                    if job is not None:
+                        job.tasks.pop(tid, None)
         return abandon
 
     def expire(self, now: float) -> list[Task]:
         """Return expired leases' tasks to the front of the queue."""
         expired = []
         with self.changed:
-            for job in self.jobs.values():
-                if job.state != RUNNING:
-                    continue
-                for t in job.tasks.values():
-                    if t.state == LEASED and now > t.expires:
-                        self.transitions.record(now, t.task_id, "leased -> pending",
-                                     f"lease {t.lease_id} of {t.worker_id} expired")
-                        t.state, t.worker_id, t.lease_id = PENDING, "", ""
-                        self.queue.appendleft(t.task_id)
-                        expired.append(t)
-                        self._event(job, now, "task", f"lease on {t.task_id} expired: task re-queued")
+            for t in [t for t in self._leased.values() if now > t.expires]:
+                job = self.jobs.get(t.job_id)
+                if job is None or job.state in TERMINAL:
+                    continue  # the worker learns to abandon it at its next heartbeat
+                self.transitions.record(now, t.task_id, "leased -> pending",
+                                        f"lease {t.lease_id} of {t.worker_id} expired")
+                self._unlease(t)
+                t.state, t.worker_id, t.lease_id = PENDING, "", ""
+                if t.kind == TRAIN:
+                    job.pending_in[t.epoch] += 1
+                self.queue.appendleft(t.task_id)
+                expired.append(t)
+                self._event(job, now, "task", f"lease on {t.task_id} expired: task re-queued")
+            if expired:
+                self._notify("")
         return expired
 
     def release_worker(self, worker_id: str, now: float) -> None:
         """A worker said goodbye (or was declared dead): its tasks go back to the queue."""
         with self.changed:
-            for job in self.jobs.values():
-                for t in job.tasks.values():
-                    if t.worker_id == worker_id and t.state == LEASED:
-                        t.expires = now - 1
+            for tid in self._by_worker.get(worker_id, ()):
+                self._leased[tid].expires = now - 1
         self.expire(now)
 
     def complete(self, task_id: str, lease_id: str, now: float, *, error: str = "", samples: int = 0,
-                 steps: int = 0, loss_sum: float = 0.0, correct: int = 0, seconds: float = 0.0) -> bool:
+                 steps: int = 0, loss_sum: float = 0.0, correct: int = 0, seconds: float = 0.0,
+                 duplicates: int = 0, result: dict | None = None) -> bool:
         """A worker's result. False when its lease is no longer valid (the result is dropped)."""
         with self.changed:
             job = self.jobs.get(self._job_of(task_id))
             task = job.tasks.get(task_id) if job else None
-            if task is None or task.state != LEASED or task.lease_id != lease_id or job.state != RUNNING:
+            if task is None or task.state != LEASED or task.lease_id != lease_id:
                 return False
-            if error:
-                task.state = DONE
-                self.fail(job.job_id, f"{task.kind} task {task_id} failed on {task.worker_id}: {error}", now)
-                return True
+            self._unlease(task)
+            if job.state in TERMINAL:
+                job.tasks.pop(task_id, None)
+                return False
             task.state = DONE
+            if error:  # an inspect task's error is the spec's own field-naming message
+                self.fail(job.job_id, error if task.kind == INSPECT else
+                          f"{task.kind} task {task_id} failed on {task.worker_id}: {error}", now)
+                return True
             self.transitions.record(now, task_id, "leased -> done", f"by {task.worker_id}")
             m = job.metrics
-            if task.kind == "train":
+            if task.kind == INSPECT:
+                self.inspected(job, result or {}, now)
+                return True
+            job.done += 1
+            if task.kind == TRAIN:
+                job.undone_in[task.epoch] -= 1
                 m["samples"] += samples
                 m["steps"] += steps
+                m["duplicates"] += duplicates
                 acc = job.epoch_loss.setdefault(task.epoch, [0.0, 0])
                 acc[0] += loss_sum
                 acc[1] += samples
                 m["seconds"] = now - job.started_at
                 m["samples_per_s"] = m["samples"] / m["seconds"] if m["seconds"] > 0 else 0.0
-                if all(t.state == DONE for t in job.tasks.values() if t.kind == "train" and t.epoch == task.epoch):
+                if job.undone_in[task.epoch] == 0:
                     m["train_loss"] = acc[0] / max(acc[1], 1)
-                    self._enqueue(job, "eval", task.epoch, 0)
+                    self._enqueue(job, EVAL, task.epoch, 0)
                     self._enqueue_epoch(job, task.epoch + 1)
                 self._event(job, now, "task", f"{task_id} done")
             else:
@@ -307,7 +459,10 @@ class Jobs:
             return True
 
     def events_after(self, job_id: str, after: int) -> tuple[list[Event], bool]:
-        """Events with seq > after, and whether the job has ended."""
+        """Events with seq > after (those still kept), and whether the job has ended."""
         with self.changed:
             job = self.get(job_id)
-            return job.events[after:], job.state in TERMINAL
+            events = job.events
+            first = events[0].seq if events else job.next_event
+            start = max(0, after - first + 1)
+            return list(itertools.islice(events, start, None)), job.state in TERMINAL

@@ -27,7 +27,7 @@ from ps.v1 import optimizer_pb2 as ps_dot_v1_dot_optimizer__pb2
 from ps.v1 import server_pb2 as ps_dot_v1_dot_server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ps/v1/scheduler.proto\x12\x05ps.v1\x1a\x12ps/v1/tensor.proto\x1a\x15ps/v1/optimizer.proto\x1a\x12ps/v1/server.proto\"(\n\x15RegisterServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"I\n\x16RegisterServerResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"D\n\x10HeartbeatRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06models\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11GetClusterRequest\"|\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06models\x18\x06 \x03(\t\"[\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\"e\n\x0b\x43lusterView\x12\"\n\x07servers\x18\x01 \x03(\x0b\x32\x11.ps.v1.ServerInfo\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\"\n\x07workers\x18\x03 \x03(\x0b\x32\x11.ps.v1.WorkerInfo\"F\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\"\x9a\x01\n\x10PlanModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12\x17\n\x0fmax_slice_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\"P\n\x0fSliceAssignment\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\"\xba\x01\n\x08ShardMap\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\x12\"\n\x07tensors\x18\x03 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12&\n\x06slices\x18\x04 \x03(\x0b\x32\x16.ps.v1.SliceAssignment\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\x12\x17\n\x0fmax_slice_bytes\x18\x06 \x01(\x03\"#\n\x12GetShardMapRequest\x12\r\n\x05model\x18\x01 \x01(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"$\n\x11\x44ropModelResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"%\n\x10SubmitJobRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"\xa1\x01\n\nJobMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x0f\n\x07samples\x18\x08 \x01(\x03\"\xce\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\"\n\x07metrics\x18\x06 \x01(\x0b\x32\x11.ps.v1.JobMetrics\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\x12\x12\n\ntasks_done\x18\x08 \x01(\x05\x12\x13\n\x0btasks_total\x18\t \x01(\x05\x12\x11\n\tprep_json\x18\n \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.ps.v1.JobInfo\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x13\x46\x65tchWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"0\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x03\"\xa0\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\"\n\x07metrics\x18\x06 \x01(\x0b\x32\x11.ps.v1.JobMetrics\x12\x12\n\ntasks_done\x18\x07 \x01(\x05\x12\x13\n\x0btasks_total\x18\x08 \x01(\x05\"5\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"+\n\x16WorkerHeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"A\n\x17WorkerHeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61ncelled_tasks\x18\x02 \x03(\t\"%\n\x10LeaseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\xb4\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\r\n\x05shard\x18\x06 \x01(\x05\x12\x0e\n\x06shards\x18\x07 \x01(\x05\x12\x11\n\tspec_json\x18\x08 \x01(\t\x12\x11\n\tprep_json\x18\t \x01(\t\x12\x17\n\x0flease_timeout_s\x18\n \x01(\x01\"E\n\x11LeaseTaskResponse\x12\x19\n\x04task\x18\x01 \x01(\x0b\x32\x0b.ps.v1.Task\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\"\xae\x01\n\x13\x43ompleteTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x10\n\x08loss_sum\x18\x07 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x08 \x01(\x03\x12\x0f\n\x07seconds\x18\t \x01(\x01\"(\n\x14\x43ompleteTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\x85\x08\n\tScheduler\x12M\n\x0eRegisterServer\x12\x1c.ps.v1.RegisterServerRequest\x1a\x1d.ps.v1.RegisterServerResponse\x12>\n\tHeartbeat\x12\x17.ps.v1.HeartbeatRequest\x1a\x18.ps.v1.HeartbeatResponse\x12:\n\nGetCluster\x12\x18.ps.v1.GetClusterRequest\x1a\x12.ps.v1.ClusterView\x12\x35\n\tPlanModel\x12\x17.ps.v1.PlanModelRequest\x1a\x0f.ps.v1.ShardMap\x12\x39\n\x0bGetShardMap\x12\x19.ps.v1.GetShardMapRequest\x1a\x0f.ps.v1.ShardMap\x12>\n\tDropModel\x12\x17.ps.v1.DropModelRequest\x1a\x18.ps.v1.DropModelResponse\x12\x34\n\tSubmitJob\x12\x17.ps.v1.SubmitJobRequest\x1a\x0e.ps.v1.JobInfo\x12.\n\x06GetJob\x12\x14.ps.v1.GetJobRequest\x1a\x0e.ps.v1.JobInfo\x12;\n\x08ListJobs\x12\x16.ps.v1.ListJobsRequest\x1a\x17.ps.v1.ListJobsResponse\x12\x34\n\tCancelJob\x12\x17.ps.v1.CancelJobRequest\x1a\x0e.ps.v1.JobInfo\x12\x35\n\x08WatchJob\x12\x16.ps.v1.WatchJobRequest\x1a\x0f.ps.v1.JobEvent0\x01\x12\x41\n\x0c\x46\x65tchWeights\x12\x1a.ps.v1.FetchWeightsRequest\x1a\x13.ps.v1.PullResponse0\x01\x12M\n\x0eRegisterWorker\x12\x1c.ps.v1.RegisterWorkerRequest\x1a\x1d.ps.v1.RegisterWorkerResponse\x12P\n\x0fWorkerHeartbeat\x12\x1d.ps.v1.WorkerHeartbeatRequest\x1a\x1e.ps.v1.WorkerHeartbeatResponse\x12>\n\tLeaseTask\x12\x17.ps.v1.LeaseTaskRequest\x1a\x18.ps.v1.LeaseTaskResponse\x12G\n\x0c\x43ompleteTask\x12\x1a.ps.v1.CompleteTaskRequest\x1a\x1b.ps.v1.CompleteTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15ps/v1/scheduler.proto\x12\x05ps.v1\x1a\x12ps/v1/tensor.proto\x1a\x15ps/v1/optimizer.proto\x1a\x12ps/v1/server.proto\"(\n\x15RegisterServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"I\n\x16RegisterServerResponse\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"D\n\x10HeartbeatRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06models\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x13\n\x11GetClusterRequest\"|\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06models\x18\x06 \x03(\t\"[\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\"e\n\x0b\x43lusterView\x12\"\n\x07servers\x18\x01 \x03(\x0b\x32\x11.ps.v1.ServerInfo\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\"\n\x07workers\x18\x03 \x03(\x0b\x32\x11.ps.v1.WorkerInfo\"F\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1b\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0c.ps.v1.DType\"\x9a\x01\n\x10PlanModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12\x17\n\x0fmax_slice_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\"P\n\x0fSliceAssignment\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\r\n\x05shard\x18\x04 \x01(\x05\"\xba\x01\n\x08ShardMap\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07servers\x18\x02 \x03(\t\x12\"\n\x07tensors\x18\x03 \x03(\x0b\x32\x11.ps.v1.TensorInfo\x12&\n\x06slices\x18\x04 \x03(\x0b\x32\x16.ps.v1.SliceAssignment\x12)\n\toptimizer\x18\x05 \x01(\x0b\x32\x16.ps.v1.OptimizerConfig\x12\x17\n\x0fmax_slice_bytes\x18\x06 \x01(\x03\"#\n\x12GetShardMapRequest\x12\r\n\x05model\x18\x01 \x01(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"$\n\x11\x44ropModelResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\"9\n\x10SubmitJobRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xb5\x01\n\nJobMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x11\n\ttest_loss\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x0f\n\x07samples\x18\x08 \x01(\x03\x12\x12\n\nduplicates\x18\t \x01(\x03\"\xce\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\"\n\x07metrics\x18\x06 \x01(\x0b\x32\x11.ps.v1.JobMetrics\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\x12\x12\n\ntasks_done\x18\x08 \x01(\x05\x12\x13\n\x0btasks_total\x18\t \x01(\x05\x12\x11\n\tprep_json\x18\n \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.ps.v1.JobInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x11\x44\x65leteJobResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x14\n\x0cparams_freed\x18\x02 \x01(\x08\"=\n\x13\x46\x65tchWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"0\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x03\"\xa0\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\"\n\x07metrics\x18\x06 \x01(\x0b\x32\x11.ps.v1.JobMetrics\x12\x12\n\ntasks_done\x18\x07 \x01(\x05\x12\x13\n\x0btasks_total\x18\x08 \x01(\x05\"5\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"+\n\x16WorkerHeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"A\n\x17WorkerHeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61ncelled_tasks\x18\x02 \x03(\t\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\")\n\x18\x44\x65registerWorkerResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"5\n\x10LeaseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xb4\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x05\x12\r\n\x05shard\x18\x06 \x01(\x05\x12\x0e\n\x06shards\x18\x07 \x01(\x05\x12\x11\n\tspec_json\x18\x08 \x01(\t\x12\x11\n\tprep_json\x18\t \x01(\t\x12\x17\n\x0flease_timeout_s\x18\n \x01(\x01\"E\n\x11LeaseTaskResponse\x12\x19\n\x04task\x18\x01 \x01(\x0b\x32\x0b.ps.v1.Task\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\"\xd7\x01\n\x13\x43ompleteTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x10\n\x08loss_sum\x18\x07 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x08 \x01(\x03\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x12\n\nduplicates\x18\n \x01(\x03\x12\x13\n\x0bresult_json\x18\x0b \x01(\t\"(\n\x14\x43ompleteTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\x9a\t\n\tScheduler\x12M\n\x0eRegisterServer\x12\x1c.ps.v1.RegisterServerRequest\x1a\x1d.ps.v1.RegisterServerResponse\x12>\n\tHeartbeat\x12\x17.ps.v1.HeartbeatRequest\x1a\x18.ps.v1.HeartbeatResponse\x12:\n\nGetCluster\x12\x18.ps.v1.GetClusterRequest\x1a\x12.ps.v1.ClusterView\x12\x35\n\tPlanModel\x12\x17.ps.v1.PlanModelRequest\x1a\x0f.ps.v1.ShardMap\x12\x39\n\x0bGetShardMap\x12\x19.ps.v1.GetShardMapRequest\x1a\x0f.ps.v1.ShardMap\x12>\n\tDropModel\x12\x17.ps.v1.DropModelRequest\x1a\x18.ps.v1.DropModelResponse\x12\x34\n\tSubmitJob\x12\x17.ps.v1.SubmitJobRequest\x1a\x0e.ps.v1.JobInfo\x12.\n\x06GetJob\x12\x14.ps.v1.GetJobRequest\x1a\x0e.ps.v1.JobInfo\x12;\n\x08ListJobs\x12\x16.ps.v1.ListJobsRequest\x1a\x17.ps.v1.ListJobsResponse\x12\x34\n\tCancelJob\x12\x17.ps.v1.CancelJobRequest\x1a\x0e.ps.v1.JobInfo\x12>\n\tDeleteJob\x12\x17.ps.v1.DeleteJobRequest\x1a\x18.ps.v1.DeleteJobResponse\x12\x35\n\x08WatchJob\x12\x16.ps.v1.WatchJobRequest\x1a\x0f.ps.v1.JobEvent0\x01\x12\x41\n\x0c\x46\x65tchWeights\x12\x1a.ps.v1.FetchWeightsRequest\x1a\x13.ps.v1.PullResponse0\x01\x12M\n\x0eRegisterWorker\x12\x1c.ps.v1.RegisterWorkerRequest\x1a\x1d.ps.v1.RegisterWorkerResponse\x12P\n\x0fWorkerHeartbeat\x12\x1d.ps.v1.WorkerHeartbeatRequest\x1a\x1e.ps.v1.WorkerHeartbeatResponse\x12S\n\x10\x44\x65registerWorker\x12\x1e.ps.v1.DeregisterWorkerRequest\x1a\x1f.ps.v1.DeregisterWorkerResponse\x12>\n\tLeaseTask\x12\x17.ps.v1.LeaseTaskRequest\x1a\x18.ps.v1.LeaseTaskResponse\x12G\n\x0c\x43ompleteTask\x12\x1a.ps.v1.CompleteTaskRequest\x1a\x1b.ps.v1.CompleteTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,43 +65,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPMODELRESPONSE']._serialized_start=1233
   _globals['_DROPMODELRESPONSE']._serialized_end=1269
   _globals['_SUBMITJOBREQUEST']._serialized_start=1271
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1308
-  _globals['_JOBMETRICS']._serialized_start=1311
-  _globals['_JOBMETRICS']._serialized_end=1472
-  _globals['_JOBINFO']._serialized_start=1475
-  _globals['_JOBINFO']._serialized_end=1681
-  _globals['_GETJOBREQUEST']._serialized_start=1683
-  _globals['_GETJOBREQUEST']._serialized_end=1714
-  _globals['_LISTJOBSREQUEST']._serialized_start=1716
-  _globals['_LISTJOBSREQUEST']._serialized_end=1733
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1735
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1783
-  _globals['_CANCELJOBREQUEST']._serialized_start=1785
-  _globals['_CANCELJOBREQUEST']._serialized_end=1819
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=1821
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=1882
-  _globals['_WATCHJOBREQUEST']._serialized_start=1884
-  _globals['_WATCHJOBREQUEST']._serialized_end=1932
-  _globals['_JOBEVENT']._serialized_start=1935
-  _globals['_JOBEVENT']._serialized_end=2095
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=2097
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=2150
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2152
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2225
-  _globals['_WORKERHEARTBEATREQUEST']._serialized_start=2227
-  _globals['_WORKERHEARTBEATREQUEST']._serialized_end=2270
-  _globals['_WORKERHEARTBEATRESPONSE']._serialized_start=2272
-  _globals['_WORKERHEARTBEATRESPONSE']._serialized_end=2337
-  _globals['_LEASETASKREQUEST']._serialized_start=2339
-  _globals['_LEASETASKREQUEST']._serialized_end=2376
-  _globals['_TASK']._serialized_start=2379
-  _globals['_TASK']._serialized_end=2559
-  _globals['_LEASETASKRESPONSE']._serialized_start=2561
-  _globals['_LEASETASKRESPONSE']._serialized_end=2630
-  _globals['_COMPLETETASKREQUEST']._serialized_start=2633
-  _globals['_COMPLETETASKREQUEST']._serialized_end=2807
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=2809
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=2849
-  _globals['_SCHEDULER']._serialized_start=2852
-  _globals['_SCHEDULER']._serialized_end=3881
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1328
+  _globals['_JOBMETRICS']._serialized_start=1331
+  _globals['_JOBMETRICS']._serialized_end=1512
+  _globals['_JOBINFO']._serialized_start=1515
+  _globals['_JOBINFO']._serialized_end=1721
+  _globals['_GETJOBREQUEST']._serialized_start=1723
+  _globals['_GETJOBREQUEST']._serialized_end=1754
+  _globals['_LISTJOBSREQUEST']._serialized_start=1756
+  _globals['_LISTJOBSREQUEST']._serialized_end=1812
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1814
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1887
+  _globals['_CANCELJOBREQUEST']._serialized_start=1889
+  _globals['_CANCELJOBREQUEST']._serialized_end=1923
+  _globals['_DELETEJOBREQUEST']._serialized_start=1925
+  _globals['_DELETEJOBREQUEST']._serialized_end=1959
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1961
+  _globals['_DELETEJOBRESPONSE']._serialized_end=2019
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=2021
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=2082
+  _globals['_WATCHJOBREQUEST']._serialized_start=2084
+  _globals['_WATCHJOBREQUEST']._serialized_end=2132
+  _globals['_JOBEVENT']._serialized_start=2135
+  _globals['_JOBEVENT']._serialized_end=2295
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=2297
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=2350
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2352
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2425
+  _globals['_WORKERHEARTBEATREQUEST']._serialized_start=2427
+  _globals['_WORKERHEARTBEATREQUEST']._serialized_end=2470
+  _globals['_WORKERHEARTBEATRESPONSE']._serialized_start=2472
+  _globals['_WORKERHEARTBEATRESPONSE']._serialized_end=2537
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=2539
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=2583
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=2585
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=2626
+  _globals['_LEASETASKREQUEST']._serialized_start=2628
+  _globals['_LEASETASKREQUEST']._serialized_end=2681
+  _globals['_TASK']._serialized_start=2684
+  _globals['_TASK']._serialized_end=2864
+  _globals['_LEASETASKRESPONSE']._serialized_start=2866
+  _globals['_LEASETASKRESPONSE']._serialized_end=2935
+  _globals['_COMPLETETASKREQUEST']._serialized_start=2938
+  _globals['_COMPLETETASKREQUEST']._serialized_end=3153
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=3155
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=3195
+  _globals['_SCHEDULER']._serialized_start=3198
+  _globals['_SCHEDULER']._serialized_end=4376
 # @@protoc_insertion_point(module_scope)

@@ -152,13 +152,15 @@ class DropModelResponse(_message.Message):
     def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec_json",)
+    __slots__ = ("spec_json", "request_id")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
-    def __init__(self, spec_json: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, spec_json: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy", "samples_per_s", "seconds", "samples")
+    __slots__ = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy", "samples_per_s", "seconds", "samples", "duplicates")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class JobMetrics(_message.Message):
     SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     steps: int
     train_loss: float
@@ -175,7 +178,8 @@ class JobMetrics(_message.Message):
     samples_per_s: float
     seconds: float
     samples: int
-    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    duplicates: int
+    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("job_id", "name", "state", "error", "spec_json", "metrics", "submitted_at", "tasks_done", "tasks_total", "prep_json")
@@ -208,20 +212,40 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("deleted", "params_freed")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FREED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    params_freed: bool
+    def __init__(self, deleted: _Optional[bool] = ..., params_freed: _Optional[bool] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
     __slots__ = ("model", "max_chunk_bytes")
@@ -289,11 +313,25 @@ class WorkerHeartbeatResponse(_message.Message):
     cancelled_tasks: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, known: _Optional[bool] = ..., cancelled_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class LeaseTaskRequest(_message.Message):
+class DeregisterWorkerRequest(_message.Message):
     __slots__ = ("worker_id",)
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DeregisterWorkerResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class LeaseTaskRequest(_message.Message):
+    __slots__ = ("worker_id", "wait_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "lease_id", "job_id", "kind", "epoch", "shard", "shards", "spec_json", "prep_json", "lease_timeout_s")
@@ -328,7 +366,7 @@ class LeaseTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class CompleteTaskRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds")
+    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds", "duplicates", "result_json")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +376,8 @@ class CompleteTaskRequest(_message.Message):
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     lease_id: str
@@ -347,7 +387,9 @@ class CompleteTaskRequest(_message.Message):
     loss_sum: float
     correct: int
     seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    duplicates: int
+    result_json: str
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ..., duplicates: _Optional[int] = ..., result_json: _Optional[str] = ...) -> None: ...
 
 class CompleteTaskResponse(_message.Message):
     __slots__ = ("accepted",)

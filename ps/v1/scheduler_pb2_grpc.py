@@ -85,6 +85,11 @@ class SchedulerStub:
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/ps.v1.Scheduler/DeleteJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/ps.v1.Scheduler/WatchJob',
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
@@ -104,6 +109,11 @@ class SchedulerStub:
                 '/ps.v1.Scheduler/WorkerHeartbeat',
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.DeregisterWorker = channel.unary_unary(
+                '/ps.v1.Scheduler/DeregisterWorker',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
         self.LeaseTask = channel.unary_unary(
                 '/ps.v1.Scheduler/LeaseTask',
@@ -182,6 +192,12 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -204,6 +220,12 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WorkerHeartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterWorker(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -274,6 +296,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.CancelJobRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
             ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.DeleteJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.DeleteJobResponse.SerializeToString,
+            ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.FromString,
@@ -293,6 +320,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.WorkerHeartbeat,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.SerializeToString,
+            ),
+            'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterWorker,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.SerializeToString,
             ),
             'LeaseTask': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaseTask,
@@ -586,6 +618,33 @@ class Scheduler:
             _registered_method=True)
 
     @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/DeleteJob',
+            ps_dot_v1_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def WatchJob(request,
             target,
             options=(),
@@ -683,6 +742,33 @@ class Scheduler:
             '/ps.v1.Scheduler/WorkerHeartbeat',
             ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatRequest.SerializeToString,
             ps_dot_v1_dot_scheduler__pb2.WorkerHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/DeregisterWorker',
+            ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.DeregisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

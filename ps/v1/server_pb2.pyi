@@ -145,7 +145,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "optimizer")
+    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class ModelStats(_message.Message):
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     PULLS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     model: str
     slices: int
@@ -161,8 +162,9 @@ class ModelStats(_message.Message):
     pushes: int
     pulls: int
     max_version: int
+    min_version: int
     optimizer: str
-    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("models", "bytes", "uptime_s")
