@@ -65,6 +65,7 @@ class Worker:
         self.abandon: set[str] = set()
         self.jobs: dict[str, JobContext] = {}
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
+        self._lease_call = None  # the LeaseTask long poll in flight
         self.worker_id = ""
         self.interval = 1.0
         self.health = self._serve_health(health_port) if health_port else None
@@ -128,14 +129,14 @@ class Worker:
         """Lease and run tasks until ``stop`` is set."""
         while not self.stop.is_set():
             try:
-                call = self.client.scheduler.LeaseTask.future(
+                call = self._lease_call = self.client.scheduler.LeaseTask.future(
                     scheduler_pb2.LeaseTaskRequest(worker_id=self.worker_id, wait_s=LEASE_WAIT_S),
                     timeout=LEASE_WAIT_S + 10)
-                while not call.done():
-                    if self.stop.wait(0.05):
-                        call.cancel()  # stopping: don't sit out the long poll
-                        return
+                if self.stop.is_set():
+                    call.cancel()
                 resp = call.result()
+            except grpc.FutureCancelledError:
+                return  # stopping: request_stop() ended the long poll
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     self._register()
@@ -273,6 +274,13 @@ class Worker:
             correct += int(ok or 0)
         return {"samples": n, "loss_sum": loss_sum, "correct": correct}
 
+    def request_stop(self) -> None:
+        """Finish the current task, then leave (a long poll for the next task ends now)."""
+        self.stop.set()
+        call = self._lease_call
+        if call is not None:
+            call.cancel()
+
     def close(self) -> None:
         self.stop.set()
         self._pusher.shutdown(wait=True)
@@ -296,7 +304,7 @@ def run(scheduler: str, device: str = "cpu", name: str | None = None, connect_ti
 
     def handler(signum, frame):
         log.info("received %s: finishing the current task, then exiting", signal.Signals(signum).name)
-        worker.stop.set()
+        worker.request_stop()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     try:
