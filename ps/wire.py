@@ -357,6 +357,16 @@ def _rejecting_malformed(handler, what: str = "push request"):
     return handle
 
 
+def _rejecting_malformed_request(handler, what: str):
+    """``handler`` (a method with one request), its call ended with INVALID_ARGUMENT when the
+    request did not decode (instead of grpc's INTERNAL and a logged traceback)."""
+    def handle(request, context):
+        if type(request) is _Malformed:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: {request.error}")
+        return handler(request, context)
+    return handle
+
+
 def add_shard_servicer(servicer, server: grpc.Server) -> None:
     """Register a ParameterServer servicer: Push/PushPull requests arrive as PushView (bytes that
     are not a PushRequest end the call with INVALID_ARGUMENT), and Pull/PushPull handlers may
@@ -374,6 +384,9 @@ def add_shard_servicer(servicer, server: grpc.Server) -> None:
         elif m.client_streaming:
             deserialize = _decoding_or_malformed(req_cls.FromString)
             behavior = _rejecting_malformed(behavior, m.input_type.name)
+        else:
+            deserialize = _decoding_or_malformed(req_cls.FromString)
+            behavior = _rejecting_malformed_request(behavior, m.input_type.name)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,

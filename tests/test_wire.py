@@ -316,6 +316,23 @@ def test_a_malformed_push_is_invalid_argument_naming_the_problem(method):
         server.stop(0)
 
 
+@pytest.mark.parametrize("method,kind", [("CreateModel", "unary_unary"), ("Pull", "unary_stream"),
+                                         ("DeleteModel", "unary_unary"), ("Stats", "unary_unary")])
+def test_a_malformed_request_to_any_shard_method_is_invalid_argument(method, kind):
+    server, address = _server_with_real_servicer()
+    try:
+        with grpc.insecure_channel(address) as ch:
+            call = getattr(ch, kind)(f"/ps.v1.ParameterServer/{method}")
+            with pytest.raises(grpc.RpcError) as err:
+                result = call(b"\x0a\xff\xff\xff\x0f", timeout=10)  # a string field longer than the message
+                if kind == "unary_stream":
+                    list(result)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith(f"malformed {method}Request: Error parsing message")
+    finally:
+        server.stop(0)
+
+
 # -- the benchmark --------------------------------------------------------------------------------
 def test_bench_codec_reports_every_step():
     from ps.bench import CODEC_STEPS, codec

@@ -25,6 +25,8 @@ log = logging.getLogger("ps.worker")
 
 #: an idle worker's LeaseTask waits this long at the scheduler for work (a long poll: no busy polling)
 LEASE_WAIT_S = 5.0
+#: a failed task's message, as reported to the scheduler, is cut to this many characters
+MAX_ERROR_CHARS = 2000
 
 
 class TaskAbandoned(Exception):
@@ -169,6 +171,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any failure of the computation fails the job, with its message
             error = f"{type(e).__name__}: {e}"
             log.exception("task %s failed", task.task_id)
+        if len(error) > MAX_ERROR_CHARS:  # a job's error travels in every listing of it: keep it readable
+            error = (f"{error[:MAX_ERROR_CHARS]}... ({len(error) - MAX_ERROR_CHARS} more characters in "
+                     f"{self.name}'s log)")
         req = scheduler_pb2.CompleteTaskRequest(worker_id=self.worker_id, task_id=task.task_id,
                                                 lease_id=task.lease_id, error=error,
                                                 seconds=time.perf_counter() - start, **result)
