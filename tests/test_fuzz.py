@@ -492,14 +492,20 @@ def test_fuzz_parameter_server(tmp_path):
                 assert rpc.check_health(role.address) == "SERVING"
                 after = snapshot()
                 after = (after[0], after[1] - per_snapshot, after[2])
-            exit_s = role.sigterm()
-            print(f"server fuzz: {fuzz_s:.1f} s")
-            report(role, caller, exit_s)
-            check_role(role, caller, before, after)
-            assert exit_s <= GRACE_S + EXIT_SLACK_S, f"SIGTERM took {exit_s:.1f} s"
-            assert caller.calls >= CALLS
+            stop_and_check(role, caller, before, after, fuzz_s)
         finally:
             role.kill()
+
+
+def stop_and_check(role, caller, before, after, fuzz_s: float) -> None:
+    """After the fuzz: SIGTERM stops the role within its grace, every call got a proper status,
+    and the sentinel state is what it was."""
+    exit_s = role.sigterm()
+    print(f"{role.name} fuzz: {fuzz_s:.1f} s")
+    report(role, caller, exit_s)
+    check_role(role, caller, before, after)
+    assert exit_s <= GRACE_S + EXIT_SLACK_S, f"SIGTERM took {exit_s:.1f} s"
+    assert caller.calls >= CALLS
 
 
 # -- the scheduler ---------------------------------------------------------------------------------
@@ -622,11 +628,6 @@ def test_fuzz_scheduler(tmp_path):
             fuzz_s = time.monotonic() - started
             assert rpc.check_health(role.address) == "SERVING"
             after = snapshot()
-        exit_s = role.sigterm()
-        print(f"scheduler fuzz: {fuzz_s:.1f} s")
-        report(role, caller, exit_s)
-        check_role(role, caller, before, after)
-        assert exit_s <= GRACE_S + EXIT_SLACK_S, f"SIGTERM took {exit_s:.1f} s"
-        assert caller.calls >= CALLS
+        stop_and_check(role, caller, before, after, fuzz_s)
     finally:
         role.kill()
