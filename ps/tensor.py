@@ -6,6 +6,8 @@ are read-only views; callers that need to write copy explicitly.
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -78,7 +80,7 @@ def decode(msg: tensor_pb2.Tensor, what: str = "tensor") -> np.ndarray:
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"{what}: negative dimension in shape {list(shape)}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)  # exact: an int64 product wraps around for hostile shapes
     if len(msg.data) != n * dt.itemsize:
         raise CodecError(f"{what}: shape {list(shape)} of {dtype_name(msg.dtype)} needs "
                          f"{n * dt.itemsize} bytes, got {len(msg.data)}")

@@ -185,7 +185,8 @@ class ShardStore:
                 raise AlreadyExists(f"model '{name}' already exists on this shard")
             if name not in self._models:
                 lim.check_count(f"create model '{name}': models on this shard", len(self._models) + 1, "max_models")
-            held = sum(m.nbytes for k, m in self._models.items() if k != name)
+            # a replaced model is freed only once its successor exists: both are held meanwhile
+            held = sum(m.nbytes for m in self._models.values())
             if self.max_bytes is not None and held + need > self.max_bytes:
                 raise ResourceExhausted(f"create model '{name}': needs {need} bytes, this shard holds {held} "
                                         f"of its limit {self.max_bytes} {lim.hint('max_bytes')}")

@@ -481,3 +481,19 @@ def test_status_messages_are_cut_to_what_grpc_metadata_carries():
     assert short_message("x" * 100) == "x" * 100
     cut = short_message("é" * 100_000)
     assert cut.endswith("more characters)") and len(cut.encode()) * 3 < 8192
+
+
+def test_replacing_a_model_counts_the_old_one_until_the_new_one_exists():
+    """Both are allocated at once for a moment, so the shard's memory limit must allow for both."""
+    from ps.errors import ResourceExhausted
+    from ps.server.shard import ShardStore, SliceRequest
+    sl = [SliceRequest("w", (1000,), np.dtype("float32"), 0, 1000)]
+    need = ShardStore(max_bytes=1 << 20).create("probe", sl, {"name": "sgd"})
+    store = ShardStore(max_bytes=2 * need - 1)
+    store.create("m", sl, {"name": "sgd"})
+    store.assign("m", "w", 0, np.full(1000, 7.0, np.float32))
+    with pytest.raises(ResourceExhausted, match=f"needs {need} bytes, this shard holds {need} of its limit"):
+        store.create("m", sl, {"name": "sgd"}, replace=True)
+    assert store.model("m").tensors["w"].slices[0].param[0] == 7.0   # the old model is untouched
+    store.delete("m")
+    store.create("m", sl, {"name": "sgd"}, replace=True)

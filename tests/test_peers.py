@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -88,3 +89,22 @@ def test_a_worker_leaving_on_sigterm_is_logged_as_leaving_not_as_lost():
         with ps.Client(c.address) as client:
             assert list(client.cluster().workers) == []
         assert "is gone: no heartbeat" not in c.logs()["scheduler"]
+
+
+def test_follow_picks_up_a_submitted_job_and_reports_its_result(tmp_path):
+    spec = tmp_path / "job.json"
+    spec.write_text(demo_spec("mlp", epochs=2).to_json())
+    with ps.LocalCluster(servers=1, workers=1) as c:
+        out = subprocess.run(ps_cmd("submit", str(spec), "--scheduler", c.address, "--json"),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        job_id = json.loads(out.stdout.splitlines()[-1])["job_id"]
+        out = subprocess.run(ps_cmd("follow", job_id, "--scheduler", c.address, "--json"),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.splitlines()[-1])
+        assert (result["job_id"], result["state"], result["epoch"]) == (job_id, "succeeded", 2)
+        assert result["test_accuracy"] > 0.5
+        missing = subprocess.run(ps_cmd("follow", "job-99", "--scheduler", c.address),
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 1 and "job 'job-99' not found" in missing.stderr
