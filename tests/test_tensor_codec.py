@@ -45,7 +45,6 @@ def test_unknown_dtype_and_non_1d_chunks_are_rejected():
 
 
 def test_a_shape_whose_int64_product_wraps_around_is_refused():
-
     msg = tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[2**32, 2**32], data=b"")  # 2^64 wraps to 0
     with pytest.raises(CodecError, match=r"needs 73786976294838206464 bytes, got 0"):
         decode(msg, "t")
