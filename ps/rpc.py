@@ -102,10 +102,18 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+#: longest wait between a channel's attempts to reach a peer that went away: grpc's default grows
+#: to two minutes, so members came back 10 s after a scheduler that had been away for 20 s
+MAX_RECONNECT_BACKOFF_MS = 1000
+
+
 def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
     return grpc.insecure_channel(address, options=message_options(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ])
 
 
