@@ -270,3 +270,113 @@ def retry_unavailable(fn: Callable[[], object], what: str, deadline_s: float, in
                 log.warning("%s: unreachable for %.0f s: %s (still trying for %.0f s)", what, said - start,
                             unreachable_reason(address) if address else e.details(), end - said)
         time.sleep(interval)
+
+
+# -- requests that are not messages --------------------------------------------------------------------
+class Malformed:
+    """What a tolerant deserializer returns for bytes that are not the request message: grpc
+    answers a deserializer that raises with INTERNAL (grpc.aio: UNKNOWN) and logs a traceback,
+    and for a client stream it never retires the call, so server.stop() waited forever."""
+
+    __slots__ = ("error", "type_name")
+
+    def __init__(self, error: Exception, type_name: str):
+        self.error = error
+        self.type_name = type_name
+
+    def message(self) -> str:
+        return f"malformed {self.type_name}: {self.error}"
+
+
+def tolerant_deserializer(decode: Callable[[bytes], object], type_name: str, errors=None):
+    """``decode`` returning Malformed instead of raising ``errors`` (default: protobuf's DecodeError)."""
+    if errors is None:
+        from google.protobuf.message import DecodeError
+        errors = DecodeError
+
+    def deserialize(data: bytes):
+        try:
+            return decode(data)
+        except errors as e:
+            return Malformed(e, type_name)
+    return deserialize
+
+
+def _abort_malformed(context, request: Malformed):
+    """End the call with INVALID_ARGUMENT naming the problem (a coroutine on a grpc.aio context)."""
+    from ps.errors import short_message
+    return context.abort(grpc.StatusCode.INVALID_ARGUMENT, short_message(request.message()))
+
+
+def _checked(requests, context):
+    for req in requests:
+        if type(req) is Malformed:
+            _abort_malformed(context, req)
+        yield req
+
+
+def rejecting_malformed(behavior, client_streaming: bool = False):
+    """``behavior`` (a handler: sync or async, unary or streaming response; a sync one may take a
+    request stream), ending the call with INVALID_ARGUMENT at the first request that is Malformed."""
+    import functools
+    import inspect
+
+    if client_streaming:
+        @functools.wraps(behavior)
+        def stream(request_iterator, context):
+            return behavior(_checked(request_iterator, context), context)
+        return stream
+    if inspect.isasyncgenfunction(behavior):
+        @functools.wraps(behavior)
+        async def agen(request, context):
+            if type(request) is Malformed:
+                await _abort_malformed(context, request)
+            async for item in behavior(request, context):
+                yield item
+        return agen
+    if inspect.iscoroutinefunction(behavior):
+        @functools.wraps(behavior)
+        async def coro(request, context):
+            if type(request) is Malformed:
+                await _abort_malformed(context, request)
+            return await behavior(request, context)
+        return coro
+    if inspect.isgeneratorfunction(behavior):
+        @functools.wraps(behavior)
+        def gen(request, context):
+            if type(request) is Malformed:
+                _abort_malformed(context, request)
+            yield from behavior(request, context)
+        return gen
+
+    @functools.wraps(behavior)
+    def sync(request, context):
+        if type(request) is Malformed:
+            _abort_malformed(context, request)
+        return behavior(request, context)
+    return sync
+
+
+def add_servicer(servicer, server, service, deserializers: dict | None = None,
+                 serializers: dict | None = None) -> None:
+    """Register ``servicer`` for ``service`` (a ServiceDescriptor) on a grpc or grpc.aio server,
+    like the generated add_*Servicer_to_server, except that bytes that are not a request end the
+    call with INVALID_ARGUMENT naming the problem. ``deserializers`` / ``serializers``: per method
+    name, codecs to use instead of the generated classes (a deserializer must return Malformed
+    for bytes it cannot decode)."""
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for m in service.methods:
+        decode = (deserializers or {}).get(m.name) or tolerant_deserializer(
+            message_factory.GetMessageClass(m.input_type).FromString, m.input_type.name)
+        encode = (serializers or {}).get(m.name) or (lambda msg: msg.SerializeToString())
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(rejecting_malformed(getattr(servicer, m.name), m.client_streaming),
+                                request_deserializer=decode, response_serializer=encode)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service.full_name, handlers)

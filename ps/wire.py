@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
+from ps import rpc
 from ps.v1 import server_pb2, server_pb2_grpc
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -312,85 +312,11 @@ class ShardStub(server_pb2_grpc.ParameterServerStub):
                                          response_deserializer=decode_pull_response)
 
 
-class _Malformed:
-    """What the server's Push/PushPull deserializer returns for bytes that are not a PushRequest
-    (grpc would answer a raising deserializer with INTERNAL, and log a traceback)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: WireError):
-        self.error = error
-
-
-def _decode_push_request(data: bytes):
-    try:
-        return decode_push(data)
-    except WireError as e:
-        return _Malformed(e)
-
-
-def _decoding_or_malformed(from_string):
-    """A protobuf deserializer for a client stream that returns _Malformed instead of raising:
-    grpc (1.85) aborts the call with INTERNAL when a streamed request does not deserialize but
-    never retires it, so server.stop() waited forever and SIGTERM could not stop a shard that
-    had once been sent an undecodable Assign message."""
-    def decode(data: bytes):
-        try:
-            return from_string(data)
-        except DecodeError as e:
-            return _Malformed(e)
-    return decode
-
-
-def _checked_requests(request_iterator, context, what: str = "push request"):
-    for req in request_iterator:
-        if type(req) is _Malformed:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: {req.error}")
-        yield req
-
-
-def _rejecting_malformed(handler, what: str = "push request"):
-    """``handler`` (a client-streaming method), its call ended with INVALID_ARGUMENT, naming the
-    problem, at the first request that did not decode."""
-    def handle(request_iterator, context):
-        return handler(_checked_requests(request_iterator, context, what), context)
-    return handle
-
-
-def _rejecting_malformed_request(handler, what: str):
-    """``handler`` (a method with one request), its call ended with INVALID_ARGUMENT when the
-    request did not decode (instead of grpc's INTERNAL and a logged traceback)."""
-    def handle(request, context):
-        if type(request) is _Malformed:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}: {request.error}")
-        return handler(request, context)
-    return handle
-
-
 def add_shard_servicer(servicer, server: grpc.Server) -> None:
-    """Register a ParameterServer servicer: Push/PushPull requests arrive as PushView (bytes that
-    are not a PushRequest end the call with INVALID_ARGUMENT), and Pull/PushPull handlers may
-    yield pre-encoded bytes."""
-    methods = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].methods
-    handlers = {}
-    for m in methods:
-        req_cls = getattr(server_pb2, m.input_type.name)
-        resp_cls = getattr(server_pb2, m.output_type.name)
-        deserialize = _decode_push_request if m.name in _FAST_REQUESTS else req_cls.FromString
-        serialize = _serialize if m.name in _FAST_RESPONSES else resp_cls.SerializeToString
-        behavior = getattr(servicer, m.name)
-        if m.name in _FAST_REQUESTS:
-            behavior = _rejecting_malformed(behavior)
-        elif m.client_streaming:
-            deserialize = _decoding_or_malformed(req_cls.FromString)
-            behavior = _rejecting_malformed(behavior, m.input_type.name)
-        else:
-            deserialize = _decoding_or_malformed(req_cls.FromString)
-            behavior = _rejecting_malformed_request(behavior, m.input_type.name)
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(behavior, request_deserializer=deserialize,
-                                response_serializer=serialize)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    """Register a ParameterServer servicer: Push/PushPull requests arrive as PushView, and
+    Pull/PushPull handlers may yield pre-encoded bytes. Bytes that are not a request end the
+    call with INVALID_ARGUMENT naming the problem (``rpc.add_servicer``)."""
+    push = rpc.tolerant_deserializer(decode_push, "push request", WireError)
+    rpc.add_servicer(servicer, server, server_pb2.DESCRIPTOR.services_by_name["ParameterServer"],
+                     deserializers=dict.fromkeys(_FAST_REQUESTS, push),
+                     serializers=dict.fromkeys(_FAST_RESPONSES, _serialize))

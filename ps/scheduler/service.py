@@ -2,8 +2,9 @@
 
 The process serves gRPC with asyncio (grpc.aio). Calls that wait (WatchJob followers,
 LeaseTask long polls) are coroutines that park on an asyncio event, so any number of them
-holds no thread; every other call is short and runs in a small thread pool. So followers
-cannot take capacity from heartbeats, leases and shard-map calls.
+holds no thread; per-member calls (heartbeats, leases, results, shard maps) are short
+coroutines on the loop; the rest (submit, listings, relays) run in a small thread pool. So
+followers cannot take capacity from heartbeats, leases and shard-map calls.
 """
 
 from __future__ import annotations
@@ -425,9 +426,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.wake.set()  # inspected: create its parameters
         return scheduler_pb2.CompleteTaskResponse(accepted=ok)
 
-    # Per-member calls (heartbeats, leases, results, shard maps) are coroutines: short state-machine
-    # steps on the event loop, without the hop to and from a pool thread (a third of their CPU).
-
     # -- background ----------------------------------------------------------------
     def start_jobs(self, stop: threading.Event) -> None:
         """Create inspected jobs' parameters on the servers, then let their tasks go."""
@@ -511,7 +509,7 @@ async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_f
     server = grpc.aio.server(migration_thread_pool=pool, options=rpc.server_options(max_message_bytes))
     servicer = SchedulerServicer(cluster, retention=retention)
     servicer.attach(asyncio.get_running_loop())
-    limits.add_servicer(servicer, server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"])  # malformed: INVALID_ARGUMENT
+    rpc.add_servicer(servicer, server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"])
     await rpc.add_health_and_reflection_aio(server, [SERVICE_NAME])
     bound = rpc.bind(server, host, port)
     await server.start()
