@@ -10,6 +10,7 @@ import sys
 import click
 
 from ps import rpc
+from ps.scheduler.jobs import Retention
 
 
 def _setup_logging(level: str) -> None:
@@ -109,16 +110,16 @@ def main(ctx: click.Context) -> None:
               help="A server silent this long is marked down [env PS_SERVER_TIMEOUT].")
 @click.option("--threads", default=8, envvar="PS_THREADS", show_default=True,
               help="Threads for short calls; followers and long polls take none [env PS_THREADS].")
-@click.option("--keep-jobs", default=1000, envvar="PS_KEEP_JOBS", show_default=True,
+@click.option("--keep-jobs", default=Retention.keep_jobs, envvar="PS_KEEP_JOBS", show_default=True,
               help="Ended jobs kept, newest first [env PS_KEEP_JOBS].")
-@click.option("--keep-jobs-for", default=7 * 24 * 3600.0, envvar="PS_KEEP_JOBS_FOR", show_default=True,
+@click.option("--keep-jobs-for", default=Retention.keep_jobs_s, envvar="PS_KEEP_JOBS_FOR", show_default=True,
               help="Seconds an ended job is kept [env PS_KEEP_JOBS_FOR].")
-@click.option("--keep-params-for", default=24 * 3600.0, envvar="PS_KEEP_PARAMS_FOR", show_default=True,
+@click.option("--keep-params-for", default=Retention.params_s, envvar="PS_KEEP_PARAMS_FOR", show_default=True,
               help="Seconds a succeeded job's parameters stay on the servers, unless its spec sets keep_params "
                    "[env PS_KEEP_PARAMS_FOR].")
-@click.option("--max-job-events", default=1000, envvar="PS_MAX_JOB_EVENTS", show_default=True,
+@click.option("--max-job-events", default=Retention.events, envvar="PS_MAX_JOB_EVENTS", show_default=True,
               help="Events kept per job [env PS_MAX_JOB_EVENTS].")
-@click.option("--max-followers", default=10_000, envvar="PS_MAX_FOLLOWERS", show_default=True,
+@click.option("--max-followers", default=Retention.followers, envvar="PS_MAX_FOLLOWERS", show_default=True,
               help="WatchJob streams open at once [env PS_MAX_FOLLOWERS].")
 @max_msg
 @port_file
@@ -128,7 +129,7 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs
               max_job_events, max_followers, max_message_bytes, port_file, log_level):
     """Run the scheduler: membership, shard maps, jobs and task leases."""
     _setup_logging(log_level)
-    from ps.scheduler.service import Retention, run
+    from ps.scheduler.service import run
     retention = Retention(keep_jobs=keep_jobs, keep_jobs_s=keep_jobs_for, params_s=keep_params_for,
                           events=max_job_events, followers=max_followers)
     run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
@@ -348,6 +349,16 @@ def _follow(job, progress: bool, logdir: str | None):
         sys.exit(3)
 
 
+def _follow_to_end(job, logdir: str | None, save: str | None, as_json: bool) -> dict:
+    """`submit --follow` / `follow`: progress to the end, save the model, say how it went; the
+    figures for --json (exits as ``_follow`` does when the job did not succeed)."""
+    model = _follow(job, progress=not as_json, logdir=logdir)
+    if save:
+        model.save(save)
+    click.echo(f"{job.job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
+    return {"job_id": job.job_id, **model.metrics, "state": "succeeded"}
+
+
 def _client(address: str):
     from ps.client import Client
     from ps.errors import PSError
@@ -383,11 +394,7 @@ def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
         click.echo(f"submitted {job.job_id}", err=as_json)
         result = {"job_id": job.job_id, "state": job.summary.state}
         if follow:
-            model = _follow(job, progress=not as_json, logdir=logdir)
-            if save:
-                model.save(save)
-            result.update(model.metrics, state="succeeded")
-            click.echo(f"{job.job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
+            result = _follow_to_end(job, logdir, save, as_json)
         if as_json:
             emit_json(result)
 
@@ -407,12 +414,9 @@ def follow(job_id, scheduler_addr, logdir, save, as_json):
         except PSError as e:
             click.echo(str(e), err=True)
             sys.exit(1)
-        model = _follow(job, progress=not as_json, logdir=logdir)
-        if save:
-            model.save(save)
-    click.echo(f"{job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
+        result = _follow_to_end(job, logdir, save, as_json)
     if as_json:
-        emit_json({"job_id": job_id, "state": "succeeded", **model.metrics})
+        emit_json(result)
 
 
 @main.command()

@@ -218,7 +218,6 @@ class Worker:
                          xp.asarray(x[test_idx]), xp.asarray(y[test_idx]))
         if self.jobs:  # keep one job's data and buffers: workers move on with the queue
             from ps.worker.xp import release_pinned
-            self.jobs.clear()
             release_pinned()
         self.jobs = {task.job_id: ctx}
         return ctx

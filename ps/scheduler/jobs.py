@@ -34,8 +34,25 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PENDING, LEASED, DONE = "pending", "leased", "done"
 INSPECT, TRAIN, EVAL = "inspect", "train", "eval"
 
-#: events kept per job (older ones are dropped; seq numbers keep counting)
-DEFAULT_MAX_EVENTS = 1000
+
+@dataclass(frozen=True)
+class Retention:
+    """How long the scheduler keeps what jobs leave behind, and how much it lets followers and
+    long polls hold (the defaults of `paramserver scheduler`'s flags)."""
+
+    #: ended jobs kept (newest first); older records are dropped with their events
+    keep_jobs: int = 1000
+    #: ended jobs are dropped this long after they ended
+    keep_jobs_s: float = 7 * 24 * 3600.0
+    #: a succeeded job's parameters are freed on the servers this long after it ended,
+    #: unless its spec says keep_params
+    params_s: float = 24 * 3600.0
+    #: events kept per job (older ones are dropped; seq numbers keep counting)
+    events: int = 1000
+    #: WatchJob streams open at once (each costs memory, not a thread)
+    followers: int = 10_000
+    #: longest LeaseTask long poll
+    max_lease_wait_s: float = 10.0
 
 
 @dataclass
@@ -81,7 +98,7 @@ class Job:
     shards: int
     lease_timeout: float
     submitted_at: float      # wall clock
-    max_events: int = DEFAULT_MAX_EVENTS
+    max_events: int = Retention.events
     keep_params: bool = False
     request_id: str = ""
     state: str = QUEUED
@@ -97,7 +114,7 @@ class Job:
     epoch_loss: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, samples]
     warned_idle: bool = False
     queued_epochs: int = 0   # epochs whose train tasks have been queued
-    done: int = 0            # tasks done (train and eval)
+    tasks_done: int = 0      # train and eval tasks done
     pending_in: Counter = field(default_factory=Counter)   # epoch -> pending train tasks
     undone_in: Counter = field(default_factory=Counter)    # epoch -> train tasks not done
 
@@ -108,16 +125,12 @@ class Job:
     def tasks_total(self) -> int:
         return self.epochs * (self.shards + 1)
 
-    @property
-    def tasks_done(self) -> int:
-        return self.done
-
 
 class Jobs:
     """Every job and task; thread-safe. ``changed`` is notified on every new event, and each
     listener is called with the job id (and with "" when there is new work to lease)."""
 
-    def __init__(self, wall_clock: Callable[[], float] = time.time, max_events: int = DEFAULT_MAX_EVENTS):
+    def __init__(self, wall_clock: Callable[[], float] = time.time, max_events: int = Retention.events):
         self.jobs: dict[str, Job] = {}
         self.queue: deque[str] = deque()  # pending task ids, oldest first
         self.transitions = TransitionLog()
@@ -285,17 +298,17 @@ class Jobs:
             job = self.get(job_id)
             if job.state not in TERMINAL:
                 self._set_state(job, CANCELLED, now, "deleted by a client")
-            self._forget(job)
+            self._forget(job, now, "deleted by a client")
             self._notify(job.job_id)
             return job
 
-    def _forget(self, job: Job) -> None:
+    def _forget(self, job: Job, now: float, reason: str) -> None:
         for t in list(job.tasks.values()):
             self._unlease(t)
         del self.jobs[job.job_id]
         if job.request_id:
             self._requests.pop(job.request_id, None)
-        self.transitions.record(0.0, job.job_id, f"{job.state} -> forgotten", "retention or delete")
+        self.transitions.record(now, job.job_id, f"{job.state} -> forgotten", reason)
 
     def retire(self, now: float, keep: int, keep_s: float) -> list[Job]:
         """Forget ended jobs beyond the newest ``keep`` and those ended more than ``keep_s`` ago."""
@@ -304,7 +317,7 @@ class Jobs:
             excess = max(0, len(ended) - keep)
             drop = [j for i, j in enumerate(ended) if i < excess or now - j.finished_at > keep_s]
             for job in drop:
-                self._forget(job)
+                self._forget(job, now, "retention")
             return drop
 
     def params_due(self, now: float, after_s: float) -> list[Job]:
@@ -431,7 +444,7 @@ class Jobs:
             if task.kind == INSPECT:
                 self.inspected(job, result or {}, now)
                 return True
-            job.done += 1
+            job.tasks_done += 1
             if task.kind == TRAIN:
                 job.undone_in[task.epoch] -= 1
                 m["samples"] += samples

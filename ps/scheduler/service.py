@@ -15,14 +15,13 @@ import logging
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 
 from ps import limits, rpc, sharding
 from ps.errors import InvalidArgument, NotFound, PSError, abort
 from ps.scheduler.cluster import Cluster, ShardMap
-from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs
+from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention
 from ps.tensor import CodecError, dtype_code, numpy_dtype
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -84,25 +83,6 @@ def event_to_proto(e) -> scheduler_pb2.JobEvent:
                                         metrics=metrics_to_proto(e.metrics), tasks_done=e.tasks_done,
                                         tasks_total=e.tasks_total)
     return e.wire
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How long the scheduler keeps what jobs leave behind."""
-
-    #: ended jobs kept (newest first); older records are dropped with their events
-    keep_jobs: int = 1000
-    #: ended jobs are dropped this long after they ended
-    keep_jobs_s: float = 7 * 24 * 3600.0
-    #: a succeeded job's parameters are freed on the servers this long after it ended,
-    #: unless its spec says keep_params
-    params_s: float = 24 * 3600.0
-    #: events kept per job
-    events: int = 1000
-    #: WatchJob streams open at once (each costs memory, not a thread)
-    followers: int = 10_000
-    #: longest LeaseTask long poll
-    max_lease_wait_s: float = 10.0
 
 
 class Waiters:
