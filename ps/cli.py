@@ -121,20 +121,33 @@ def main(ctx: click.Context) -> None:
               help="Events kept per job [env PS_MAX_JOB_EVENTS].")
 @click.option("--max-followers", default=Retention.followers, envvar="PS_MAX_FOLLOWERS", show_default=True,
               help="WatchJob streams open at once [env PS_MAX_FOLLOWERS].")
+@click.option("--state-dir", default=None, envvar="PS_STATE_DIR", type=click.Path(file_okay=False),
+              show_default="~/.local/state/paramserver/scheduler (the user's state dir)",
+              help="Keep jobs, tasks, leases, members, shard maps and id counters here (SQLite), so a "
+                   "restarted scheduler resumes them; one scheduler per dir [env PS_STATE_DIR].")
+@click.option("--checkpoint-dir", default="", envvar="PS_CHECKPOINT_DIR",
+              show_default="STATE_DIR/checkpoints",
+              help="Where jobs' checkpoints go unless their spec names a checkpoint_dir: a directory every "
+                   "server can write to, or any fsspec URL [env PS_CHECKPOINT_DIR].")
 @max_msg
 @port_file
 @log_level
 @limit_options("scheduler")
 def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs, keep_jobs_for, keep_params_for,
-              max_job_events, max_followers, max_message_bytes, port_file, log_level):
+              max_job_events, max_followers, state_dir, checkpoint_dir, max_message_bytes, port_file, log_level):
     """Run the scheduler: membership, shard maps, jobs and task leases."""
     _setup_logging(log_level)
     from ps.scheduler.service import run
+    from ps.scheduler.state import StateError, default_dir
     retention = Retention(keep_jobs=keep_jobs, keep_jobs_s=keep_jobs_for, params_s=keep_params_for,
                           events=max_job_events, followers=max_followers)
-    run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
-        server_timeout=server_timeout, port_file=port_file, max_message_bytes=max_message_bytes,
-        retention=retention)
+    try:
+        run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
+            server_timeout=server_timeout, port_file=port_file, max_message_bytes=max_message_bytes,
+            retention=retention, state_dir=state_dir or str(default_dir()), checkpoint_dir=checkpoint_dir)
+    except StateError as e:
+        click.echo(f"scheduler: {e}", err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -239,7 +252,8 @@ def status(address, as_json):
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     click.echo(f"{sum(s.state == 'up' for s in view.servers)} of {len(view.servers)} servers up; "
-               f"models: {', '.join(view.models) or '-'}")
+               f"{len(view.workers)} workers; models: {', '.join(view.models) or '-'}; "
+               f"scheduler incarnation {view.incarnation} (cluster {view.cluster_id[:8] or '-'})")
 
 
 def _human(n: float) -> str:
@@ -260,11 +274,23 @@ def bench() -> None:
 @click.option("--servers", default=2, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--seconds", default=5.0, show_default=True, help="Time spent on each measurement.")
+@click.option("--replicas", default=1, show_default=True,
+              help="Servers holding each slice; above 1, the same model with one replica is measured beside it.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pushpull(size, servers, optimizer, seconds, as_json):
+def bench_pushpull(size, servers, optimizer, seconds, replicas, as_json):
     """push_pull throughput against a raw grpcio echo ceiling, and the optimizer's update rate."""
     from ps.bench import pushpull
-    result = pushpull(size, servers, optimizer, seconds, echo=click.echo)
+    result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas)
+    if as_json:
+        emit_json(result)
+
+
+@bench.command("failover")
+@click.option("--json", "as_json", is_flag=True)
+def bench_failover(as_json):
+    """What a kill -9 of a server and of the scheduler costs: detection, stall, updates lost."""
+    from ps.bench_failover import failover
+    result = failover(echo=click.echo)
     if as_json:
         emit_json(result)
 
@@ -332,12 +358,20 @@ def worker(scheduler_addr, device, name, connect_timeout, health_port, log_level
         sys.exit(2)
 
 
-def _follow(job, progress: bool, logdir: str | None):
-    """Wait for a job; print its outcome; exit 1 if it did not succeed, 3 if the scheduler went away."""
+reconnect_opt = click.option(
+    "--reconnect-for", default=60.0, envvar="PS_RECONNECT_FOR", show_default=True, type=click.FloatRange(min=0),
+    help="When the scheduler goes away while following (a restart resumes the job), keep reconnecting this "
+         "many seconds before giving up [env PS_RECONNECT_FOR].")
+
+
+def _follow(job, progress: bool, logdir: str | None, reconnect_s: float = 60.0):
+    """Wait for a job; print its outcome; exit 1 if it did not succeed, 3 if the scheduler went away
+    (and did not come back within ``reconnect_s``: a restarted scheduler resumes the job and the
+    follow goes on)."""
     from ps.client import JobCancelled, JobFailed
     from ps.errors import PSError
     try:
-        return job.wait(progress=progress, logdir=logdir)
+        return job.wait(progress=progress, logdir=logdir, reconnect_s=reconnect_s)
     except (JobFailed, JobCancelled) as e:
         click.echo(str(e), err=True)
         sys.exit(1)
@@ -349,10 +383,10 @@ def _follow(job, progress: bool, logdir: str | None):
         sys.exit(3)
 
 
-def _follow_to_end(job, logdir: str | None, save: str | None, as_json: bool) -> dict:
+def _follow_to_end(job, logdir: str | None, save: str | None, as_json: bool, reconnect_s: float = 60.0) -> dict:
     """`submit --follow` / `follow`: progress to the end, save the model, say how it went; the
     figures for --json (exits as ``_follow`` does when the job did not succeed)."""
-    model = _follow(job, progress=not as_json, logdir=logdir)
+    model = _follow(job, progress=not as_json, logdir=logdir, reconnect_s=reconnect_s)
     if save:
         model.save(save)
     click.echo(f"{job.job_id} succeeded: test accuracy {model.metrics['test_accuracy']:.4f}", err=as_json)
@@ -370,31 +404,37 @@ def _client(address: str):
 
 
 @main.command()
-@click.argument("spec_path", type=click.Path(dir_okay=False))
+@click.argument("spec_path", type=click.Path(dir_okay=False), required=False)
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--resume", "resume_from", default=None, metavar="CKPT",
+              help="Continue from this checkpoint (a directory or fsspec URL with a manifest.json): parameters, "
+                   "optimizer state and epochs done; SPEC_PATH is then optional (default: the checkpoint's spec).")
 @click.option("--follow", is_flag=True, help="Show progress until the job ends.")
 @click.option("--logdir", default=None, help="Write TensorBoard event files here (with --follow).")
 @click.option("--save", default=None, help="Save the trained model to this directory (with --follow).")
+@reconnect_opt
 @click.option("--json", "as_json", is_flag=True)
-def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
-    """Submit the job in SPEC_PATH (JSON or TOML)."""
+def submit(spec_path, scheduler_addr, resume_from, follow, logdir, save, reconnect_for, as_json):
+    """Submit the job in SPEC_PATH (JSON or TOML), or resume one from a checkpoint (--resume)."""
     from ps.errors import PSError
     from ps.spec import JobSpec, SpecError
+    if spec_path is None and resume_from is None:
+        raise click.UsageError("give SPEC_PATH, or --resume CKPT")
     try:
-        spec = JobSpec.load(spec_path)
+        spec = JobSpec.load(spec_path) if spec_path else None
     except SpecError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     with _client(scheduler_addr) as client:
         try:
-            job = client.submit(spec)
+            job = client.resume(resume_from, spec) if resume_from else client.submit(spec)
         except PSError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         click.echo(f"submitted {job.job_id}", err=as_json)
         result = {"job_id": job.job_id, "state": job.summary.state}
         if follow:
-            result = _follow_to_end(job, logdir, save, as_json)
+            result = _follow_to_end(job, logdir, save, as_json, reconnect_for)
         if as_json:
             emit_json(result)
 
@@ -404,8 +444,9 @@ def submit(spec_path, scheduler_addr, follow, logdir, save, as_json):
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
 @click.option("--logdir", default=None, help="Write TensorBoard event files here.")
 @click.option("--save", default=None, help="Save the trained model to this directory.")
+@reconnect_opt
 @click.option("--json", "as_json", is_flag=True)
-def follow(job_id, scheduler_addr, logdir, save, as_json):
+def follow(job_id, scheduler_addr, logdir, save, reconnect_for, as_json):
     """Follow a submitted job to its end (progress bar), as `submit --follow` does."""
     from ps.errors import PSError
     with _client(scheduler_addr) as client:
@@ -414,7 +455,7 @@ def follow(job_id, scheduler_addr, logdir, save, as_json):
         except PSError as e:
             click.echo(str(e), err=True)
             sys.exit(1)
-        result = _follow_to_end(job, logdir, save, as_json)
+        result = _follow_to_end(job, logdir, save, as_json, reconnect_for)
     if as_json:
         emit_json(result)
 
@@ -451,6 +492,47 @@ def cancel(job_id, scheduler_addr):
             click.echo(str(e), err=True)
             sys.exit(1)
     click.echo(f"cancelled {job_id}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--url", default="", help="Write it here (a directory or fsspec URL); default: under the job's "
+                                        "checkpoint_dir / the scheduler's --checkpoint-dir.")
+@click.option("--json", "as_json", is_flag=True)
+def checkpoint(job_id, scheduler_addr, url, as_json):
+    """Write a checkpoint of a job now: its parameters, optimizer state and progress."""
+    from ps.errors import PSError
+    with _client(scheduler_addr) as client:
+        try:
+            resp = client.job(job_id).checkpoint(url, full=True)
+        except PSError as e:
+            click.echo(str(e), err=True)
+            sys.exit(1)
+    click.echo(f"checkpoint of {job_id} after epoch {resp.epoch}: {resp.url} ({_human(resp.bytes)})",
+               err=as_json)
+    if as_json:
+        emit_json({"job_id": job_id, "url": resp.url, "bytes": resp.bytes, "epoch": resp.epoch})
+
+
+@main.command()
+@click.argument("address")
+@click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every slice to move.")
+@click.option("--json", "as_json", is_flag=True)
+def drain(address, scheduler_addr, timeout, as_json):
+    """Move every slice off the server at ADDRESS (host:port), so it can stop without failing a job."""
+    from ps.errors import PSError
+    with _client(scheduler_addr) as client:
+        try:
+            resp = client.drain(address, timeout)
+        except PSError as e:
+            click.echo(str(e), err=True)
+            sys.exit(1)
+    click.echo(f"drained {address}: {resp.shards_moved} shard replicas of {len(resp.models)} models moved; "
+               f"it holds nothing now and can stop", err=as_json)
+    if as_json:
+        emit_json({"address": address, "shards_moved": resp.shards_moved, "models": list(resp.models)})
 
 
 @main.command()

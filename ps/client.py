@@ -21,14 +21,18 @@ import grpc
 import numpy as np
 
 from ps import rpc, sharding, wire
-from ps.errors import InvalidArgument, PSError, Unavailable, from_rpc_error
+from ps.errors import DeadlineExceeded, InvalidArgument, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.optimizer_config import OptimizerConfig, clip_norm_scale
 from ps.tensor import count_nonfinite, dtype_code, numpy_dtype, to_little_endian
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, tensor_pb2
 
-#: how many times a shard's stream is retried after UNAVAILABLE (pushes are deduplicated)
+#: how many times a submit is retried after UNAVAILABLE (it carries a request id)
 RETRIES = 3
+#: a shard's stream failing with these is retried on the shard's (new) primary: pushes are deduplicated
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+#: a server that answers "not the primary" / "no such model" is retried this long for the map to move on
+STALE_MAP_WAIT_S = 5.0
 
 log = logging.getLogger("ps.client")
 
@@ -40,7 +44,7 @@ class Client:
                  chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  connect_timeout: float = 10.0, client_id: str | None = None,
-                 inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS):
+                 inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0):
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
@@ -51,6 +55,8 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.inflight_chunks = inflight_chunks
+        #: how long a model's call keeps retrying while a shard fails over to another replica
+        self.failover_timeout = failover_timeout
         self.max_message_bytes = max_message_bytes
         self.client_id = client_id or uuid.uuid4().hex
         self._channel = rpc.channel(address, max_message_bytes)
@@ -114,9 +120,13 @@ class Client:
 
     def create_model(self, name: str, tensors: Mapping[str, np.ndarray | Init | dict],
                      optimizer: OptimizerConfig | Mapping | str = "sgd", *, replace: bool = False,
-                     max_slice_bytes: int | None = None) -> "Model":
+                     max_slice_bytes: int | None = None, replicas: int = 0,
+                     restore: tuple | None = None) -> "Model":
         """Create a model's parameters on the servers: arrays are uploaded, Init specs are
-        computed on each shard. Returns its handle."""
+        computed on each shard. ``replicas``: servers holding each slice (0: the scheduler's
+        default, 2 when two or more servers are up). ``restore``: ``ps.checkpoint.load``'s
+        (manifest, arrays, slices): the slices take the checkpoint's values, optimizer state,
+        versions and exactly-once records (see ``restore_model``). Returns its handle."""
         if isinstance(optimizer, str):
             optimizer = {"name": optimizer}
         try:
@@ -138,19 +148,36 @@ class Client:
                 specs.append(sharding.TensorSpec(tname, a.shape, a.dtype.name))
         request = scheduler_pb2.PlanModelRequest(
             model=name, replace=replace, max_slice_bytes=max_slice_bytes or self.chunk_bytes,
-            optimizer=config.to_proto(),
+            optimizer=config.to_proto(), replicas=replicas,
             tensors=[scheduler_pb2.TensorInfo(name=t.name, shape=list(t.shape), dtype=dtype_code(t.dtype))
                      for t in specs])
         smap = self.call(self.scheduler.PlanModel, request, f"plan model '{name}'")
         model = Model(self, smap)
         try:
-            self.map(lambda shard: model._create_on(shard, inits, replace), [(i,) for i in range(len(model.shards))])
+            shards = [(i,) for i in range(len(model.shards))]
+            self.map(lambda shard: model._create_on(shard, inits, replace), shards)
+            if restore is not None:
+                model._restore(restore)
+            # only once every primary holds its slices (a replaced model is dropped whole on each server)
+            self.map(model._replicate_on, [s for s in shards if len(model.replicas[s[0]]) > 1
+                                           and model._slices_of(s[0])])
             if arrays:
                 model.assign(arrays)
         except PSError:
             model.delete()
             raise
         return model
+
+    def restore_model(self, name: str, url: str, *, replace: bool = False, replicas: int = 0) -> "Model":
+        """Create model ``name`` from the checkpoint at ``url`` (a directory with manifest.json, any
+        fsspec URL): parameters, optimizer state and each slice's update count, so the optimizer
+        continues exactly where it was (Adam's bias correction included)."""
+        from ps import checkpoint
+        loaded = checkpoint.load(url)
+        manifest = loaded[0]
+        zeros = {t["name"]: Init("zeros", tuple(t["shape"]), t["dtype"]) for t in manifest["tensors"]}
+        return self.create_model(name, zeros, optimizer=manifest["optimizer"], replace=replace, replicas=replicas,
+                                 restore=loaded)
 
     def model(self, name: str) -> "Model":
         """A handle on a model that exists (created by this or another client)."""
@@ -175,6 +202,21 @@ class Client:
                         or attempt == RETRIES:
                     raise from_rpc_error(e, self.address, "submit job") from None
                 time.sleep(0.2 * 2 ** attempt)
+
+    def resume(self, checkpoint: str, spec=None, request_id: str | None = None) -> "Job":
+        """Submit a job that continues from ``checkpoint`` (a URL ``Job.checkpoint`` returned, or one
+        a periodic checkpoint wrote): its parameters, optimizer state and epochs done. ``spec``: run
+        with this spec instead of the checkpoint's (same model; e.g. more epochs)."""
+        req = scheduler_pb2.SubmitJobRequest(spec_json=_spec_json(spec) if spec is not None else "",
+                                             resume_from=checkpoint, request_id=request_id or uuid.uuid4().hex)
+        return Job(self, self.call(self.scheduler.SubmitJob, req, f"resume from {checkpoint}",
+                                   timeout=max(self.timeout, 60)))
+
+    def drain(self, address: str, timeout: float = 60.0) -> scheduler_pb2.DrainServerResponse:
+        """Move every slice off the server at ``address`` (to other replicas and servers) so it can stop."""
+        return self.call(self.scheduler.DrainServer, scheduler_pb2.DrainServerRequest(address=address,
+                                                                                      timeout_s=timeout),
+                         f"drain {address}", timeout=timeout + 10)
 
     def jobs(self, page_size: int = 100) -> list["Job"]:
         """Every job the scheduler keeps, newest first (summaries: ``Job.info()`` fetches the rest)."""
@@ -236,7 +278,12 @@ class Model:
     def __init__(self, client: Client, smap: scheduler_pb2.ShardMap):
         self.client = client
         self.name = smap.model
-        self.shards = list(smap.servers)
+        self.shards: list[str] = []       # shard i's primary
+        self.replicas: list[list[str]] = []  # shard i's servers, primary first
+        self.map_version = 0
+        self._adopt(smap)
+        #: how long a call keeps retrying while a shard fails over (default: the client's)
+        self.failover_timeout = client.failover_timeout
         self.specs = {t.name: sharding.TensorSpec(t.name, tuple(t.shape), numpy_dtype(t.dtype).name)
                       for t in smap.tensors}
         self.optimizer = OptimizerConfig.from_proto(smap.optimizer)
@@ -286,6 +333,36 @@ class Model:
         address = self.shards[shard]
         self.client.call(self.client.server(address).CreateModel, req, f"create model '{self.name}'", address)
 
+    def _restore(self, loaded: tuple) -> None:
+        """Install a checkpoint's slices on the primaries (before they have backups)."""
+        from ps import checkpoint
+        _, arrays, slices = loaded
+        per_shard = checkpoint.snapshots_for(self.slices, self.specs, arrays, slices)
+
+        def one(shard):
+            address = self.shards[shard]
+            batch, size = [], 0
+            for snap in per_shard[shard] + [None]:
+                n = snap.ByteSize() if snap is not None else 0
+                if batch and (snap is None or size + n > self.client.chunk_bytes * 4):
+                    self.client.call(self.client.server(address).Replicate, server_pb2.ReplicateRequest(
+                        model=self.name, optimizer=self.optimizer.to_proto(),
+                        ops=[server_pb2.ReplicaOp(install=x) for x in batch]), f"restore '{self.name}'", address)
+                    batch, size = [], 0
+                if snap is not None:
+                    batch.append(snap)
+                    size += n
+        self.client.map(one, [(i,) for i in per_shard])
+
+    def _replicate_on(self, shard: int) -> None:
+        """Have shard's primary send its slices to the shard's backups and keep them in step."""
+        address = self.shards[shard]
+        req = server_pb2.SetReplicasRequest(model=self.name, backups=self.replicas[shard][1:],
+                                            map_version=self.map_version,
+                                            ranges=[server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
+                                                    for s in self._slices_of(shard)])
+        self.client.call(self.client.server(address).SetReplicas, req, f"replicate model '{self.name}'", address)
+
     def _flat(self, arrays: Mapping[str, np.ndarray], what: str, finite: bool) -> dict[str, np.ndarray]:
         """Validate against the model's tensors; return flat little-endian arrays in each param's dtype."""
         out = {}
@@ -306,17 +383,52 @@ class Model:
         return out
 
     def _stream(self, shard: int, what: str, run: Callable[[wire.ShardStub], object]):
-        """Run one shard's stream, retrying on UNAVAILABLE (pushes carry client id and seq, so a
-        retried push is not applied twice). Returns (run's result, the attempt that gave it)."""
-        address = self.shards[shard]
-        stub = self.client.server(address)
-        for attempt in range(RETRIES + 1):
+        """Run one shard's stream; returns (run's result, the attempt that gave it).
+
+        A shard that is unreachable, or that says it is no longer the primary of (or no longer holds)
+        the slices, is failing over: the shard map is fetched again and the stream retried on the
+        shard's new primary, for up to ``Client.failover_timeout`` (pushes carry client id and seq, so
+        a retried push lands once)."""
+        deadline = None
+        attempt = 0
+        while True:
+            address = self.shards[shard]
             try:
-                return run(stub), attempt
+                return run(self.client.server(address)), attempt
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RETRIES:
-                    raise from_rpc_error(e, address, f"{what} model '{self.name}'") from None
-                time.sleep(0.1 * 2 ** attempt)  # back off: a restarting server needs a moment
+                code = e.code()
+                now = time.monotonic()
+                if deadline is None:
+                    first = now
+                    deadline = now + self.failover_timeout
+                    if code != grpc.StatusCode.UNAVAILABLE:  # a live server that does not hold the slices:
+                        deadline = now + min(self.failover_timeout, STALE_MAP_WAIT_S)  # a map moving on
+                if code not in FAILOVER_CODES or now > deadline:
+                    err = from_rpc_error(e, address, f"{what} model '{self.name}'")
+                    if code in FAILOVER_CODES and attempt:
+                        err = type(err)(f"{err} (gave up after {attempt} retries over {now - first:.1f} s "
+                                        f"of failover)")
+                    raise err from None
+                attempt += 1
+                if not self.refresh() and self.shards[shard] == address:
+                    time.sleep(min(0.05 * 2 ** attempt, 0.5))  # not moved yet: the scheduler is promoting
+
+    def refresh(self) -> bool:
+        """Fetch the shard map again; True when it moved on (primaries or replicas changed)."""
+        try:
+            smap = self.client.call(self.client.scheduler.GetShardMap,
+                                    scheduler_pb2.GetShardMapRequest(model=self.name), f"get shard map of '{self.name}'")
+        except (Unavailable, DeadlineExceeded):
+            return False
+        if smap.version == self.map_version:
+            return False
+        self._adopt(smap)
+        return True
+
+    def _adopt(self, smap: scheduler_pb2.ShardMap) -> None:
+        self.shards = list(smap.servers)
+        self.replicas = [list(r.servers) for r in smap.replicas] or [[a] for a in smap.servers]
+        self.map_version = smap.version
 
     def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float,
                        credits: _Credits | None = None):
@@ -469,15 +581,14 @@ class Model:
         """Free the model on every server and forget its shard map."""
         errors = []
 
-        def one(shard):
-            address = self.shards[shard]
+        def one(address):
             try:
                 self.client.call(self.client.server(address).DeleteModel,
                                  server_pb2.DeleteModelRequest(model=self.name), f"delete model '{self.name}'",
                                  address)
             except Unavailable as e:
                 errors.append(e)
-        self.client.map(one, [(i,) for i in range(len(self.shards))])
+        self.client.map(one, [(a,) for a in sorted({a for r in self.replicas for a in r if a})])
         self.client.call(self.client.scheduler.DropModel, scheduler_pb2.DropModelRequest(model=self.name),
                          f"drop model '{self.name}'")
         if errors:
@@ -514,6 +625,10 @@ def _progress_line(m: scheduler_pb2.JobMetrics) -> str:
     return " ".join(parts)
 
 
+#: how long Job.events / Job.wait keep trying to reach a scheduler that went away mid-follow
+RECONNECT_S = 60.0
+
+
 class Job:
     """A handle on a submitted training job."""
 
@@ -542,21 +657,58 @@ class Job:
     def metrics(self) -> dict:
         return _metrics(self.info().metrics)
 
+    def checkpoint(self, url: str = "", full: bool = False):
+        """Write a checkpoint of the job now (to ``url``, or under its checkpoint dir); returns its URL
+        (``full``: the whole CheckpointJobResponse: url, bytes, epoch)."""
+        resp = self.client.call(self.client.scheduler.CheckpointJob,
+                                scheduler_pb2.CheckpointJobRequest(job_id=self.job_id, url=url),
+                                f"checkpoint job '{self.job_id}'", timeout=max(self.client.timeout, 120))
+        return resp if full else resp.url
+
     def cancel(self) -> None:
         self._info = self.client.call(self.client.scheduler.CancelJob,
                                       scheduler_pb2.CancelJobRequest(job_id=self.job_id), f"cancel job '{self.job_id}'")
 
-    def events(self, timeout: float | None = None) -> Iterator[scheduler_pb2.JobEvent]:
-        """Progress events as they happen, until the job ends."""
-        try:
-            yield from self.client.scheduler.WatchJob(scheduler_pb2.WatchJobRequest(job_id=self.job_id),
-                                                      timeout=timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, self.client.address, f"watch job '{self.job_id}'") from None
+    def events(self, timeout: float | None = None,
+               reconnect_s: float = RECONNECT_S) -> Iterator[scheduler_pb2.JobEvent]:
+        """Progress events as they happen, until the job ends. A scheduler that goes away (it
+        restarts, and resumes from its state) is followed again from the last event seen, for up to
+        ``reconnect_s`` seconds of absence; then Unavailable says that it was lost."""
+        what = f"watch job '{self.job_id}'"
+        end = None if timeout is None else time.monotonic() + timeout
+        after, state, lost_since, delay = 0, "", None, 0.1
+        while True:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise DeadlineExceeded(f"{what} on {self.client.address}: the job did not end in {timeout:g} s")
+            why = "the stream ended before the job did"  # the scheduler is shutting down
+            try:
+                for ev in self.client.scheduler.WatchJob(scheduler_pb2.WatchJobRequest(job_id=self.job_id,
+                                                                                       after=after), timeout=left):
+                    after, state, lost_since, delay = ev.seq, ev.state, None, 0.1
+                    yield ev
+                if state in ("succeeded", "failed", "cancelled"):
+                    return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(e, self.client.address, what) from None
+                why = e.details()
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                log.warning("lost the scheduler at %s while following %s (%s): reconnecting for up to %g s",
+                            self.client.address, self.job_id, why, reconnect_s)
+            if now - lost_since >= reconnect_s:
+                raise Unavailable(f"{what} on {self.client.address}: lost the scheduler ({why}): not back after "
+                                  f"{reconnect_s:g} s")
+            time.sleep(min(delay, reconnect_s - (now - lost_since)))
+            delay = min(2 * delay, 1.0)
 
-    def wait(self, progress: bool = True, timeout: float | None = None, logdir: str | None = None):
+    def wait(self, progress: bool = True, timeout: float | None = None, logdir: str | None = None,
+             reconnect_s: float = RECONNECT_S):
         """Follow the job to its end, drawing a progress bar; return the trained model
-        (``ps.TrainedModel``). Raises JobFailed / JobCancelled."""
+        (``ps.TrainedModel``). Raises JobFailed / JobCancelled; Unavailable when the scheduler went
+        away for longer than ``reconnect_s`` (see ``events``)."""
         from tqdm import tqdm
         writer = None
         if logdir:
@@ -568,7 +720,7 @@ class Job:
         bar = tqdm(total=0, unit="task", desc=self.job_id, disable=not progress or lines, dynamic_ncols=True,
                    mininterval=0.5)
         try:
-            for ev in self.events(timeout):
+            for ev in self.events(timeout, reconnect_s):
                 m = ev.metrics
                 if ev.kind == "warning" or (lines and ev.kind == "epoch"):
                     text = ev.message if ev.kind == "warning" else f"{ev.message}; {_progress_line(m)}"

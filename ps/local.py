@@ -35,7 +35,8 @@ class Process:
         self.port: int | None = None
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         port_args = ["--port-file", str(self.port_file)] if listens else []
-        with open(self.log, "wb") as log:
+        self.port_file.unlink(missing_ok=True)  # a restart under the same name reports its port afresh
+        with open(self.log, "ab") as log:  # a restart under the same name appends to the same log
             self.popen = subprocess.Popen([sys.executable, "-m", module, *args, *port_args],
                                           stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                           start_new_session=True)
@@ -67,7 +68,10 @@ class Process:
 
 
 class LocalCluster:
-    """``with ps.LocalCluster(servers=2) as cluster: ps.Client(cluster.address)``."""
+    """``with ps.LocalCluster(servers=2) as cluster: ps.Client(cluster.address)``.
+
+    The scheduler keeps its state in ``workdir / "scheduler-state"``; ``restart_scheduler`` (or
+    ``kill_scheduler`` then ``start_scheduler``) brings it back on the same port with that state."""
 
     def __init__(self, servers: int = 2, workers: int = 0, *, host: str = "127.0.0.1", start_timeout: float = 60.0,
                  server_args: list[str] | None = None, scheduler_args: list[str] | None = None,
@@ -78,10 +82,12 @@ class LocalCluster:
         self.servers: list[Process] = []
         self.workers: list[Process] = []
         self.worker_args = worker_args or []
+        self.scheduler_args = list(scheduler_args or [])
+        self.state_dir = self.workdir / "scheduler-state"
         try:
             deadline = time.monotonic() + start_timeout
             self.scheduler = self._spawn("scheduler", ["scheduler", "--host", host, "--port", "0",
-                                                       *(scheduler_args or [])])
+                                                       "--state-dir", str(self.state_dir), *self.scheduler_args])
             port = self.scheduler.wait_port(deadline)
             self.address = f"{host}:{port}"
             for i in range(servers):
@@ -93,6 +99,28 @@ class LocalCluster:
         except BaseException:
             self.close()
             raise
+
+    def kill_scheduler(self) -> None:
+        """kill -9 the scheduler (it gets no chance to write anything more)."""
+        self.scheduler.kill()
+
+    def start_scheduler(self, timeout: float = 60.0, state_dir: str | os.PathLike | None = None) -> Process:
+        """Start the scheduler again on its port (after ``kill_scheduler``, or a stop), on its state dir
+        (or ``state_dir``); returns once it listens."""
+        if self.scheduler.popen.poll() is None:
+            raise RuntimeError(f"the scheduler at {self.address} is still running: kill_scheduler() first")
+        port = self.address.rsplit(":", 1)[1]
+        old = self.scheduler
+        self.scheduler = Process("scheduler", ["scheduler", "--host", self.host, "--port", port, "--state-dir",
+                                               str(state_dir or self.state_dir), *self.scheduler_args], self.workdir)
+        self.processes[self.processes.index(old)] = self.scheduler
+        self.scheduler.wait_port(time.monotonic() + timeout)
+        return self.scheduler
+
+    def restart_scheduler(self, timeout: float = 60.0) -> Process:
+        """kill -9 the scheduler and start it again on the same port and state."""
+        self.kill_scheduler()
+        return self.start_scheduler(timeout)
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None, listens: bool = True) -> Process:
         p = Process(name, args, self.workdir, env, listens=listens)

@@ -64,6 +64,10 @@ class JobSpec:
     lease_timeout_s: float = 30.0
     metrics: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
     keep_params: bool = False  # keep the parameters on the servers after success (else freed after retention)
+    replicas: int = 0          # servers holding each slice of the parameters; 0: 2 when >= 2 servers are up
+    checkpoint_every_s: float = 0.0  # write a checkpoint this often (0: not by time)
+    checkpoint_every_epochs: int = 0  # ... or every this many epochs (0: not by epochs)
+    checkpoint_dir: str = ""   # where (any fsspec URL); "": the scheduler's --checkpoint-dir
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
@@ -141,6 +145,19 @@ class JobSpec:
         if not 0 <= self.seed < 1 << 63:
             raise SpecError(f"spec.seed: expected an integer in [0, 2**63), got {self.seed}")
         kind_of("keep_params", self.keep_params, bool, "true or false")
+        kind_of("replicas", self.replicas, int, "an integer >= 0")
+        kind_of("checkpoint_every_s", self.checkpoint_every_s, (int, float), "a number of seconds >= 0")
+        if not math.isfinite(self.checkpoint_every_s) or self.checkpoint_every_s < 0:
+            raise SpecError(f"spec.checkpoint_every_s: expected a number of seconds >= 0, got {self.checkpoint_every_s!r}")
+        kind_of("checkpoint_every_epochs", self.checkpoint_every_epochs, int, "an integer >= 0")
+        if self.checkpoint_every_epochs < 0:
+            raise SpecError(f"spec.checkpoint_every_epochs: expected an integer >= 0, got {self.checkpoint_every_epochs!r}")
+        kind_of("checkpoint_dir", self.checkpoint_dir, str, "a directory or fsspec URL")
+        if len(self.checkpoint_dir) > 4096:
+            raise SpecError("spec.checkpoint_dir: longer than 4096 characters")
+        if isinstance(self.replicas, bool) or not 0 <= self.replicas <= 16:
+            raise SpecError(f"spec.replicas: expected an integer in [0, 16] (0: the scheduler's default), "
+                            f"got {self.replicas!r}")
         kind_of("lease_timeout_s", self.lease_timeout_s, (int, float), "a positive number")
         if not math.isfinite(self.lease_timeout_s) or self.lease_timeout_s <= 0:
             raise SpecError(f"spec.lease_timeout_s: expected a positive number, got {self.lease_timeout_s!r}")

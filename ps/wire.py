@@ -112,6 +112,25 @@ def encode_push(model: str, client_id: str, seq: int, grad_scale: float, tensor:
     return b"".join((head, _chunk_prefix(_PUSH_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data))
 
 
+#: ps.v1.ReplicaOp.push, ps.v1.ReplicateRequest fields
+_OP_PUSH = 2
+_REPL_MODEL, _REPL_OPTIMIZER, _REPL_PRIMARY, _REPL_OPS = 1, 2, 3, 4
+
+
+def replica_push_op(push: bytes) -> bytes:
+    """A serialized ps.v1.ReplicaOp carrying a serialized PushRequest (as encode_push makes)."""
+    return _len_prefix(_OP_PUSH, len(push)) + push
+
+
+def encode_replicate(model: str, optimizer: bytes, primary: str, ops) -> bytes:
+    """A serialized ps.v1.ReplicateRequest from already serialized parts (no copy of the ops but the join)."""
+    parts = [_str_field(_REPL_MODEL, model), _len_prefix(_REPL_OPTIMIZER, len(optimizer)), optimizer,
+             _str_field(_REPL_PRIMARY, primary)]
+    for op in ops:
+        parts += (_len_prefix(_REPL_OPS, len(op)), op)
+    return b"".join(parts)
+
+
 def encode_pull_response(tensor: str, offset: int, dtype: int, values: np.ndarray, version: int,
                          duplicate: bool = False) -> bytes:
     """A serialized ps.v1.PullResponse carrying ``values``."""

@@ -7,16 +7,19 @@ import dataclasses
 import logging
 import threading
 import time
+from concurrent import futures
 from typing import Iterator
 
 import grpc
 import numpy as np
 
 from ps import initializers, rpc, sharding, wire
-from ps.errors import InvalidArgument, NotFound, PSError, ResourceExhausted, abort
+from ps.errors import InvalidArgument, NotFound, PSError, ResourceExhausted, Unavailable, abort
 from ps import limits as ps_limits
 from ps.limits import Limits
 from ps.optimizer_config import OptimizerConfig
+from ps import checkpoint
+from ps.server.replication import Replicator
 from ps.server.shard import ShardStore, SliceRequest
 from ps.tensor import CodecError, decode_1d, dtype_code, numpy_dtype
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc
@@ -40,6 +43,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         self.chunk_bytes = chunk_bytes
         self.limits = limits or store.limits
         self.started = time.time()
+        #: how long a push waits for its backups to confirm it before failing
+        self.replica_timeout_s = rpc.DEFAULT_TIMEOUT_S
 
     def _names(self, what: str, req) -> None:
         """A Push/Assign request's names, checked before any message or lookup uses them."""
@@ -77,44 +82,135 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def Assign(self, request_iterator, context):
         n = 0
+        waits = []
         try:
             for req in request_iterator:
                 self._names("assign to", req)
                 values = _decode(req.chunk, req.model, "assign to")
-                self.store.assign(req.model, req.chunk.tensor, req.chunk.offset, values)
+                self.store.assign(req.model, req.chunk.tensor, req.chunk.offset, values, waits=waits)
                 n += 1
+            self._replicated(waits, "assign")
         except PSError as e:
             abort(context, e)
         return server_pb2.AssignResponse(chunks=n)
 
-    def _apply(self, req: server_pb2.PushRequest):
-        self._names("push to", req)
-        self.limits.check_name("push to: client_id", req.client_id)
-        grad = _decode(req.chunk, req.model, "push to")
+    # -- replication ---------------------------------------------------------------------
+    def SetReplicas(self, request, context):
+        lim = self.limits
+        what = f"set replicas of '{request.model}'"
+        try:
+            lim.check_name("set replicas: model name", request.model)
+            lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices")
+            lim.check_count(f"{what}: backups", len(request.backups), "max_slices")
+            lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
+            for b in request.backups:
+                if ":" not in b or len(b) > 255:
+                    raise InvalidArgument(f"{what}: backup address must be host:port, got '{b[:255]}'")
+            ranges = [(r.tensor, r.offset, r.length) for r in request.ranges]
+            waits, sent = self.store.set_replicas(request.model, ranges, list(request.backups))
+            self._replicated(waits, what)
+        except PSError as e:
+            abort(context, e)
+        log.info("%s: primary of %d slices, backups %s (map version %d)", what, len(ranges),
+                 ", ".join(request.backups) or "none", request.map_version)
+        return server_pb2.SetReplicasResponse(slices=len(ranges), bytes_sent=sent)
+
+    def Checkpoint(self, request, context):
+        what = f"checkpoint '{request.model}'"
+        try:
+            self.limits.check_name("checkpoint: model name", request.model)
+            self.limits.check_name("checkpoint: shard name", request.shard)
+            if not request.url or len(request.url) > 4096:
+                raise InvalidArgument(f"{what}: url must be a non-empty fsspec URL of at most 4096 characters")
+            if not request.shard or "/" in request.shard or request.shard.startswith("."):
+                raise InvalidArgument(f"{what}: shard name '{request.shard}' must be a plain file name")
+            m = self.store.model(request.model)
+            snaps = [self.store.snapshot(sl, m.tensors[sl.tensor].shape) for sl in m.slices if sl.primary]
+            data = checkpoint.encode_shard(request.model, m.optimizer.config.to_dict(), snaps,
+                                           {t: meta.dtype.name for t, meta in m.tensors.items()})
+            name = f"{request.shard}.safetensors"
+            checkpoint.write_atomic(request.url, name, data)
+        except PSError as e:
+            abort(context, e)
+        except OSError as e:
+            abort(context, Unavailable(f"{what}: writing to {request.url}: {type(e).__name__}: {e}"))
+        log.info("%s: %d slices, %d bytes to %s/%s", what, len(snaps), len(data), request.url, name)
+        return server_pb2.CheckpointResponse(files=[name], bytes=len(data), slices=len(snaps), versions=[
+            server_pb2.SliceVersion(tensor=s.tensor, offset=s.offset, version=s.version) for s in snaps])
+
+    def Replicate(self, request, context):
+        what = f"replicate '{request.model}' from {request.primary or 'a primary'}"
+        n = 0
+        try:
+            self.limits.check_name("replicate: model name", request.model)
+            config = None
+            for op in request.ops:
+                kind = op.WhichOneof("op")
+                if kind == "install":
+                    if config is None:
+                        config = OptimizerConfig.from_proto(request.optimizer)
+                    self.store.install(request.model, config, op.install, restore=not request.primary)
+                elif kind == "push":
+                    self._apply(op.push, replica=True)
+                elif kind == "assign":
+                    req = op.assign
+                    self._names("replicate assign to", req)
+                    self.store.assign(req.model, req.chunk.tensor, req.chunk.offset,
+                                      _decode(req.chunk, req.model, "replicate assign to"), replica=True)
+                else:
+                    raise InvalidArgument(f"{what}: op {n} is empty")
+                n += 1
+        except (PSError, ValueError) as e:
+            abort(context, e if isinstance(e, PSError) else InvalidArgument(f"{what}: {e}"))
+        return server_pb2.ReplicateResponse(applied=n)
+
+    def _apply(self, req: server_pb2.PushRequest, waits: list | None = None, replica: bool = False):
+        what = "replicate push to" if replica else "push to"
+        self._names(what, req)
+        self.limits.check_name(f"{what}: client_id", req.client_id)
+        grad = _decode(req.chunk, req.model, what)
         return self.store.push(req.model, req.client_id, req.seq, req.chunk.tensor, req.chunk.offset,
-                               grad, req.grad_scale or 1.0)
+                               grad, req.grad_scale or 1.0, waits=waits, replica=replica)
+
+    def _replicated(self, waits: list, what: str) -> None:
+        """Wait until every backup has applied what was forwarded (or was dropped from the replica
+        set); the error of one that failed otherwise."""
+        if not waits:
+            return
+        done, pending = futures.wait(waits, timeout=self.replica_timeout_s)
+        if pending:
+            raise Unavailable(f"{what}: the backups did not confirm the update within {self.replica_timeout_s:g} s")
+        for f in done:
+            if f.exception() is not None:
+                e = f.exception()
+                raise e if isinstance(e, PSError) else Unavailable(f"{what}: {e}")
 
     def Push(self, request_iterator, context):
         applied = dup = 0
+        waits = []
         try:
             for req in request_iterator:
-                _, ok = self._apply(req)
+                _, ok = self._apply(req, waits)
                 applied += ok
                 dup += not ok
+            self._replicated(waits, "push")
         except PSError as e:
             abort(context, e)
         return server_pb2.PushResponse(applied=applied, duplicates=dup)
 
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
+        waits = []
         try:
             for req in request_iterator:
-                sl, ok = self._apply(req)
+                sl, ok = self._apply(req, waits)
                 c = req.chunk
                 resp = self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize,
                                              lambda view, version: wire.encode_pull_response(
                                                  c.tensor, c.offset, c.values.dtype, view, version, duplicate=not ok))
                 del req, c  # the request's buffer goes now, not after the response is sent
                 yield resp
+            # the push counts once the stream ends: after the backups have applied it
+            self._replicated(waits, "push_pull")
         except PSError as e:
             abort(context, e)
 
@@ -155,15 +251,16 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         resp = server_pb2.StatsResponse(uptime_s=time.time() - self.started)
         total = 0
         for m in self.store.models():
-            slices = list(m.slices)
-            nbytes = sum(s.nbytes for s in slices)
+            held = list(m.slices)
+            slices = [s for s in held if s.primary]
+            nbytes = sum(s.nbytes for s in held)
             total += nbytes
             resp.models.add(model=m.name, slices=len(slices), params=sum(s.length for s in slices),
                             bytes=nbytes, pushes=sum(s.pushes for s in slices),
                             pulls=sum(s.pulls for s in slices),
                             max_version=max((s.version for s in slices), default=0),
                             min_version=min((s.version for s in slices), default=0),
-                            optimizer=m.optimizer.config.name)
+                            optimizer=m.optimizer.config.name, backup_slices=len(held) - len(slices))
         resp.bytes = total
         return resp
 
@@ -180,6 +277,7 @@ class SchedulerLink:
         self.channel = rpc.channel(scheduler)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.server_id = ""
+        self.cluster_id = ""  # the scheduler state we registered with: heartbeats carry it back
         self.interval = 1.0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -190,8 +288,9 @@ class SchedulerLink:
                                              timeout=rpc.DEFAULT_TIMEOUT_S),
             f"registering with the scheduler at {self.scheduler}", deadline_s, address=self.scheduler)
         self.server_id, self.interval = resp.server_id, resp.heartbeat_interval_s or 1.0
-        log.info("registered with scheduler %s as %s (advertising %s)", self.scheduler, self.server_id,
-                 self.advertise)
+        self.cluster_id = resp.cluster_id
+        log.info("registered with scheduler %s as %s (advertising %s; cluster %s, incarnation %d)", self.scheduler,
+                 self.server_id, self.advertise, resp.cluster_id[:8] or "-", resp.incarnation)
 
     def start(self) -> None:
         self.register(self.connect_timeout)
@@ -202,7 +301,7 @@ class SchedulerLink:
             models = self.store.models()
             req = scheduler_pb2.HeartbeatRequest(server_id=self.server_id,
                                                  bytes=sum(m.nbytes for m in models),
-                                                 models=[m.name for m in models])
+                                                 models=[m.name for m in models], cluster_id=self.cluster_id)
             try:
                 if not self.stub.Heartbeat(req, timeout=max(self.interval * 3, 2.0)).known:
                     log.warning("scheduler %s does not know us: registering again", self.scheduler)
@@ -236,6 +335,22 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     address = advertise or f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
     log.info("parameter server listening on %s:%d", host, bound)
     link = SchedulerLink(scheduler, address, store, connect_timeout)
+
+    def on_lost(backup: str, error: str) -> bool:
+        """A backup could not be reached: stop forwarding to it, and have the scheduler take it out
+        of the replica sets (the pushes waiting on it are acknowledged once that is done)."""
+        ok = True
+        for model in store.drop_backup(backup):
+            try:
+                link.stub.ReportReplicaLost(scheduler_pb2.ReportReplicaLostRequest(
+                    model=model, primary=address, backup=backup, error=error[:1000]), timeout=rpc.DEFAULT_TIMEOUT_S)
+            except grpc.RpcError as e:
+                log.error("could not report lost backup %s of '%s' to the scheduler %s: %s", backup, model,
+                          scheduler, e.details())
+                ok = False
+        return ok
+
+    store.replicator = Replicator(address, on_lost, max_message_bytes=max_message_bytes)
     try:
         link.start()
     except PSError as e:
@@ -243,4 +358,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
         server.stop(0)
         raise SystemExit(2) from None
     rpc.write_port_file(port_file, bound)
-    rpc.serve_until_signal(server, on_stop=link.close)
+    def stop():
+        link.close()
+        store.replicator.close()
+    rpc.serve_until_signal(server, on_stop=stop)

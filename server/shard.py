@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ps import initializers
-from ps.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from ps import initializers, wire
+from ps.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ps.limits import Limits, current as current_limits
 from ps.optimizer_config import OptimizerConfig
 from ps.server.optimizers import Optimizer, make_optimizer
-from ps.tensor import count_nonfinite
+from ps.tensor import CodecError, count_nonfinite, decode_1d, dtype_code, encode
+from ps.v1 import server_pb2, tensor_pb2
 
 PARAM_DTYPES = (np.dtype("float32"), np.dtype("float64"))
 
@@ -41,6 +42,12 @@ class SliceState:
     applied: dict[str, list] = field(default_factory=dict)
     pruned_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: replication: whether clients push here (the primary) or only the primary does (a backup), the
+    #: backups this primary forwards every update to, and per backup the future of the last update
+    #: forwarded (a retried push waits on it: it is acknowledged only once the backups have it)
+    primary: bool = True
+    backups: tuple[str, ...] = ()
+    forwarded: dict = field(default_factory=dict)
 
     @property
     def stop(self) -> int:
@@ -136,6 +143,9 @@ class ShardStore:
         #: this long (a retry comes within seconds; worker churn must not grow the records forever)
         self.dedup_ttl_s = dedup_ttl_s
         self._clock = clock
+        #: replication: a ps.server.replication.Replicator, whose ``forward(backup address, model,
+        #: serialized ReplicaOp, fresh)`` queues an update for a backup; None: no backups here
+        self.replicator = None
 
     def model(self, name: str) -> ModelState:
         m = self._models.get(name)
@@ -223,22 +233,34 @@ class ShardStore:
             raise NotFound(f"model '{name}' not found on this shard")
         return m.nbytes
 
-    def assign(self, name: str, tensor: str, offset: int, values: np.ndarray) -> None:
-        """Overwrite parameter values (optimizer state is left as it is)."""
+    def assign(self, name: str, tensor: str, offset: int, values: np.ndarray, *, waits: list | None = None,
+               replica: bool = False) -> None:
+        """Overwrite parameter values (optimizer state is left as it is); forwarded to backups as push is."""
         m = self.model(name)
-        what = "assign to"
+        what = "replicate assign to" if replica else "assign to"
         sl = check_chunk(m, tensor, offset, values, what)
+        self._check_role(sl, name, replica, what)
         check_finite(values, f"assign to '{name}/{tensor}' at offset {offset}")
         a = offset - sl.offset
         with sl.lock:
             sl.param[a:a + values.size] = values
+            if sl.backups and self.replicator is not None:
+                op = server_pb2.ReplicaOp(assign=server_pb2.AssignRequest(model=name, chunk=tensor_pb2.Chunk(
+                    tensor=tensor, offset=offset, values=encode(values)))).SerializeToString()
+                self._forward(m, sl, op, waits)
 
     def push(self, name: str, client_id: str, seq: int, tensor: str, offset: int, grad: np.ndarray,
-             grad_scale: float = 1.0) -> tuple[SliceState, bool]:
-        """Apply one gradient chunk; returns (slice, applied). A retried chunk is not applied again."""
+             grad_scale: float = 1.0, *, waits: list | None = None, replica: bool = False
+             ) -> tuple[SliceState, bool]:
+        """Apply one gradient chunk; returns (slice, applied). A retried chunk is not applied again.
+
+        On a primary with backups the update is forwarded to them, in the order applied, and the
+        futures to wait on before acknowledging it are appended to ``waits`` (for a retried chunk:
+        those of the slice's last forwarded update). ``replica``: the push comes from the primary."""
         m = self.model(name)
-        what = "push to"
+        what = "replicate push to" if replica else "push to"
         sl = check_chunk(m, tensor, offset, grad, what)
+        self._check_role(sl, name, replica, what)
         if not client_id:
             raise InvalidArgument(f"push to '{name}/{tensor}': client_id is empty (needed to apply each push once)")
         if not np.isfinite(grad_scale) or grad_scale < 0:
@@ -251,6 +273,8 @@ class ShardStore:
             rec = sl.applied.get(client_id)
             if rec is not None and (seq < rec[0] or (seq == rec[0] and offset < rec[1])):
                 rec[3] = now
+                if waits is not None:
+                    waits.extend(sl.forwarded.values())
                 return sl, False
             if rec is not None and seq == rec[0]:
                 step = rec[2]  # a later chunk of a push that already counted as this slice's update
@@ -264,7 +288,147 @@ class ShardStore:
             m.optimizer.apply(sl.param[a:b], grad, {k: v[a:b] for k, v in sl.state.items()}, step,
                               grad_scale or 1.0)
             sl.pushes += 1
+            if sl.backups and self.replicator is not None:
+                op = wire.replica_push_op(wire.encode_push(name, client_id, seq, grad_scale, tensor, offset,
+                                                           dtype_code(grad.dtype), grad))
+                self._forward(m, sl, op, waits)
         return sl, True
+
+    def _check_role(self, sl: SliceState, name: str, replica: bool, what: str) -> None:
+        if replica and sl.primary:
+            raise FailedPrecondition(f"{what} '{name}/{sl.tensor}' [{sl.offset}, {sl.stop}): this server is its "
+                                     f"primary, not a backup (a primary that was replaced is still forwarding)")
+        if not replica and not sl.primary:
+            raise FailedPrecondition(f"{what} '{name}/{sl.tensor}' [{sl.offset}, {sl.stop}): this server holds a "
+                                     f"backup of that slice, not its primary (the shard map changed: fetch it again)")
+
+    def _forward(self, m: ModelState, sl: SliceState, op: bytes, waits: list | None, fresh: bool = False) -> None:
+        """Queue ``op`` (a serialized ps.v1.ReplicaOp) for each backup of ``sl`` (under its lock, so
+        the backups see the slice's updates in the order they were applied)."""
+        for b in sl.backups:
+            fut = self.replicator.forward(b, m, op, fresh)
+            sl.forwarded[b] = fut
+            if waits is not None:
+                waits.append(fut)
+
+    def drop_backup(self, backup: str) -> list[str]:
+        """Stop forwarding to ``backup`` (it was lost); returns the models that had it as a backup."""
+        models = []
+        for m in self.models():
+            hit = False
+            for sl in m.slices:
+                with sl.lock:
+                    if backup in sl.backups:
+                        sl.backups = tuple(b for b in sl.backups if b != backup)
+                        sl.forwarded.pop(backup, None)
+                        hit = True
+            if hit:
+                models.append(m.name)
+        return models
+
+    # -- replication and checkpoints -------------------------------------------------------
+    def snapshot(self, sl: SliceState, shape: tuple[int, ...]) -> server_pb2.SliceSnapshot:
+        """The slice's whole state (copied under its lock)."""
+        with sl.lock:
+            return self._snapshot(sl, shape)
+
+    @staticmethod
+    def _snapshot(sl: SliceState, shape: tuple[int, ...]) -> server_pb2.SliceSnapshot:
+        snap = server_pb2.SliceSnapshot(tensor=sl.tensor, shape=list(shape), offset=sl.offset, length=sl.length,
+                                        param=encode(sl.param), version=sl.version, pushes=sl.pushes)
+        for k, v in sl.state.items():
+            encode(v, snap.state[k])
+        for cid, (seq, end, step, _) in sl.applied.items():
+            snap.applied.add(client_id=cid, seq=seq, end=end, step=step)
+        return snap
+
+    def set_replicas(self, name: str, ranges: list[tuple[str, int, int]], backups: list[str]) -> tuple[list, int]:
+        """Make this server the primary of the slices of ``name`` at ``ranges`` (tensor, offset, length),
+        forwarding to ``backups`` from now on: each backup first gets a snapshot of each slice, queued
+        under the slice's lock so every later update follows it. Returns the futures to wait on and
+        the snapshot bytes queued."""
+        m = self.model(name)
+        what = "set replicas of"
+        slices = []
+        for tensor, offset, length in ranges:
+            sl = m.locate(tensor, offset, length, what)
+            if (sl.offset, sl.length) != (offset, length):
+                raise InvalidArgument(f"{what} '{name}/{tensor}': [{offset}, {offset + length}) is not a whole "
+                                      f"slice (this server's slice there is [{sl.offset}, {sl.stop}))")
+            slices.append(sl)
+        if backups and self.replicator is None:
+            raise FailedPrecondition(f"{what} '{name}': this store does not replicate")
+        waits, sent = [], 0
+        for sl in slices:
+            with sl.lock:
+                sl.primary, sl.backups = True, tuple(backups)
+                sl.forwarded = {}
+                if backups:
+                    snap = self._snapshot(sl, m.tensors[sl.tensor].shape)
+                    op = server_pb2.ReplicaOp(install=snap).SerializeToString()
+                    self._forward(m, sl, op, waits, fresh=True)
+                    sent += len(op) * len(backups)
+        return waits, sent
+
+    def install(self, name: str, config: OptimizerConfig | dict, snap: server_pb2.SliceSnapshot,
+                restore: bool = False) -> int:
+        """A backup takes a slice's whole state from its primary (creating the model, or the slice,
+        if new), as a backup; or (``restore``) a slice takes its state from a checkpoint and keeps
+        its role. Returns the bytes now held for it."""
+        what = f"install slice of '{name}'"
+        try:
+            param = decode_1d(snap.param, f"{what}: '{snap.tensor}' parameters")
+            state = {k: decode_1d(v, f"{what}: '{snap.tensor}' state '{k}'") for k, v in snap.state.items()}
+        except CodecError as e:
+            raise InvalidArgument(str(e)) from None
+        shape = tuple(snap.shape)
+        req = SliceRequest(snap.tensor, shape, param.dtype, snap.offset, snap.length)
+        self._check_slice(name, req)
+        if param.dtype not in PARAM_DTYPES:
+            raise InvalidArgument(f"{what}: parameters must be float32 or float64, got {param.dtype}")
+        if param.size != snap.length:
+            raise InvalidArgument(f"{what}: '{snap.tensor}' has {param.size} values for a slice of {snap.length}")
+        with self._lock:
+            m = self._models.get(name)
+            if m is None:
+                self.limits.check_count(f"{what}: models on this shard", len(self._models) + 1, "max_models")
+                try:
+                    m = ModelState(name, make_optimizer(config), {})
+                except ValueError as e:
+                    raise InvalidArgument(f"{what}: {e}") from None
+                self._models[name] = m
+            names = set(m.optimizer.state_names)
+            if set(state) != names or any(v.size != snap.length or v.dtype != param.dtype for v in state.values()):
+                raise InvalidArgument(f"{what}: '{snap.tensor}' optimizer state {sorted(state)} does not match "
+                                      f"{m.optimizer.config.name}'s {sorted(names)} of {snap.length} {param.dtype}")
+            meta = m.tensors.setdefault(snap.tensor, TensorMeta(shape, param.dtype))
+            if meta.shape != shape or meta.dtype != param.dtype:
+                raise InvalidArgument(f"{what}: tensor '{snap.tensor}' is {meta.dtype}{list(meta.shape)} here, "
+                                      f"not {param.dtype}{list(shape)}")
+            same = next((s for s in meta.slices if (s.offset, s.length) == (snap.offset, snap.length)), None)
+            if restore and same is None:
+                raise NotFound(f"{what}: restore onto '{snap.tensor}' [{snap.offset}, {snap.offset + snap.length}): "
+                               f"no such slice here (create the model first)")
+            if restore and same is not None and same.primary and same.backups:
+                raise FailedPrecondition(f"{what}: '{snap.tensor}' [{snap.offset}, {snap.offset + snap.length}) is "
+                                         f"a primary with backups here: restore before replicating")
+            # a backup's new slice; or a restore (from a checkpoint) onto a slice, which keeps its role
+            sl = SliceState(snap.tensor, snap.offset, snap.length, param.copy(), {k: v.copy() for k, v in state.items()},
+                            version=snap.version, pushes=snap.pushes,
+                            primary=restore and same is not None and same.primary)
+            now = self._clock()
+            sl.applied = {r.client_id: [r.seq, r.end, r.step, now] for r in snap.applied}
+            kept = [s for s in meta.slices if (s.offset, s.length) != (sl.offset, sl.length)]
+            if any(s.offset < sl.stop and sl.offset < s.stop for s in kept):
+                raise InvalidArgument(f"{what}: '{snap.tensor}' [{sl.offset}, {sl.stop}) overlaps a different slice "
+                                      f"held here")
+            held = sum(x.nbytes for x in self._models.values() for x in x.slices)
+            if self.max_bytes is not None and held + sl.nbytes > self.max_bytes:
+                raise ResourceExhausted(f"{what}: needs {sl.nbytes} bytes, this shard holds {held} of its limit "
+                                        f"{self.max_bytes} {self.limits.hint('max_bytes')}")
+            meta.slices = sorted(kept + [sl], key=lambda s: s.offset)
+            meta.starts = [s.offset for s in meta.slices]
+        return sl.nbytes
 
     def _prune(self, sl: SliceState, now: float) -> None:
         """Drop the records of clients silent on this slice for longer than dedup_ttl_s (under its lock)."""

@@ -10,6 +10,13 @@ import pytest
 import ps
 
 
+@pytest.fixture(autouse=True)
+def _scheduler_state_dir(tmp_path_factory, monkeypatch):
+    """A scheduler a test starts by hand keeps its state in a fresh dir of its own, not in the
+    user's (LocalCluster gives its scheduler one in its workdir anyway)."""
+    monkeypatch.setenv("PS_STATE_DIR", str(tmp_path_factory.mktemp("scheduler-state")))
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A scheduler and two servers as real processes, for the tests of one module."""

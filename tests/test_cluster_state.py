@@ -20,13 +20,18 @@ def test_silent_server_is_marked_down_with_the_reason_recorded():
     assert not c.heartbeat(b.server_id, now=6.0, nbytes=0, models=[])
 
 
-def test_a_restarted_server_keeps_its_id():
-    c = Cluster(server_timeout=1.0)
+def test_a_restarted_server_is_a_new_member_and_its_old_entry_goes_down():
+    c = Cluster(server_timeout=10.0)
     a = c.register("h:1", now=0.0)
-    c.tick(now=3.0)
-    again = c.register("h:1", now=3.5)
-    assert again.server_id == a.server_id and again.state == "up"
-    assert c.transitions[-1].change == "down -> up"
+    again = c.register("h:1", now=3.5)  # still listed up: the process restarted and lost its memory
+    assert again.server_id != a.server_id and again.state == "up"
+    assert a.state == "down" and c.take_downed_by_register() == [a] and c.take_downed_by_register() == []
+    assert ("up -> down", "re-registered from the same address (restarted)") in \
+        [(t.change, t.reason) for t in c.transitions if t.subject == a.server_id]
+    assert c.tick(now=4.0) == []  # already down: tick declares (and returns) only servers it finds silent
+    third = c.register("h:1", now=5.0)  # the entry that was down already is forgotten: restarts do not pile up
+    assert [s.server_id for s in c.servers.values()] == [again.server_id, third.server_id]
+    assert [s.server_id for s in c.up_servers()] == [third.server_id]
 
 
 def test_plan_uses_up_servers_and_is_stable():

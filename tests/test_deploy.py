@@ -92,8 +92,17 @@ def test_servers_advertise_their_service_names(compose):
         assert svc["environment"]["PS_PORT"] == "7000"
         assert svc["environment"]["PS_SCHEDULER"] == "scheduler:7070"
         assert "ports" not in svc, "shards are reached on the compose network, not from the host"
-        assert any(v.endswith(":/var/lib/paramserver") for v in svc["volumes"])
-        assert svc["volumes"][0].split(":")[0] in compose["volumes"], "checkpoints use a named volume"
+        assert svc["volumes"] == ["checkpoints:/var/lib/paramserver/checkpoints"]
+        assert "checkpoints" in compose["volumes"], "checkpoints use a named volume"
+
+
+def test_scheduler_keeps_its_state_and_shares_the_checkpoints_on_volumes(compose):
+    svc = _services(compose)["scheduler"]
+    env = svc["environment"]
+    mounts = dict(reversed(v.split(":", 1)) for v in svc["volumes"])
+    assert mounts[env["PS_STATE_DIR"]] == "scheduler-state"
+    assert mounts[env["PS_CHECKPOINT_DIR"]] == "checkpoints"
+    assert {"scheduler-state", "checkpoints"} <= set(compose["volumes"])
 
 
 def test_scheduler_listens_on_7070_and_publishes_it(compose):
@@ -289,8 +298,22 @@ def test_servers_are_a_statefulset_with_a_headless_service_and_stable_advertised
     assert names.index("POD_NAME") < names.index("PS_ADVERTISE"), "$(POD_NAME) must be defined first"
     assert env["PS_ADVERTISE"]["value"] == "$(POD_NAME).paramserver-server:7000"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
-    assert mounts["checkpoints"] == "/var/lib/paramserver" and "checkpoints" in claims
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert mounts["checkpoints"] == "/var/lib/paramserver/checkpoints"
+    assert volumes["checkpoints"] == "paramserver-checkpoints"
+
+
+def test_scheduler_state_and_checkpoints_live_on_persistent_volumes(base):
+    claims = _by_kind(base, "PersistentVolumeClaim")
+    assert claims["paramserver-checkpoints"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claims["paramserver-scheduler-state"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    dep = _by_kind(base, "Deployment")["paramserver-scheduler"]
+    (container,) = _containers(dep)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts[env["PS_STATE_DIR"]]] == "paramserver-scheduler-state"
+    assert volumes[mounts[env["PS_CHECKPOINT_DIR"]]] == "paramserver-checkpoints"
 
 
 def test_workers_are_a_scalable_deployment(base):

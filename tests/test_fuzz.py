@@ -172,7 +172,14 @@ def _build(cls, kw: dict):
     for name, value in kw.items():
         f = cls.DESCRIPTOR.fields_by_name[name]
         try:
-            if f.is_repeated:
+            if f.type == FD.TYPE_MESSAGE and f.message_type.GetOptions().map_entry:
+                for entry in value:  # a map: its generated entries' key/value pairs
+                    target = getattr(msg, name)
+                    if f.message_type.fields_by_name["value"].type == FD.TYPE_MESSAGE:
+                        target[entry.key].CopyFrom(entry.value)
+                    else:
+                        target[entry.key] = entry.value
+            elif f.is_repeated:
                 getattr(msg, name).extend(value)
             elif f.type == FD.TYPE_MESSAGE:
                 getattr(msg, name).CopyFrom(value)

@@ -36,6 +36,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 PARAMSERVER = [sys.executable, "-m", "ps"]  # the image's ENTRYPOINT, from this environment
+VOLUME_ROOT = "/var/lib/paramserver/"  # where the compose file mounts its volumes
 _TOPOLOGY_IDS = itertools.count()
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -186,14 +187,24 @@ class Topology:
         if argv and argv[0] == "paramserver":
             argv = PARAMSERVER + argv[1:]
         return subprocess.run(["ip", "netns", "exec", inst.netns, *argv], capture_output=True, text=True,
-                              env=_clean_env(inst.environment), timeout=timeout)
+                              env=_clean_env(self._volumes(inst.environment)), timeout=timeout)
+
+    def _volumes(self, env: dict[str, str]) -> dict[str, str]:
+        """The compose file's volumes (mounted under /var/lib/paramserver) as fresh directories of
+        this topology, shared by its instances as named volumes are."""
+        root = self.workdir / "volumes"
+        return {k: str(root / v[len(VOLUME_ROOT):]) if v.startswith(VOLUME_ROOT) else v for k, v in env.items()}
 
     def start(self, inst: Instance) -> None:
         """The service's command and environment, as the compose file gives them."""
         inst.log = self.workdir / f"{inst.name}.log"
+        home = self.workdir / f"{inst.name}-home"  # each container has a home of its own (the scheduler's state)
+        home.mkdir(exist_ok=True)
         with open(inst.log, "wb") as log:
             inst.proc = subprocess.Popen(["ip", "netns", "exec", inst.netns, *PARAMSERVER, *inst.command],
-                                         env=_clean_env(inst.environment), stdout=log, stderr=subprocess.STDOUT,
+                                         env=_clean_env({**self._volumes(inst.environment), "HOME": str(home)}),
+                                         stdout=log,
+                                         stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
 
     def healthy(self, inst: Instance) -> bool:

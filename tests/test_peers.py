@@ -52,7 +52,8 @@ def test_submit_follow_says_plainly_that_it_lost_the_scheduler(tmp_path):
     spec = tmp_path / "job.json"
     spec.write_text(demo_spec("mlp", epochs=2).to_json())
     with ps.LocalCluster(servers=1) as c:   # no workers: the job waits, the follower follows
-        follower = subprocess.Popen(ps_cmd("submit", str(spec), "--scheduler", c.address, "--follow"),
+        follower = subprocess.Popen(ps_cmd("submit", str(spec), "--scheduler", c.address, "--follow",
+                                           "--reconnect-for", "2"),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with ps.Client(c.address) as client:
             wait_for(lambda: client.jobs(), what="the job to be submitted")
@@ -61,7 +62,8 @@ def test_submit_follow_says_plainly_that_it_lost_the_scheduler(tmp_path):
     assert follower.returncode == 3, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err
-    assert lines[-1].startswith(f"lost the scheduler at {c.address} while following job-1")
+    assert lines[-1].startswith(f"lost the scheduler at {c.address} while following job-1 "
+                                f"(Unavailable: not back after 2 s)")
     assert lines[-1].endswith(f"`paramserver follow job-1 --scheduler {c.address}` picks the job up again")
 
 

@@ -69,7 +69,9 @@ class Worker:
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
         self._lease_call = None  # the LeaseTask long poll in flight
         self.worker_id = ""
+        self.cluster_id = ""  # the scheduler state we registered with: heartbeats carry it back
         self.interval = 1.0
+        self._registering = threading.Lock()
         self.health = self._serve_health(health_port) if health_port else None
         self._register()
         self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -96,20 +98,32 @@ class Worker:
         if self.health is not None:
             self._set_health(self.health[1], serving)
 
-    def _register(self) -> None:
-        resp = self.client.call(self.client.scheduler.RegisterWorker,
-                                scheduler_pb2.RegisterWorkerRequest(name=self.name, device=self.device),
-                                "register worker")
-        self.worker_id, self.interval = resp.worker_id, resp.heartbeat_interval_s or 1.0
+    def _register(self, stale: str | None = None) -> None:
+        """Register (again); ``stale``: the id the scheduler did not know, so that of the heartbeat
+        thread and the lease loop, which may both find out, only one registers again."""
+        with self._registering:
+            if stale is not None and stale != self.worker_id:
+                return  # the other one did already
+            resp = self.client.call(self.client.scheduler.RegisterWorker,
+                                    scheduler_pb2.RegisterWorkerRequest(name=self.name, device=self.device),
+                                    "register worker")
+            self.worker_id, self.interval = resp.worker_id, resp.heartbeat_interval_s or 1.0
+            if self.cluster_id and resp.cluster_id != self.cluster_id:
+                # A scheduler on another state: its job ids start again, so what we kept per job is not theirs.
+                self.jobs = {}
+            self.cluster_id = resp.cluster_id
         self._healthy(True)
-        log.info("registered with scheduler %s as %s (%s)", self.client.address, self.worker_id, self.device)
+        log.info("registered with scheduler %s as %s (%s; cluster %s, incarnation %d)", self.client.address,
+                 self.worker_id, self.device, resp.cluster_id[:8] or "-", resp.incarnation)
 
     def _beat(self) -> None:
         failures = 0
         while not self.stop.wait(self.interval):
+            wid = self.worker_id
             try:
                 resp = self.client.scheduler.WorkerHeartbeat(
-                    scheduler_pb2.WorkerHeartbeatRequest(worker_id=self.worker_id), timeout=self.interval * 3)
+                    scheduler_pb2.WorkerHeartbeatRequest(worker_id=wid, cluster_id=self.cluster_id),
+                    timeout=self.interval * 3)
             except grpc.RpcError as e:
                 failures += 1
                 log.warning("heartbeat to scheduler %s failed: %s", self.client.address, e.details())
@@ -123,16 +137,17 @@ class Worker:
             if not resp.known:
                 log.warning("the scheduler does not know us: registering again")
                 try:
-                    self._register()
+                    self._register(stale=wid)
                 except PSError as e:
                     log.warning("%s", e)
 
     def run(self) -> None:
         """Lease and run tasks until ``stop`` is set."""
         while not self.stop.is_set():
+            wid = self.worker_id
             try:
                 call = self._lease_call = self.client.scheduler.LeaseTask.future(
-                    scheduler_pb2.LeaseTaskRequest(worker_id=self.worker_id, wait_s=LEASE_WAIT_S),
+                    scheduler_pb2.LeaseTaskRequest(worker_id=wid, wait_s=LEASE_WAIT_S),
                     timeout=LEASE_WAIT_S + 10)
                 if self.stop.is_set():
                     call.cancel()
@@ -141,7 +156,11 @@ class Worker:
                 return  # stopping: request_stop() ended the long poll
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    self._register()
+                    try:
+                        self._register(stale=wid)
+                    except PSError as why:
+                        log.warning("%s", why)
+                        self.stop.wait(1.0)
                 else:
                     log.warning("lease from scheduler %s failed: %s", self.client.address, e.details())
                     self.stop.wait(1.0)
@@ -177,12 +196,21 @@ class Worker:
         req = scheduler_pb2.CompleteTaskRequest(worker_id=self.worker_id, task_id=task.task_id,
                                                 lease_id=task.lease_id, error=error,
                                                 seconds=time.perf_counter() - start, **result)
-        try:
-            resp = self.client.scheduler.CompleteTask(req, timeout=30)
-            log.info("task %s %s in %.2f s%s", task.task_id, "failed" if error else "done", req.seconds,
-                     "" if resp.accepted else " (result dropped: lease expired or job ended)")
-        except grpc.RpcError as e:
-            log.warning("could not report task %s: %s", task.task_id, e.details())
+        # A scheduler that is away (restarting) keeps our lease in its state: retry the report until
+        # it is back, or the lease would have run out anyway.
+        deadline, delay = time.monotonic() + max(task.lease_timeout_s, 30.0), 0.1
+        while True:
+            try:
+                resp = self.client.scheduler.CompleteTask(req, timeout=30)
+                log.info("task %s %s in %.2f s%s", task.task_id, "failed" if error else "done", req.seconds,
+                         "" if resp.accepted else " (result dropped: lease expired or job ended)")
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                    continue
+                log.warning("could not report task %s: %s", task.task_id, e.details())
+            return
 
     def _inspect(self, task: scheduler_pb2.Task) -> dict:
         """The job's first task: read its data, check it against the spec, report what the

@@ -7,7 +7,9 @@ answer. No sockets here: the gRPC service feeds it, tests drive it event by even
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import uuid
 from dataclasses import dataclass, field
 
 from ps import sharding
@@ -25,6 +27,9 @@ class Server:
     last_seen: float
     bytes: int = 0
     models: list[str] = field(default_factory=list)
+    #: heard from since this scheduler started (a member loaded from the saved state is not, until
+    #: its first heartbeat: it gets no new replicas before then)
+    confirmed: bool = True
 
 
 @dataclass
@@ -37,7 +42,8 @@ class Worker:
 
 @dataclass(frozen=True)
 class ShardMap:
-    """Where a model lives: shard i is ``servers[i]``."""
+    """Where a model lives: shard i is held by ``replicas[i]`` (primary first); ``servers[i]`` is
+    that primary, where clients push and pull. ``version`` moves on with every change of replicas."""
 
     model: str
     servers: tuple[str, ...]
@@ -45,46 +51,107 @@ class ShardMap:
     slices: tuple[sharding.Slice, ...]
     max_slice_bytes: int
     optimizer: object = None  # the ps.v1.OptimizerConfig the model was created with
+    replicas: tuple[tuple[str, ...], ...] = ()
+    version: int = 1
+    replication: int = 1  # wanted replicas per shard
+    #: the server ids behind ``replicas`` (a server restarted on the same address is a new member)
+    ids: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self):
+        if not self.replicas:  # one replica each: the primaries
+            object.__setattr__(self, "replicas", tuple((a,) for a in self.servers))
+
+    def with_replicas(self, members) -> "ShardMap":
+        """The next version of this map, shard i held by ``members[i]``, (server id, address) pairs,
+        primary first."""
+        members = [tuple(r) for r in members]
+        replicas = tuple(tuple(a for _, a in r) for r in members)
+        return dataclasses.replace(self, servers=tuple(r[0] if r else "" for r in replicas), replicas=replicas,
+                                   ids=tuple(tuple(i for i, _ in r) for r in members), version=self.version + 1)
+
+    def members(self, shard: int) -> list[tuple[str, str]]:
+        """Shard's (server id, address) pairs, primary first."""
+        return list(zip(self.ids[shard], self.replicas[shard])) if self.ids else \
+            [("", a) for a in self.replicas[shard]]
+
+    def under_replicated(self) -> list[int]:
+        """Shards with fewer replicas than wanted."""
+        return [i for i, r in enumerate(self.replicas) if len(r) < self.replication]
 
 
 class Cluster:
-    """Membership and shard maps. Thread-safe; every method takes ``now`` explicitly."""
+    """Membership and shard maps. Thread-safe; every method takes ``now`` explicitly.
 
-    def __init__(self, heartbeat_interval: float = 1.0, server_timeout: float = 5.0):
+    ``cluster_id`` names the state this view belongs to (it is saved with it and survives a
+    restart); members get it when they register and send it back with every heartbeat, and a
+    heartbeat that carries another one is not known, so its member registers again (the
+    scheduler started on an empty state). ``incarnation`` counts the starts on this state.
+    Ids come from counters that are saved too, so they are never handed out twice."""
+
+    def __init__(self, heartbeat_interval: float = 1.0, server_timeout: float = 5.0, cluster_id: str = ""):
         self.heartbeat_interval = heartbeat_interval
         self.server_timeout = server_timeout
         self.servers: dict[str, Server] = {}
         self.maps: dict[str, ShardMap] = {}
         self.transitions = TransitionLog()
         self.workers: dict[str, Worker] = {}
-        self._next = 0
-        self._next_worker = 0
+        self.cluster_id = cluster_id or uuid.uuid4().hex
+        self.incarnation = 1
+        self.next_server = 0   # server-N
+        self.next_worker = 0   # worker-N
+        #: servers that ``register`` declared down because a new member registered from their address
+        #: (a restarted process, whose memory is gone), oldest first; ``take_downed_by_register`` drains it
+        self.downed_by_register: list[Server] = []
+        self.dirty_workers: set[str] = set()  # worker ids registered or gone since the last save
+        #: addresses of servers drained (`paramserver drain`): they get no new models or replicas
+        #: until a server registers there again
+        self.draining: set[str] = set()
         self._lock = threading.RLock()
 
     def register(self, address: str, now: float) -> Server:
-        """A server announces itself; the same address keeps its id (a restarted server)."""
+        """A server announces itself and gets a new id. A member still listed up at that address is
+        a process that restarted: it is declared down (and appended to ``downed_by_register``);
+        entries of that address that were down already are forgotten, so restarts do not pile up."""
         if not address or ":" not in address:
             raise InvalidArgument(f"register server: address must be host:port, got '{address}'")
         with self._lock:
-            for s in self.servers.values():
-                if s.address == address:
-                    was = s.state
-                    s.state, s.last_seen, s.models, s.bytes = UP, now, [], 0
-                    self.transitions.record(now, s.server_id, f"{was} -> up", f"registered again from {address}")
-                    return s
-            sid = f"server-{self._next}"
-            self._next += 1
+            for old in [s for s in self.servers.values() if s.address == address]:
+                if old.state == UP:
+                    old.state = DOWN
+                    self.transitions.record(now, old.server_id, "up -> down",
+                                            "re-registered from the same address (restarted)")
+                    self.downed_by_register.append(old)
+                else:
+                    del self.servers[old.server_id]
+                    self.transitions.record(now, old.server_id, "down -> forgotten",
+                                            f"a new server registered from {address}")
+            sid = f"server-{self.next_server}"
+            self.next_server += 1
             s = self.servers[sid] = Server(sid, address, UP, now)
             self.transitions.record(now, sid, "new -> up", f"registered from {address}")
             return s
 
-    def heartbeat(self, server_id: str, now: float, nbytes: int, models: list[str]) -> bool:
-        """Record a heartbeat; False when the server is unknown or was declared down."""
+    def take_downed_by_register(self) -> list[Server]:
+        """The servers ``register`` declared down since the last call (oldest first)."""
+        with self._lock:
+            out, self.downed_by_register = self.downed_by_register, []
+            return out
+
+    def known_state(self, cluster_id: str) -> bool:
+        """Whether a member's ``cluster_id`` (empty: it has none yet) belongs to this state."""
+        return not cluster_id or cluster_id == self.cluster_id
+
+    def heartbeat(self, server_id: str, now: float, nbytes: int, models: list[str], cluster_id: str = "") -> bool:
+        """Record a heartbeat; False when the server is unknown, was declared down, or registered
+        with another state (``cluster_id``)."""
+        if not self.known_state(cluster_id):
+            return False
         with self._lock:
             s = self.servers.get(server_id)
             if s is None or s.state == DOWN:
                 return False
             s.last_seen, s.bytes, s.models = now, nbytes, list(models)
+            s.confirmed = True
             return True
 
     def tick(self, now: float) -> list[Server]:
@@ -101,13 +168,17 @@ class Cluster:
 
     def register_worker(self, name: str, device: str, now: float) -> Worker:
         with self._lock:
-            wid = f"worker-{self._next_worker}"
-            self._next_worker += 1
+            wid = f"worker-{self.next_worker}"
+            self.next_worker += 1
             w = self.workers[wid] = Worker(wid, name, device or "cpu", now)
+            self.dirty_workers.add(wid)
             self.transitions.record(now, wid, "new -> up", f"registered: {name} on {w.device}")
             return w
 
-    def worker_heartbeat(self, worker_id: str, now: float) -> bool:
+    def worker_heartbeat(self, worker_id: str, now: float, cluster_id: str = "") -> bool:
+        """Record a worker's heartbeat; False when it is unknown or registered with another state."""
+        if not self.known_state(cluster_id):
+            return False
         with self._lock:
             w = self.workers.get(worker_id)
             if w is None:
@@ -120,6 +191,7 @@ class Cluster:
         with self._lock:
             w = self.workers.pop(worker_id, None)
             if w is not None:
+                self.dirty_workers.add(worker_id)
                 self.transitions.record(now, worker_id, "up -> left", "deregistered")
             return w
 
@@ -129,17 +201,39 @@ class Cluster:
             gone = [w for w in self.workers.values() if now - w.last_seen > timeout]
             for w in gone:
                 del self.workers[w.worker_id]
+                self.dirty_workers.add(w.worker_id)
                 self.transitions.record(now, w.worker_id, "up -> gone", f"no heartbeat for {now - w.last_seen:.1f} s")
             return gone
 
-    def up_servers(self) -> list[Server]:
+    def adopt(self, servers: list[Server], workers: list[Worker], maps: list[ShardMap], next_server: int,
+              next_worker: int, now: float) -> None:
+        """Take back members and maps loaded from a saved state (a restart). Every member gets a
+        full timeout from ``now`` to heartbeat (monotonic clocks do not survive a restart)."""
+        with self._lock:
+            for s in servers:
+                s.last_seen, s.confirmed = now, False
+                self.servers[s.server_id] = s
+            for w in workers:
+                w.last_seen = now
+                self.workers[w.worker_id] = w
+            for m in maps:
+                self.maps[m.model] = m
+            self.next_server = max(next_server, self.next_server, *(int(s.server_id.split("-")[1]) + 1 for s in servers))
+            self.next_worker = max(next_worker, self.next_worker, *(int(w.worker_id.split("-")[1]) + 1 for w in workers))
+
+    def up_servers(self, confirmed: bool = False) -> list[Server]:
+        """Servers up (``confirmed``: and heard from since this scheduler started), by id."""
         with self._lock:
             return [s for s in sorted(self.servers.values(), key=lambda s: int(s.server_id.split("-")[1]))
-                    if s.state == UP]
+                    if s.state == UP and (s.confirmed or not confirmed)]
 
     def plan(self, model: str, tensors: list[sharding.TensorSpec], max_slice_bytes: int,
-             replace: bool = False, optimizer: object = None) -> ShardMap:
-        """The model's shard map over the servers that are up (the existing one if identical)."""
+             replace: bool = False, optimizer: object = None, replicas: int = 0) -> ShardMap:
+        """The model's shard map over the servers that are up (the existing one if identical).
+
+        One shard per server; shard i's replicas are servers i, i+1, ... (``replicas`` of them; 0:
+        2 when two or more servers are up, else 1), so every server is primary of one shard and
+        backup of the shards before it."""
         if not model:
             raise InvalidArgument("plan model: the model name is empty")
         if not tensors:
@@ -151,16 +245,24 @@ class Cluster:
                     return old
                 raise AlreadyExists(f"model '{model}' already exists with different tensors; "
                                     f"delete it first or pass replace=True")
-            servers = self.up_servers()
+            servers = [s for s in self.up_servers(confirmed=True) if s.address not in self.draining]
             if not servers:
                 raise FailedPrecondition(
                     "no parameter servers are up: start one with `paramserver server --scheduler HOST:PORT`")
+            want = replicas or min(2, len(servers))
+            if want < 1 or want > len(servers):
+                raise InvalidArgument(f"plan model '{model}': replicas must be in [1, {len(servers)}] (the servers "
+                                      f"up), got {replicas}")
             try:
                 slices = sharding.plan(tensors, len(servers), max_slice_bytes)
             except ValueError as e:
                 raise InvalidArgument(f"plan model '{model}': {e}") from None
-            m = ShardMap(model, tuple(s.address for s in servers), tuple(tensors), tuple(slices),
-                         max_slice_bytes, optimizer)
+            n = len(servers)
+            sets = [[servers[(i + k) % n] for k in range(want)] for i in range(n)]
+            version = old.version + 1 if old is not None else 1
+            m = ShardMap(model, tuple(s.address for s in servers), tuple(tensors), tuple(slices), max_slice_bytes,
+                         optimizer, replicas=tuple(tuple(s.address for s in r) for r in sets), version=version,
+                         replication=want, ids=tuple(tuple(s.server_id for s in r) for r in sets))
             self.maps[model] = m
             return m
 

@@ -13,6 +13,10 @@ the queue; a late result from an expired lease is dropped.
 ``now`` is a monotonic clock (leases, ages); events carry wall-clock time for people. Every
 per-heartbeat and per-lease operation touches only the worker's own leases or the job at
 hand, never every task, so the cost per call does not grow with the number of jobs.
+
+Durability (``ps.scheduler.state``): every mutation marks what it changed (the job, its tasks, its
+new events) dirty; ``flush`` writes just that, in one transaction, and the service flushes before it
+answers any call whose effect must survive a restart. ``adopt`` takes back a loaded state.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Task:
     worker_id: str = ""
     expires: float = 0.0
     attempts: int = 0
+    rank: int = 0      # its place in the queue when pending (lower first): the queue's order survives a restart
 
 
 @dataclass
@@ -107,6 +112,11 @@ class Job:
     finished_at: float = 0.0  # monotonic, when it reached a terminal state
     params: dict = field(default_factory=dict)  # tensor name -> ps.initializers.Init fields
     params_freed: bool = False
+    resume_from: str = ""    # the checkpoint this job continues from ("": a new job)
+    start_epoch: int = 0     # the first epoch it runs (a resumed job: the epochs its checkpoint had done)
+    checkpoint: str = ""     # the last checkpoint written
+    checkpoint_epoch: int = 0
+    checkpointed_at: float = 0.0  # monotonic, when the last checkpoint was attempted
     tasks: dict[str, Task] = field(default_factory=dict)
     events: deque = field(default_factory=deque)
     next_event: int = 1
@@ -137,14 +147,36 @@ class Jobs:
         self.changed = threading.Condition(threading.RLock())
         self.listeners: list[Callable[[str], None]] = []
         self.max_events = max_events
-        self._ids = itertools.count(1)
-        self._leases = itertools.count(1)
+        self.next_job = 1      # job-N: ids are never reused, across restarts too (the counters are saved)
+        self.next_lease = 1    # lease-N
+        self._front, self._back = -1, 0                 # queue ranks handed out at its front and its back
         self._wall = wall_clock
         self._leased: dict[str, Task] = {}              # task id -> task, every task under lease
         self._by_worker: dict[str, set[str]] = {}       # worker id -> task ids it holds
         self._requests: dict[str, str] = {}             # submit request id -> job id
+        # Dirty tracking for flush(): what changed since the last write of the state.
+        self._dirty: dict[str, set[str]] = {}           # job id -> its changed task ids (the job row changed too)
+        self._dirty_spec: set[str] = set()              # jobs whose spec/prep/params changed
+        self._dirty_reset: set[str] = set()             # jobs whose task set was cut (rewrite all their tasks)
+        self._deleted: set[str] = set()                 # jobs forgotten
+        self.saved_seq: dict[str, int] = {}             # job id -> the last event seq written
 
     # -- helpers -----------------------------------------------------------------
+    def _touch(self, job: Job, task_id: str | None = None) -> None:
+        """Mark ``job`` (and one of its tasks) changed, for the next flush."""
+        tasks = self._dirty.get(job.job_id)
+        if tasks is None:
+            tasks = self._dirty[job.job_id] = set()
+        if task_id is not None:
+            tasks.add(task_id)
+
+    def touch(self, job_id: str) -> None:
+        """Mark a job changed from outside (e.g. its parameters were freed)."""
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self._touch(job)
+
     def _notify(self, key: str) -> None:
         self.changed.notify_all()
         for listener in self.listeners:
@@ -154,6 +186,7 @@ class Jobs:
         job.events.append(Event(job.next_event, self._wall(), kind, job.state, message, dict(job.metrics),
                                 job.tasks_done, job.tasks_total))
         job.next_event += 1
+        self._touch(job)
         self._notify(job.job_id)
 
     def _set_state(self, job: Job, state: str, now: float, reason: str) -> None:
@@ -195,31 +228,50 @@ class Jobs:
         """Queue a task; inspect and eval tasks go first (an epoch's accuracy is measured close to its end)."""
         tid = f"{job.job_id}/{kind}" + (f"-{epoch}" if kind != INSPECT else "") + (
             f"-{shard}" if kind == TRAIN else "")
-        job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard, job.shards)
+        task = job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard, job.shards)
         if kind == TRAIN:
             job.pending_in[epoch] += 1
             job.undone_in[epoch] += 1
-            self.queue.append(tid)
+            self._to_back(task)
         else:
-            self.queue.appendleft(tid)
+            self._to_front(task)
+        self._touch(job, tid)
         self._notify("")
+
+    def _to_back(self, task: Task) -> None:
+        task.rank, self._back = self._back, self._back + 1
+        self.queue.append(task.task_id)
+
+    def _to_front(self, task: Task) -> None:
+        task.rank, self._front = self._front, self._front - 1
+        self.queue.appendleft(task.task_id)
 
     # -- job lifecycle -------------------------------------------------------------
     def submit(self, name: str, spec_json: str, prep: dict | None, epochs: int, lease_timeout: float,
-               now: float, *, request_id: str = "", keep_params: bool = False) -> Job:
+               now: float, *, request_id: str = "", keep_params: bool = False, params: dict | None = None,
+               start_epoch: int = 0, resume_from: str = "") -> Job:
         """A new job (or, for a request id seen before, the job that request created). Without
-        ``prep`` the job's first task inspects its data; with it, the job is ready to start."""
+        ``prep`` the job's first task inspects its data; with it (and ``params``), the job is ready to
+        start, at ``start_epoch`` (a job resumed from the checkpoint ``resume_from``)."""
         with self.changed:
             if request_id and request_id in self._requests and self._requests[request_id] in self.jobs:
                 return self.jobs[self._requests[request_id]]
-            job_id = f"job-{next(self._ids)}"
+            job_id = f"job-{self.next_job}"
+            self.next_job += 1
             job = Job(job_id, name, spec_json, prep, epochs, int(prep["shards"]) if prep else 0, lease_timeout,
-                      self._wall(), max_events=self.max_events, keep_params=keep_params, request_id=request_id)
+                      self._wall(), max_events=self.max_events, keep_params=keep_params, request_id=request_id,
+                      params=dict(params or {}), resume_from=resume_from, start_epoch=start_epoch,
+                      checkpoint_epoch=start_epoch)
+            if start_epoch:
+                job.metrics["epoch"] = start_epoch
+                job.tasks_done = start_epoch * (job.shards + 1)
             self.jobs[job_id] = job
+            self._dirty_spec.add(job_id)
             if request_id:
                 self._requests[request_id] = job_id
             self.transitions.record(now, job_id, "new -> queued", "submitted")
-            self._event(job, now, "state", "submitted")
+            self._event(job, now, "state", f"resumed from {resume_from} after epoch {start_epoch}" if resume_from
+                        else "submitted")
             if prep is None:
                 self._enqueue(job, INSPECT, 0, 0)
             return job
@@ -229,6 +281,7 @@ class Jobs:
         job.prep = dict(result["prep"])
         job.params = dict(result["params"])
         job.shards = int(job.prep["shards"])
+        self._dirty_spec.add(job.job_id)
         self._event(job, now, "task", f"data inspected: {job.prep.get('n_train', '?')} training examples, "
                                       f"{job.shards} train tasks per epoch")
 
@@ -244,14 +297,27 @@ class Jobs:
             return job
 
     def start(self, job_id: str, now: float) -> None:
-        """Parameters exist on the servers: queue epoch 0."""
+        """Parameters exist on the servers: queue the first epoch (0, or a resumed job's next)."""
         with self.changed:
             job = self.get(job_id)
             if job.state != STARTING:
                 return
             job.started_at = now
-            self._enqueue_epoch(job, 0)
+            job.queued_epochs = max(job.queued_epochs, job.start_epoch)
+            self._enqueue_epoch(job, job.start_epoch)
             self._set_state(job, RUNNING, now, f"{job.shards} train tasks per epoch, {job.epochs} epochs")
+
+    def checkpointed(self, job_id: str, url: str, epoch: int, now: float, error: str = "") -> None:
+        """A checkpoint of the job was written to ``url`` after ``epoch`` epochs (or, with ``error``, failed)."""
+        with self.changed:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return
+            job.checkpointed_at, job.checkpoint_epoch = now, epoch
+            if url:
+                job.checkpoint = url
+            self._event(job, now, "warning" if error else "checkpoint",
+                        f"checkpoint failed: {error}" if error else f"checkpoint of epoch {epoch} written to {url}")
 
     def warn_idle(self, have_workers: bool, now: float) -> list[Job]:
         """Jobs with pending work and no worker to lease it get one warning event each
@@ -261,7 +327,9 @@ class Jobs:
             for job in self.jobs.values():
                 waiting = job.state == RUNNING or (job.state == QUEUED and job.prep is None)
                 if have_workers or not waiting:
-                    job.warned_idle = False
+                    if job.warned_idle:
+                        job.warned_idle = False
+                        self._touch(job)
                     continue
                 if not job.warned_idle:
                     job.warned_idle = True
@@ -291,6 +359,8 @@ class Jobs:
         leased) until their worker's next heartbeat tells it to abandon them."""
         self.queue = deque(t for t in self.queue if self._job_of(t) != job.job_id)
         job.tasks = {tid: t for tid, t in job.tasks.items() if t.state == LEASED}
+        self._dirty_reset.add(job.job_id)
+        self._touch(job)
 
     def delete(self, job_id: str, now: float) -> Job:
         """Forget a job (cancelling it first if it has not ended); returns it."""
@@ -306,6 +376,11 @@ class Jobs:
         for t in list(job.tasks.values()):
             self._unlease(t)
         del self.jobs[job.job_id]
+        self._dirty.pop(job.job_id, None)
+        self._dirty_spec.discard(job.job_id)
+        self._dirty_reset.discard(job.job_id)
+        self._deleted.add(job.job_id)
+        self.saved_seq.pop(job.job_id, None)
         if job.request_id:
             self._requests.pop(job.request_id, None)
         self.transitions.record(now, job.job_id, f"{job.state} -> forgotten", reason)
@@ -366,13 +441,15 @@ class Jobs:
                 if job.state != (QUEUED if task.kind == INSPECT else RUNNING):
                     continue
                 task.state, task.worker_id = LEASED, worker_id
-                task.lease_id = f"lease-{next(self._leases)}"
+                task.lease_id = f"lease-{self.next_lease}"
+                self.next_lease += 1
                 task.expires = now + job.lease_timeout
                 task.attempts += 1
                 if task.kind == TRAIN:
                     job.pending_in[task.epoch] -= 1
                 self._leased[tid] = task
                 self._by_worker.setdefault(worker_id, set()).add(tid)
+                self._touch(job, tid)
                 self.transitions.record(now, tid, "pending -> leased", f"to {worker_id} as {task.lease_id}")
                 return task, job
             return None
@@ -391,6 +468,7 @@ class Jobs:
                     self._unlease(t)
                     if job is not None:
                         job.tasks.pop(tid, None)
+                        self._touch(job, tid)
         return abandon
 
     def expire(self, now: float) -> list[Task]:
@@ -407,7 +485,8 @@ class Jobs:
                 t.state, t.worker_id, t.lease_id = PENDING, "", ""
                 if t.kind == TRAIN:
                     job.pending_in[t.epoch] += 1
-                self.queue.appendleft(t.task_id)
+                self._to_front(t)
+                self._touch(job, t.task_id)
                 expired.append(t)
                 self._event(job, now, "task", f"lease on {t.task_id} expired: task re-queued")
             if expired:
@@ -431,6 +510,7 @@ class Jobs:
             if task is None or task.state != LEASED or task.lease_id != lease_id:
                 return False
             self._unlease(task)
+            self._touch(job, task_id)
             if job.state in TERMINAL:
                 job.tasks.pop(task_id, None)
                 return False
@@ -457,6 +537,7 @@ class Jobs:
                 m["samples_per_s"] = m["samples"] / m["seconds"] if m["seconds"] > 0 else 0.0
                 if job.undone_in[task.epoch] == 0:
                     m["train_loss"] = acc[0] / max(acc[1], 1)
+                    del job.epoch_loss[task.epoch]  # the epoch is done: keep the job's record bounded
                     self._enqueue(job, EVAL, task.epoch, 0)
                     self._enqueue_epoch(job, task.epoch + 1)
                 self._event(job, now, "task", f"{task_id} done")
@@ -479,3 +560,81 @@ class Jobs:
             first = events[0].seq if events else job.next_event
             start = max(0, after - first + 1)
             return list(itertools.islice(events, start, None)), job.state in TERMINAL
+
+    # -- durability ------------------------------------------------------------------
+    def flush(self, store, now: float) -> None:
+        """Write what changed since the last flush to ``store`` (a ps.scheduler.state.StateStore),
+        in one transaction; returns once it is committed."""
+        store.save(jobs=self, now=now)
+
+    def take_dirty(self) -> "Dirty":
+        """What changed since the last call (the caller holds ``changed`` and writes it)."""
+        d = Dirty(self._dirty, self._dirty_spec, self._dirty_reset, self._deleted, dict(self.saved_seq))
+        self._dirty, self._dirty_spec, self._dirty_reset, self._deleted = {}, set(), set(), set()
+        return d
+
+    def undo_take(self, d: "Dirty") -> None:
+        """A write failed: mark what ``d`` held dirty again, so the next flush retries it."""
+        with self.changed:
+            for job_id, tasks in d.jobs.items():
+                if job_id in self.jobs:
+                    self._dirty.setdefault(job_id, set()).update(tasks)
+            self._dirty_spec |= {j for j in d.spec if j in self.jobs}
+            self._dirty_reset |= {j for j in d.reset if j in self.jobs}
+            self._deleted |= d.deleted - set(self.jobs)
+            for job_id, seq in d.saved_seq.items():
+                if job_id in self.saved_seq:
+                    self.saved_seq[job_id] = min(self.saved_seq[job_id], seq)
+
+    def adopt(self, jobs: list[Job], next_job: int, next_lease: int, now: float, note: str) -> None:
+        """Take back jobs loaded from a saved state (a restart). Counters continue; a job that was
+        creating its parameters goes back to the queue to create them again; leased tasks stay
+        leased with a fresh expiry (their worker can still complete them); pending tasks are
+        queued again in their order; every job that has not ended gets an event saying ``note``."""
+        with self.changed:
+            self.next_job = max(next_job, self.next_job, *(int(j.job_id.split("-")[1]) + 1 for j in jobs))
+            self.next_lease = max(next_lease, self.next_lease)
+            pending: list[Task] = []
+            for job in jobs:
+                self.jobs[job.job_id] = job
+                if job.request_id:
+                    self._requests[job.request_id] = job.job_id
+                self.saved_seq[job.job_id] = job.next_event - 1
+                job.pending_in, job.undone_in = Counter(), Counter()
+                for t in job.tasks.values():
+                    if t.kind == TRAIN and t.state != DONE:
+                        job.undone_in[t.epoch] += 1
+                        if t.state == PENDING:
+                            job.pending_in[t.epoch] += 1
+                    if t.state == LEASED:
+                        t.expires = now + job.lease_timeout
+                        self._leased[t.task_id] = t
+                        self._by_worker.setdefault(t.worker_id, set()).add(t.task_id)
+                    elif t.state == PENDING:
+                        pending.append(t)
+                if job.state in TERMINAL:
+                    continue
+                self.transitions.record(now, job.job_id, f"saved -> {job.state}", note)
+                if job.state == STARTING:
+                    self._set_state(job, QUEUED, now, f"{note}; its parameters are created again")
+                else:
+                    self._event(job, now, "warning", f"{note}; the job resumes")
+            pending.sort(key=lambda t: t.rank)
+            self.queue = deque(t.task_id for t in pending)
+            ranks = [t.rank for job in jobs for t in job.tasks.values()]
+            self._front = min([-1, *(r - 1 for r in ranks)])
+            self._back = max([0, *(r + 1 for r in ranks)])
+            self._notify("")
+
+
+@dataclass
+class Dirty:
+    """What changed in a ``Jobs`` since the last write: job id -> changed task ids (the job row
+    changed too), jobs whose spec changed, whose task set was cut, that were forgotten; and the
+    last event seq written per job before this take."""
+
+    jobs: dict[str, set[str]]
+    spec: set[str]
+    reset: set[str]
+    deleted: set[str]
+    saved_seq: dict[str, int]

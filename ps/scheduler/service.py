@@ -18,10 +18,12 @@ from concurrent import futures
 
 import grpc
 
-from ps import limits, rpc, sharding
-from ps.errors import InvalidArgument, NotFound, PSError, abort
+from ps import checkpoint, limits, rpc, sharding
+from ps.errors import InvalidArgument, NotFound, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
 from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention
+from ps.scheduler.checkpoints import Checkpointer, default_dir as default_checkpoint_dir
+from ps.scheduler.replication import Replication
 from ps.tensor import CodecError, dtype_code, numpy_dtype
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -36,7 +38,9 @@ def shard_map_to_proto(m: ShardMap) -> scheduler_pb2.ShardMap:
                  for t in m.tensors],
         slices=[scheduler_pb2.SliceAssignment(tensor=s.tensor, offset=s.offset, length=s.length, shard=s.shard)
                 for s in m.slices],
-        optimizer=m.optimizer, max_slice_bytes=m.max_slice_bytes)
+        optimizer=m.optimizer, max_slice_bytes=m.max_slice_bytes,
+        replicas=[scheduler_pb2.ReplicaSet(servers=list(r)) for r in m.replicas], version=m.version,
+        replication=m.replication)
 
 
 def tensor_specs_from_proto(infos) -> list[sharding.TensorSpec]:
@@ -117,11 +121,12 @@ class Waiters:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, cluster: Cluster, clock=time.monotonic, jobs: Jobs | None = None,
-                 retention: Retention = Retention()):
+                 retention: Retention = Retention(), store=None, checkpoint_dir: str = ""):
         self.cluster = cluster
         self.clock = clock
         self.retention = retention
         self.jobs = jobs or Jobs(max_events=retention.events)
+        self.store = store         # a ps.scheduler.state.StateStore, or None: nothing survives a restart
         self.address = ""          # our own address, for the client the scheduler uses itself
         self.wake = threading.Event()
         self.waiters: Waiters | None = None  # set once the event loop runs
@@ -129,11 +134,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.closing = False       # set on shutdown: parked calls end instead of waiting on
         self._client = None
         self._client_lock = threading.Lock()
+        # a change of replica set is saved as soon as it is made
+        self.replication = Replication(cluster, self.client, saved=lambda m: self.save(jobs=False, cluster=True),
+                                       on_shard_lost=self._shard_lost)
+        self.checkpoints = Checkpointer(self.jobs, self.client, checkpoint_dir or default_checkpoint_dir(
+            None if store is None else str(store.dir)), self.clock, saved=self._save_quietly)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake parked calls on ``loop`` when jobs change."""
         self.waiters = Waiters(loop)
         self.jobs.listeners.append(self.waiters.notify)
+
+    def save(self, jobs: bool = True, cluster: bool = False) -> None:
+        """Write what changed (in jobs and/or the cluster) to the state before answering a call whose
+        effect must survive a restart. Raises StateError (UNAVAILABLE) when it cannot be written."""
+        if self.store is not None:
+            self.store.save(self.jobs if jobs else None, self.cluster if cluster else None, self.clock())
+
+    def _save_quietly(self, cluster: bool = False) -> None:
+        """Save from a background thread: a failure is logged, and the next save tries again."""
+        try:
+            self.save(cluster=cluster)
+        except PSError as e:
+            log.error("%s", e)
 
     def client(self):
         """One long-lived client (to ourselves and the servers) for creating, relaying and freeing
@@ -148,26 +171,41 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def RegisterServer(self, request, context):
         try:
             s = self.cluster.register(request.address, self.clock())
+            self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)
+        for old in list(self.cluster.servers.values()):
+            if old.address == s.address and old is not s and old.state == "down":
+                log.warning("server %s at %s is down: a new server registered from its address (restarted)",
+                            old.server_id, old.address)
         log.info("server %s registered from %s", s.server_id, s.address)
+        self.replication.draining.discard(s.address)
+        self.replication.wake.set()  # a restarted server's old replicas are gone; a new one can take replicas
         return scheduler_pb2.RegisterServerResponse(server_id=s.server_id,
-                                                    heartbeat_interval_s=self.cluster.heartbeat_interval)
+                                                    heartbeat_interval_s=self.cluster.heartbeat_interval,
+                                                    cluster_id=self.cluster.cluster_id,
+                                                    incarnation=self.cluster.incarnation)
 
     @limits.entry_check(limits.check_heartbeat)
     async def Heartbeat(self, request, context):
-        known = self.cluster.heartbeat(request.server_id, self.clock(), request.bytes, list(request.models))
+        known = self.cluster.heartbeat(request.server_id, self.clock(), request.bytes, list(request.models),
+                                       request.cluster_id)
         return scheduler_pb2.HeartbeatResponse(known=known)
 
     def GetCluster(self, request, context):
         now = self.clock()
-        view = scheduler_pb2.ClusterView(models=sorted(self.cluster.maps))
+        view = scheduler_pb2.ClusterView(models=sorted(self.cluster.maps), cluster_id=self.cluster.cluster_id,
+                                         incarnation=self.cluster.incarnation)
         for s in sorted(self.cluster.servers.values(), key=lambda s: int(s.server_id.split("-")[1])):
             view.servers.add(server_id=s.server_id, address=s.address, state=s.state,
                              last_heartbeat_age_s=now - s.last_seen, bytes=s.bytes, models=s.models)
         for w in list(self.cluster.workers.values()):
             view.workers.add(worker_id=w.worker_id, name=w.name, device=w.device,
                              last_heartbeat_age_s=now - w.last_seen)
+        for m, i in self.replication.under_replicated():
+            view.under_replicated.add(model=m.model, shard=i, servers=[a for sid, a in m.members(i)
+                                                                       if self.replication._live(sid, a)],
+                                      wanted=m.replication)
         return view
 
     @limits.entry_check(limits.check_plan_model)
@@ -175,7 +213,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             m = self.cluster.plan(request.model, tensor_specs_from_proto(request.tensors),
                                   request.max_slice_bytes or sharding.DEFAULT_MAX_SLICE_BYTES,
-                                  replace=request.replace, optimizer=request.optimizer)
+                                  replace=request.replace, optimizer=request.optimizer,
+                                  replicas=request.replicas)
+            self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)
         return shard_map_to_proto(m)
@@ -189,21 +229,96 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_model_name("drop model"))
     def DropModel(self, request, context):
-        return scheduler_pb2.DropModelResponse(dropped=self.cluster.drop(request.model))
+        dropped = self.cluster.drop(request.model)
+        try:
+            self.save(jobs=False, cluster=True)
+        except PSError as e:
+            abort(context, e)
+        return scheduler_pb2.DropModelResponse(dropped=dropped)
+
+    # -- replication -------------------------------------------------------------------
+    @limits.entry_check(limits.check_model_name("report replica lost"))
+    def ReportReplicaLost(self, request, context):
+        try:
+            version = self.replication.lost(request.model, request.primary, request.backup)
+        except PSError as e:
+            abort(context, e)
+        return scheduler_pb2.ReportReplicaLostResponse(map_version=version)
+
+    def DrainServer(self, request, context):
+        timeout = request.timeout_s or 60.0
+        if not 0 < timeout <= 3600 or ":" not in request.address or len(request.address) > 255:
+            abort(context, InvalidArgument(f"drain server: need host:port and 0 < timeout_s <= 3600, got "
+                                           f"'{request.address[:255]}' and {request.timeout_s}"))
+        try:
+            moved, models = self.replication.drain(request.address, timeout)
+        except PSError as e:
+            abort(context, e)
+        return scheduler_pb2.DrainServerResponse(shards_moved=moved, models=models)
 
     # -- jobs ----------------------------------------------------------------------
     @limits.entry_check(limits.check_submit_job)
     def SubmitJob(self, request, context):
         from ps.spec import JobSpec, SpecError
+        manifest = None
+        if request.resume_from:
+            try:
+                manifest = checkpoint.read_manifest(request.resume_from)
+                if "spec_json" not in manifest or "prep" not in manifest or "params" not in manifest:
+                    raise InvalidArgument(f"resume from {request.resume_from}: a checkpoint of a model, not of a job "
+                                          f"(its manifest has no spec): use Client.restore_model")
+            except PSError as e:
+                abort(context, e)
+            except OSError as e:
+                abort(context, Unavailable(f"resume from {request.resume_from}: {type(e).__name__}: {e}"))
         try:
-            spec = JobSpec.from_json(request.spec_json)  # schema checks only: the data is a worker's to read
+            # schema checks only: the data is a worker's to read
+            spec = JobSpec.from_json(request.spec_json or (manifest or {}).get("spec_json", ""))
         except SpecError as e:
             abort(context, InvalidArgument(str(e)))
-        job = self.jobs.submit(spec.name, spec.to_json(), None, spec.epochs, spec.lease_timeout_s, self.clock(),
-                               request_id=request.request_id, keep_params=spec.keep_params)
+        if manifest is not None:
+            if manifest["epoch"] >= spec.epochs:
+                abort(context, InvalidArgument(f"resume from {request.resume_from}: it has {manifest['epoch']} epochs "
+                                               f"done, the spec asks for {spec.epochs}: nothing left to run"))
+            job = self.jobs.submit(spec.name, spec.to_json(), manifest["prep"], spec.epochs, spec.lease_timeout_s,
+                                   self.clock(), request_id=request.request_id, keep_params=spec.keep_params,
+                                   params=manifest["params"], start_epoch=manifest["epoch"],
+                                   resume_from=request.resume_from)
+            self.wake.set()
+        else:
+            job = self.jobs.submit(spec.name, spec.to_json(), None, spec.epochs, spec.lease_timeout_s, self.clock(),
+                                   request_id=request.request_id, keep_params=spec.keep_params)
+        try:
+            self.save()
+        except PSError as e:
+            abort(context, e)
         log.info("job %s (%s) submitted: %d epochs; a worker inspects its data first", job.job_id, spec.name,
                  spec.epochs)
         return job_to_proto(job)
+
+    @limits.entry_check(limits.check_job_id("checkpoint job"))
+    def CheckpointJob(self, request, context):
+        if len(request.url) > 4096:
+            abort(context, InvalidArgument("checkpoint job: url longer than 4096 characters"))
+        try:
+            url, manifest = self.checkpoints.take(request.job_id, request.url)
+        except PSError as e:
+            abort(context, e)
+        except OSError as e:
+            abort(context, Unavailable(f"checkpoint job '{request.job_id}': writing the manifest to "
+                                       f"{request.url or 'the checkpoint dir'}: {type(e).__name__}: {e}"))
+        return scheduler_pb2.CheckpointJobResponse(url=url, bytes=manifest["bytes"], epoch=manifest["epoch"])
+
+    def _shard_lost(self, model: str, shard: int, servers: list[str]) -> None:
+        """Every replica of a shard is gone: the job training that model cannot go on."""
+        job = self.jobs.jobs.get(model)
+        if job is None or job.state in TERMINAL:
+            return
+        hint = (f"resume it from its last checkpoint: paramserver submit --resume {job.checkpoint}" if job.checkpoint
+                else "it has no checkpoint (set checkpoint_every_epochs in its spec)")
+        self.jobs.fail(model, f"shard {shard} of its parameters is lost: every server holding it is down "
+                              f"({', '.join(servers)}); {hint}", self.clock())
+        self._save_quietly()
 
     # Locking rule: no handler holds ``jobs.changed`` across an abort or anything else that waits
     # on the event loop (the loop's coroutines take that lock too: it would deadlock).
@@ -234,6 +349,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def CancelJob(self, request, context):
         try:
             job = self.jobs.cancel(request.job_id, self.clock())
+            self.save()
         except PSError as e:
             abort(context, e)
         log.info("job %s cancelled", job.job_id)
@@ -244,6 +360,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def DeleteJob(self, request, context):
         try:
             job = self.jobs.delete(request.job_id, self.clock())
+            self.save()
         except PSError as e:
             abort(context, e)
         freed = self._free_now(job)
@@ -289,7 +406,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def FetchWeights(self, request, context):
         from ps.v1 import server_pb2, tensor_pb2
         try:
-            weights = self.client().model(request.model).pull()
+            model = self.client().model(request.model)
+            left = context.time_remaining()
+            if left is not None:  # answer within the caller's deadline, failing over or not
+                model.failover_timeout = max(0.0, min(model.failover_timeout, left - 1.0))
+            weights = model.pull()
         except PSError as e:
             abort(context, e)
         max_chunk = request.max_chunk_bytes or rpc.DEFAULT_CHUNK_BYTES
@@ -309,10 +430,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except PSError as e:
             if self.cluster.maps.get(job.job_id) is None:
                 job.params_freed = True
+                self.jobs.touch(job.job_id)
                 return True
             log.warning("job %s: could not free its parameters: %s", job.job_id, e)
             return False
         job.params_freed = True
+        self.jobs.touch(job.job_id)
         log.info("job %s: parameters freed on every server", job.job_id)
         return True
 
@@ -324,13 +447,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @limits.entry_check(limits.check_register_worker)
     async def RegisterWorker(self, request, context):
         w = self.cluster.register_worker(request.name, request.device, self.clock())
+        try:
+            self.save(jobs=False, cluster=True)
+        except PSError as e:
+            await context.abort(e.code, str(e))
         log.info("worker %s registered: %s on %s", w.worker_id, w.name, w.device)
         return scheduler_pb2.RegisterWorkerResponse(worker_id=w.worker_id,
-                                                    heartbeat_interval_s=self.cluster.heartbeat_interval)
+                                                    heartbeat_interval_s=self.cluster.heartbeat_interval,
+                                                    cluster_id=self.cluster.cluster_id,
+                                                    incarnation=self.cluster.incarnation)
 
     @limits.entry_check(limits.check_worker_id("worker heartbeat"))
     async def WorkerHeartbeat(self, request, context):
-        known = self.cluster.worker_heartbeat(request.worker_id, self.clock())
+        known = self.cluster.worker_heartbeat(request.worker_id, self.clock(), request.cluster_id)
         abandon = self.jobs.extend(request.worker_id, self.clock()) if known else []
         return scheduler_pb2.WorkerHeartbeatResponse(known=known, cancelled_tasks=abandon)
 
@@ -368,6 +497,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             except asyncio.TimeoutError:
                 pass
         task, job = leased
+        try:
+            self.save()
+        except PSError as e:  # not answered: the lease expires and the task goes back to the queue
+            await context.abort(e.code, str(e))
         log.info("task %s leased to %s", task.task_id, request.worker_id)
         return scheduler_pb2.LeaseTaskResponse(task=scheduler_pb2.Task(
             task_id=task.task_id, lease_id=task.lease_id, job_id=job.job_id, kind=task.kind, epoch=task.epoch,
@@ -391,6 +524,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                 samples=request.samples, steps=request.steps, loss_sum=request.loss_sum,
                                 correct=request.correct, seconds=request.seconds, duplicates=request.duplicates,
                                 result=result)
+        if ok:
+            try:
+                self.save()
+            except PSError as e:
+                await context.abort(e.code, str(e))
         job = self.jobs.jobs.get(request.task_id.split("/", 1)[0])
         if request.error:
             log.error("task %s failed on %s: %s", request.task_id, request.worker_id, request.error)
@@ -421,16 +559,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 except (PSError, ValueError) as e:
                     log.error("job %s: could not create its parameters: %s", job.job_id, e)
                     self.jobs.fail(job.job_id, f"could not create its parameters: {e}", self.clock())
+                    self._save_quietly()
                     continue
                 self.jobs.start(job.job_id, self.clock())
                 log.info("job %s running", job.job_id)
+                self._save_quietly()
 
     def _create_parameters(self, job: Job) -> None:
         """Only shapes and seeds travel: each shard computes its slices from the Init specs."""
         from ps.initializers import Init
         spec = json.loads(job.spec_json)
+        replicas = min(spec.get("replicas", 0), len(self.cluster.up_servers(confirmed=True)))
+        if job.resume_from:
+            self.client().restore_model(job.job_id, job.resume_from, replace=True, replicas=replicas)
+            return
         inits = {name: Init(**fields) for name, fields in job.params.items()}
-        self.client().create_model(job.job_id, inits, optimizer=spec["optimizer"], replace=True)
+        self.client().create_model(job.job_id, inits, optimizer=spec["optimizer"], replace=True, replicas=replicas)
 
     def tidy(self) -> None:
         """Retention: drop old job records, free succeeded jobs' parameters when their time is up."""
@@ -464,6 +608,7 @@ def _watch_membership(servicer: SchedulerServicer, stop: threading.Event, clock)
         for s in cluster.tick(clock()):
             log.warning("server %s at %s is down: no heartbeat for %.1f s", s.server_id, s.address,
                         clock() - s.last_seen)
+            servicer.replication.wake.set()
         for w in cluster.expire_workers(clock(), cluster.server_timeout):
             log.warning("worker %s (%s) is gone: no heartbeat; its tasks go back to the queue", w.worker_id, w.name)
             servicer.jobs.release_worker(w.worker_id, clock())
@@ -472,22 +617,31 @@ def _watch_membership(servicer: SchedulerServicer, stop: threading.Event, clock)
         for job in servicer.jobs.warn_idle(bool(cluster.workers), clock()):
             log.warning("job %s is waiting: no workers are registered", job.job_id)
         servicer.tidy()
+        servicer._save_quietly(cluster=True)  # what changed outside a call: downs, expiries, retention
 
 
 def run(host: str = "0.0.0.0", port: int = 7070, threads: int = 32, heartbeat_interval: float = 1.0,
         server_timeout: float = 5.0, port_file: str | None = None,
-        max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES, retention: Retention = Retention()) -> None:
-    """The `paramserver scheduler` process: serve until SIGTERM/SIGINT."""
+        max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES, retention: Retention = Retention(),
+        state_dir: str | None = None, checkpoint_dir: str = "") -> None:
+    """The `paramserver scheduler` process: serve until SIGTERM/SIGINT. With ``state_dir`` its state
+    is kept there (ps.scheduler.state) and a restart resumes it; without, it lives in memory only."""
     asyncio.run(_serve(host, port, threads, heartbeat_interval, server_timeout, port_file, max_message_bytes,
-                       retention))
+                       retention, state_dir, checkpoint_dir))
 
 
 async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_file, max_message_bytes,
-                 retention) -> None:
+                 retention, state_dir=None, checkpoint_dir="") -> None:
     cluster = Cluster(heartbeat_interval, server_timeout)
+    jobs = Jobs(max_events=retention.events)
+    store = None
+    if state_dir is not None:
+        from ps.scheduler.state import StateStore
+        store = StateStore(state_dir)  # raises StateError (another scheduler holds it, unreadable)
+        store.load(jobs, cluster, time.monotonic())
     pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc")
     server = grpc.aio.server(migration_thread_pool=pool, options=rpc.server_options(max_message_bytes))
-    servicer = SchedulerServicer(cluster, retention=retention)
+    servicer = SchedulerServicer(cluster, jobs=jobs, retention=retention, store=store, checkpoint_dir=checkpoint_dir)
     servicer.attach(asyncio.get_running_loop())
     rpc.add_servicer(servicer, server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"])
     await rpc.add_health_and_reflection_aio(server, [SERVICE_NAME])
@@ -498,11 +652,15 @@ async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_f
     threading.Thread(target=_watch_membership, args=(servicer, stop, servicer.clock), name="membership",
                      daemon=True).start()
     threading.Thread(target=servicer.start_jobs, args=(stop,), name="job-starter", daemon=True).start()
+    threading.Thread(target=servicer.replication.run, args=(stop,), name="replication", daemon=True).start()
+    threading.Thread(target=servicer.checkpoints.run, args=(stop,), name="checkpoints", daemon=True).start()
     log.info("scheduler listening on %s:%d", host, bound)
     rpc.write_port_file(port_file, bound)
     def on_stop():
         stop.set()
+        servicer.replication.stopping.set()
         servicer.closing = True  # followers' streams end and long polls answer now, not after the grace
         servicer.waiters.wake_all()
     await rpc.serve_until_signal_aio(server, on_stop=on_stop)
+    servicer._save_quietly(cluster=True)
     pool.shutdown(wait=False)

@@ -16,22 +16,28 @@ class RegisterServerRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class RegisterServerResponse(_message.Message):
-    __slots__ = ("server_id", "heartbeat_interval_s")
+    __slots__ = ("server_id", "heartbeat_interval_s", "cluster_id", "incarnation")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     heartbeat_interval_s: float
-    def __init__(self, server_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    cluster_id: str
+    incarnation: int
+    def __init__(self, server_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., cluster_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("server_id", "bytes", "models")
+    __slots__ = ("server_id", "bytes", "models", "cluster_id")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     bytes: int
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server_id: _Optional[str] = ..., bytes: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, server_id: _Optional[str] = ..., bytes: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -59,6 +65,18 @@ class ServerInfo(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, server_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ..., bytes: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SliceReplicas(_message.Message):
+    __slots__ = ("model", "shard", "servers", "wanted")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    shard: int
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    wanted: int
+    def __init__(self, model: _Optional[str] = ..., shard: _Optional[int] = ..., servers: _Optional[_Iterable[str]] = ..., wanted: _Optional[int] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "name", "device", "last_heartbeat_age_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,14 +90,20 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., device: _Optional[str] = ..., last_heartbeat_age_s: _Optional[float] = ...) -> None: ...
 
 class ClusterView(_message.Message):
-    __slots__ = ("servers", "models", "workers")
+    __slots__ = ("servers", "models", "workers", "under_replicated", "cluster_id", "incarnation")
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
     models: _containers.RepeatedScalarFieldContainer[str]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    under_replicated: _containers.RepeatedCompositeFieldContainer[SliceReplicas]
+    cluster_id: str
+    incarnation: int
+    def __init__(self, servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., under_replicated: _Optional[_Iterable[_Union[SliceReplicas, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -92,18 +116,20 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PlanModelRequest(_message.Message):
-    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer")
+    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     max_slice_bytes: int
     replace: bool
     optimizer: _optimizer_pb2.OptimizerConfig
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ...) -> None: ...
+    replicas: int
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class SliceAssignment(_message.Message):
     __slots__ = ("tensor", "offset", "length", "shard")
@@ -117,21 +143,67 @@ class SliceAssignment(_message.Message):
     shard: int
     def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
 
+class ReplicaSet(_message.Message):
+    __slots__ = ("servers",)
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, servers: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ShardMap(_message.Message):
-    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes")
+    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes", "replicas", "version", "replication")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     servers: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     slices: _containers.RepeatedCompositeFieldContainer[SliceAssignment]
     optimizer: _optimizer_pb2.OptimizerConfig
     max_slice_bytes: int
-    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaSet]
+    version: int
+    replication: int
+    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ...) -> None: ...
+
+class ReportReplicaLostRequest(_message.Message):
+    __slots__ = ("model", "primary", "backup", "error")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    primary: str
+    backup: str
+    error: str
+    def __init__(self, model: _Optional[str] = ..., primary: _Optional[str] = ..., backup: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReportReplicaLostResponse(_message.Message):
+    __slots__ = ("map_version",)
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    map_version: int
+    def __init__(self, map_version: _Optional[int] = ...) -> None: ...
+
+class DrainServerRequest(_message.Message):
+    __slots__ = ("address", "timeout_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    timeout_s: float
+    def __init__(self, address: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainServerResponse(_message.Message):
+    __slots__ = ("shards_moved", "models")
+    SHARDS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    shards_moved: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shards_moved: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetShardMapRequest(_message.Message):
     __slots__ = ("model",)
@@ -152,12 +224,32 @@ class DropModelResponse(_message.Message):
     def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec_json", "request_id")
+    __slots__ = ("spec_json", "request_id", "resume_from")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     request_id: str
-    def __init__(self, spec_json: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    resume_from: str
+    def __init__(self, spec_json: _Optional[str] = ..., request_id: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
+
+class CheckpointJobRequest(_message.Message):
+    __slots__ = ("job_id", "url")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    url: str
+    def __init__(self, job_id: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class CheckpointJobResponse(_message.Message):
+    __slots__ = ("url", "bytes", "epoch")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    bytes: int
+    epoch: int
+    def __init__(self, url: _Optional[str] = ..., bytes: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
     __slots__ = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy", "samples_per_s", "seconds", "samples", "duplicates")
@@ -292,18 +384,24 @@ class RegisterWorkerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_interval_s")
+    __slots__ = ("worker_id", "heartbeat_interval_s", "cluster_id", "incarnation")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_interval_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    cluster_id: str
+    incarnation: int
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., cluster_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class WorkerHeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "cluster_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class WorkerHeartbeatResponse(_message.Message):
     __slots__ = ("known", "cancelled_tasks")

@@ -65,6 +65,16 @@ class SchedulerStub:
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.DropModelRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.DropModelResponse.FromString,
                 _registered_method=True)
+        self.ReportReplicaLost = channel.unary_unary(
+                '/ps.v1.Scheduler/ReportReplicaLost',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostResponse.FromString,
+                _registered_method=True)
+        self.DrainServer = channel.unary_unary(
+                '/ps.v1.Scheduler/DrainServer',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.DrainServerRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.DrainServerResponse.FromString,
+                _registered_method=True)
         self.SubmitJob = channel.unary_unary(
                 '/ps.v1.Scheduler/SubmitJob',
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.SubmitJobRequest.SerializeToString,
@@ -94,6 +104,11 @@ class SchedulerStub:
                 '/ps.v1.Scheduler/WatchJob',
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.CheckpointJob = channel.unary_unary(
+                '/ps.v1.Scheduler/CheckpointJob',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.CheckpointJobRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.CheckpointJobResponse.FromString,
                 _registered_method=True)
         self.FetchWeights = channel.unary_stream(
                 '/ps.v1.Scheduler/FetchWeights',
@@ -167,6 +182,21 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportReplicaLost(self, request, context):
+        """A primary reports a backup it could not reach: the scheduler takes it out of the replica set
+        (a new shard map version) and re-replicates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainServer(self, request, context):
+        """Move every slice off a server (to the other replicas, or new ones), so it can stop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitJob(self, request, context):
         """Jobs: a spec (JSON) in, tasks leased to workers, progress streamed to whoever watches.
         """
@@ -200,6 +230,13 @@ class SchedulerServicer:
 
     def WatchJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckpointJob(self, request, context):
+        """Write a checkpoint of a job now (every shard writes its slices, then one manifest).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -276,6 +313,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.DropModelRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.DropModelResponse.SerializeToString,
             ),
+            'ReportReplicaLost': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportReplicaLost,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostResponse.SerializeToString,
+            ),
+            'DrainServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainServer,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.DrainServerRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.DrainServerResponse.SerializeToString,
+            ),
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitJob,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.SubmitJobRequest.FromString,
@@ -305,6 +352,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.JobEvent.SerializeToString,
+            ),
+            'CheckpointJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointJob,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.CheckpointJobRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.CheckpointJobResponse.SerializeToString,
             ),
             'FetchWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchWeights,
@@ -510,6 +562,60 @@ class Scheduler:
             _registered_method=True)
 
     @staticmethod
+    def ReportReplicaLost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/ReportReplicaLost',
+            ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.ReportReplicaLostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/DrainServer',
+            ps_dot_v1_dot_scheduler__pb2.DrainServerRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.DrainServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SubmitJob(request,
             target,
             options=(),
@@ -661,6 +767,33 @@ class Scheduler:
             '/ps.v1.Scheduler/WatchJob',
             ps_dot_v1_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
             ps_dot_v1_dot_scheduler__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/CheckpointJob',
+            ps_dot_v1_dot_scheduler__pb2.CheckpointJobRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.CheckpointJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

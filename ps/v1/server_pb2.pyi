@@ -145,7 +145,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer")
+    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer", "backup_slices")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class ModelStats(_message.Message):
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_SLICES_FIELD_NUMBER: _ClassVar[int]
     model: str
     slices: int
     params: int
@@ -164,7 +165,8 @@ class ModelStats(_message.Message):
     max_version: int
     min_version: int
     optimizer: str
-    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    backup_slices: int
+    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ..., backup_slices: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("models", "bytes", "uptime_s")
@@ -175,3 +177,124 @@ class StatsResponse(_message.Message):
     bytes: int
     uptime_s: float
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class SetReplicasRequest(_message.Message):
+    __slots__ = ("model", "ranges", "backups", "map_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    ranges: _containers.RepeatedCompositeFieldContainer[Range]
+    backups: _containers.RepeatedScalarFieldContainer[str]
+    map_version: int
+    def __init__(self, model: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., backups: _Optional[_Iterable[str]] = ..., map_version: _Optional[int] = ...) -> None: ...
+
+class SetReplicasResponse(_message.Message):
+    __slots__ = ("slices", "bytes_sent")
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    slices: int
+    bytes_sent: int
+    def __init__(self, slices: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+
+class AppliedRecord(_message.Message):
+    __slots__ = ("client_id", "seq", "end", "step")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    seq: int
+    end: int
+    step: int
+    def __init__(self, client_id: _Optional[str] = ..., seq: _Optional[int] = ..., end: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SliceSnapshot(_message.Message):
+    __slots__ = ("tensor", "shape", "offset", "length", "param", "state", "version", "pushes", "applied")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    length: int
+    param: _tensor_pb2.Tensor
+    state: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    version: int
+    pushes: int
+    applied: _containers.RepeatedCompositeFieldContainer[AppliedRecord]
+    def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., param: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[AppliedRecord, _Mapping]]] = ...) -> None: ...
+
+class ReplicaOp(_message.Message):
+    __slots__ = ("install", "push", "assign")
+    INSTALL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    install: SliceSnapshot
+    push: PushRequest
+    assign: AssignRequest
+    def __init__(self, install: _Optional[_Union[SliceSnapshot, _Mapping]] = ..., push: _Optional[_Union[PushRequest, _Mapping]] = ..., assign: _Optional[_Union[AssignRequest, _Mapping]] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("model", "optimizer", "primary", "ops")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    optimizer: _optimizer_pb2.OptimizerConfig
+    primary: str
+    ops: _containers.RepeatedCompositeFieldContainer[ReplicaOp]
+    def __init__(self, model: _Optional[str] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., primary: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[ReplicaOp, _Mapping]]] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    def __init__(self, applied: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("model", "url", "shard")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    url: str
+    shard: str
+    def __init__(self, model: _Optional[str] = ..., url: _Optional[str] = ..., shard: _Optional[str] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("files", "bytes", "slices", "versions")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    bytes: int
+    slices: int
+    versions: _containers.RepeatedCompositeFieldContainer[SliceVersion]
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., bytes: _Optional[int] = ..., slices: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[SliceVersion, _Mapping]]] = ...) -> None: ...
+
+class SliceVersion(_message.Message):
+    __slots__ = ("tensor", "offset", "version")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    offset: int
+    version: int
+    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...

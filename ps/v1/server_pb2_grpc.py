@@ -69,6 +69,21 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.SetReplicas = channel.unary_unary(
+                '/ps.v1.ParameterServer/SetReplicas',
+                request_serializer=ps_dot_v1_dot_server__pb2.SetReplicasRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.SetReplicasResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/ps.v1.ParameterServer/Replicate',
+                request_serializer=ps_dot_v1_dot_server__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/ps.v1.ParameterServer/Checkpoint',
+                request_serializer=ps_dot_v1_dot_server__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -121,6 +136,31 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplicas(self, request, context):
+        """Replication (primary-backup). The scheduler (or a model's creator) names, for some slices of a
+        model, the backups this server, their primary, keeps in step: it sends each backup a snapshot of
+        every such slice, then forwards every update in the order it applied them. Returns once the
+        backups hold the snapshots. A push is acknowledged only after every live backup applied it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """Primary -> backup: snapshots and updates of slices, in the primary's order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Write this server's primary slices of a model (parameters, optimizer state, exactly-once
+        records) to a checkpoint directory (any fsspec URL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +198,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=ps_dot_v1_dot_server__pb2.StatsRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.StatsResponse.SerializeToString,
+            ),
+            'SetReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplicas,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.SetReplicasRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.SetReplicasResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.ReplicateRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.CheckpointRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +404,87 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Stats',
             ps_dot_v1_dot_server__pb2.StatsRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/SetReplicas',
+            ps_dot_v1_dot_server__pb2.SetReplicasRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.SetReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/Replicate',
+            ps_dot_v1_dot_server__pb2.ReplicateRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/Checkpoint',
+            ps_dot_v1_dot_server__pb2.CheckpointRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
