@@ -254,6 +254,9 @@ def status(address, as_json):
     click.echo(f"{sum(s.state == 'up' for s in view.servers)} of {len(view.servers)} servers up; "
                f"{len(view.workers)} workers; models: {', '.join(view.models) or '-'}; "
                f"scheduler incarnation {view.incarnation} (cluster {view.cluster_id[:8] or '-'})")
+    for u in view.under_replicated:
+        click.echo(f"under-replicated: {u.model} shard {u.shard}: {len(u.servers)} of {u.wanted} replicas "
+                   f"({', '.join(u.servers) or 'none left'})")
 
 
 def _human(n: float) -> str:

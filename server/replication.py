@@ -36,10 +36,13 @@ log = logging.getLogger("ps.server.replication")
 MAX_BATCH_BYTES = 8 << 20
 #: a backup unreachable this long is reported lost
 LOST_AFTER_S = 3.0
+#: how often a link's own thread looks for updates that no waiting push is sending
+IDLE_POLL_S = 0.005
 
 
 class BackupLink:
-    """The ordered queue of updates for one backup, and the thread that sends them."""
+    """The ordered queue of updates for one backup. The pushes waiting on them send them (drive),
+    one batch at a time; a thread of its own sends what nobody drives."""
 
     def __init__(self, replicator: "Replicator", backup: str):
         self.replicator = replicator
@@ -52,15 +55,16 @@ class BackupLink:
         self.lost: Exception | None = None  # set once the backup is lost: nothing more is sent
         self.reported = False  # ... and whether the scheduler took it out of the replica sets
         self._closed = False
+        self._sending = False  # a thread is delivering a batch (one at a time: that keeps the order)
         self._thread = threading.Thread(target=self._run, name=f"replicate-{backup}", daemon=True)
         self._thread.start()
 
     def send(self, model: str, optimizer: bytes, op: bytes) -> Future:
         fut: Future = Future()
+        fut.link = self  # whoever waits on it drives the link (drive)
         with self._cond:
             if self.lost is None and not self._closed:
                 self._queue.append((model, optimizer, op, fut))
-                self._cond.notify()
                 return fut
         # lost: nothing more goes to this backup until it is given a snapshot again (a fresh link)
         if self.reported:
@@ -69,12 +73,16 @@ class BackupLink:
             fut.set_exception(self.lost or Unavailable(f"replicate to backup {self.backup}: this server is stopping"))
         return fut
 
-    def _batch(self) -> list:
-        """Queued updates of one model, in order, up to MAX_BATCH_BYTES (at least one)."""
+    def _take(self, wait: float | None) -> list | None:
+        """Queued updates of one model, in order, up to MAX_BATCH_BYTES (at least one), and the
+        sender's role with them; None when there is nothing to send or another thread sends.
+        ``wait``: seconds to wait for something (the background thread), None: do not wait."""
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed)
-            if not self._queue:
-                return []
+            if wait is not None and not (self._queue and not self._sending) and not self._closed:
+                self._cond.wait(wait)
+            if self._sending or not self._queue or self._closed:
+                return None
+            self._sending = True
             first = self._queue.popleft()
             batch, size = [first], len(first[2])
             while self._queue and self._queue[0][0] == first[0] and size + len(self._queue[0][2]) <= MAX_BATCH_BYTES:
@@ -83,20 +91,34 @@ class BackupLink:
                 size += len(item[2])
             return batch
 
-    def _run(self) -> None:
-        while True:
-            batch = self._batch()
-            if not batch:
-                return
-            model, optimizer = batch[0][0], batch[0][1]
-            request = wire.encode_replicate(model, optimizer, self.replicator.address, [b[2] for b in batch])
-            error = self._deliver(request, model)
-            if error is None:
-                for b in batch:
-                    b[3].set_result(True)
-                continue
+    def _send(self, batch: list) -> bool:
+        """Deliver one batch and resolve its futures; False once the backup is lost."""
+        model, optimizer = batch[0][0], batch[0][1]
+        request = wire.encode_replicate(model, optimizer, self.replicator.address, [b[2] for b in batch])
+        error = self._deliver(request, model)
+        if error is not None:
             self._lose(error, batch)
-            return
+            return False
+        with self._cond:
+            self._sending = False
+            self._cond.notify_all()
+        for b in batch:
+            b[3].set_result(True)
+        return True
+
+    def drive(self) -> None:
+        """Send what is queued from the calling thread (a push waiting for its backups), unless
+        another thread is sending: the update needs no hand-over to the link's thread and back."""
+        while (batch := self._take(None)) is not None:
+            if not self._send(batch):
+                return
+
+    def _run(self) -> None:
+        """The background sender, for updates nobody drives (it looks every few milliseconds)."""
+        while not self._closed and self.lost is None:
+            batch = self._take(IDLE_POLL_S)
+            if batch is not None and not self._send(batch):
+                return
 
     def _deliver(self, request: bytes, model: str) -> Exception | None:
         """Send one batch, retrying while the backup is unreachable for up to lost_after_s; the

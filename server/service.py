@@ -177,6 +177,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         set); the error of one that failed otherwise."""
         if not waits:
             return
+        for link in {id(f.link): f.link for f in waits if hasattr(f, "link")}.values():
+            link.drive()  # send from this thread, unless another one is sending already
         done, pending = futures.wait(waits, timeout=self.replica_timeout_s)
         if pending:
             raise Unavailable(f"{what}: the backups did not confirm the update within {self.replica_timeout_s:g} s")

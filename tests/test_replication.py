@@ -186,3 +186,24 @@ def test_a_restarted_server_is_a_new_member_and_a_drained_one_holds_nothing(tmp_
         assert model.pushes == 50
         wait_for(lambda: not client.cluster().under_replicated, 30, what="re-replication")
         assert_replicas_identical(client, "ctr")
+
+
+def test_with_no_server_to_spare_status_shows_the_shards_under_replicated():
+    """2 servers, 2 replicas: after one dies nothing can take its copies; the survivor serves every
+    shard alone, and `paramserver status` says which shards lack a replica."""
+    import subprocess
+    from test_peers import ps_cmd
+    with ps.LocalCluster(servers=2, scheduler_args=FAST) as cluster, ps.Client(cluster.address) as client:
+        model = counter(client, "ctr", shards=2)
+        for _ in range(10):
+            model.push(minus_one(2))
+        victim, survivor = model.shards
+        server_process(cluster, victim).kill()
+        for _ in range(10):
+            model.push(minus_one(2))
+        assert model.shards == [survivor, survivor] and model.pushes == 20
+        np.testing.assert_array_equal(client.model("ctr").pull()["c0"], np.full(8, 20.0))
+        out = subprocess.run(ps_cmd("status", cluster.address), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = sorted(l for l in out.stdout.splitlines() if l.startswith("under-replicated"))
+        assert lines == [f"under-replicated: ctr shard {i}: 1 of 2 replicas ({survivor})" for i in range(2)]
