@@ -34,6 +34,13 @@ def _fs(url: str):
 
 def write_atomic(url: str, name: str, data: bytes) -> str:
     """``data`` to ``url/name``: written under a temporary name, then renamed. Returns the path."""
+    try:
+        return _write_atomic(url, name, data)
+    except ValueError as e:  # a path the file system cannot name (a NUL byte, ...)
+        raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
+
+
+def _write_atomic(url: str, name: str, data: bytes) -> str:
     fs, root = _fs(url)
     fs.makedirs(root, exist_ok=True)
     final = f"{root.rstrip('/')}/{name}"
@@ -52,6 +59,8 @@ def read_bytes(url: str, name: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise NotFound(f"checkpoint {url}: {name} is missing") from None
+    except ValueError as e:
+        raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
 
 
 def slice_key(tensor: str, offset: int) -> str:
@@ -161,6 +170,8 @@ def read_manifest(url: str) -> dict:
         path = f"{root.rstrip('/')}/{f['name']}"
         try:
             size = fs.size(path)
+        except ValueError as e:
+            raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
         except FileNotFoundError:
             raise NotFound(f"checkpoint {url}: {f['name']} is missing") from None
         if size != f["bytes"]:

@@ -284,6 +284,10 @@ class Model:
         self._adopt(smap)
         #: how long a call keeps retrying while a shard fails over (default: the client's)
         self.failover_timeout = client.failover_timeout
+        #: retries of shard streams while shards failed over (server lost, primary moved), in all,
+        #: and the most that one stream needed
+        self.failovers = 0
+        self.most_retries = 0
         self.specs = {t.name: sharding.TensorSpec(t.name, tuple(t.shape), numpy_dtype(t.dtype).name)
                       for t in smap.tensors}
         self.optimizer = OptimizerConfig.from_proto(smap.optimizer)
@@ -394,7 +398,12 @@ class Model:
         while True:
             address = self.shards[shard]
             try:
-                return run(self.client.server(address)), attempt
+                result = run(self.client.server(address))
+                if attempt:
+                    with self.client._lock:
+                        self.failovers += attempt
+                        self.most_retries = max(self.most_retries, attempt)
+                return result, attempt
             except grpc.RpcError as e:
                 code = e.code()
                 now = time.monotonic()
@@ -410,8 +419,23 @@ class Model:
                                         f"of failover)")
                     raise err from None
                 attempt += 1
-                if not self.refresh() and self.shards[shard] == address:
-                    time.sleep(min(0.05 * 2 ** attempt, 0.5))  # not moved yet: the scheduler is promoting
+                self._await_move(shard, address, code == grpc.StatusCode.UNAVAILABLE, deadline)
+
+    def _await_move(self, shard: int, address: str, unreachable: bool, deadline: float) -> None:
+        """Poll the shard map until shard's primary is no longer ``address`` (the scheduler promoted
+        another replica), so the retry goes where the slices are now. An unreachable server is
+        tried again after at most a second anyway (a blip, not a death); the deadline ends it."""
+        start = time.monotonic()
+        pause = 0.02
+        while True:
+            self.refresh()
+            if self.shards[shard] != address:
+                return
+            now = time.monotonic()
+            if now > deadline or (unreachable and now - start >= 1.0):
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     def refresh(self) -> bool:
         """Fetch the shard map again; True when it moved on (primaries or replicas changed)."""

@@ -107,6 +107,12 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 if ":" not in b or len(b) > 255:
                     raise InvalidArgument(f"{what}: backup address must be host:port, got '{b[:255]}'")
             ranges = [(r.tensor, r.offset, r.length) for r in request.ranges]
+            if request.demote:
+                waits, sent = self.store.demote(request.model, ranges), 0
+                self._replicated(waits, what)
+                log.info("%s: no longer primary of %d slices (map version %d)", what, len(ranges),
+                         request.map_version)
+                return server_pb2.SetReplicasResponse(slices=0)
             waits, sent = self.store.set_replicas(request.model, ranges, list(request.backups))
             self._replicated(waits, what)
         except PSError as e:

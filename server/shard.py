@@ -370,6 +370,20 @@ class ShardStore:
                     sent += len(op) * len(backups)
         return waits, sent
 
+    def demote(self, name: str, ranges: list[tuple[str, int, int]]) -> list:
+        """Stop being the primary of the slices at ``ranges`` (another replica takes over): pushes to
+        them are refused from now on. Returns the futures of what was forwarded to the backups,
+        which the new primary must have before it starts."""
+        m = self.model(name)
+        waits = []
+        for tensor, offset, length in ranges:
+            sl = m.locate(tensor, offset, length, "demote")
+            with sl.lock:
+                sl.primary, sl.backups = False, ()
+                waits.extend(sl.forwarded.values())
+                sl.forwarded = {}
+        return waits
+
     def install(self, name: str, config: OptimizerConfig | dict, snap: server_pb2.SliceSnapshot,
                 restore: bool = False) -> int:
         """A backup takes a slice's whole state from its primary (creating the model, or the slice,

@@ -120,6 +120,22 @@ class Replication:
                 log.exception("replica repair pass failed")
 
     # -- repair ----------------------------------------------------------------------------
+    def _demote(self, m: ShardMap, shard: int, address: str) -> None:
+        """A primary that is alive but leaving (drained): it stops taking pushes for the shard, once
+        what it forwarded reached the backups, before another replica is promoted."""
+        from ps.v1 import server_pb2
+        ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
+                  for s in m.slices if s.shard == shard]
+        if not ranges:
+            return
+        client = self._client()
+        try:
+            client.call(client.server(address).SetReplicas, server_pb2.SetReplicasRequest(
+                model=m.model, ranges=ranges, demote=True, map_version=m.version + 1),
+                f"demote '{m.model}' shard {shard}", address, timeout=self.timeout_s)
+        except PSError as e:
+            log.warning("model '%s' shard %d: could not demote %s: %s", m.model, shard, address, e)
+
     def _set_replicas(self, m: ShardMap, shard: int, members: list[tuple[str, str]]) -> bool:
         """Tell shard's new primary its backups (it sends them snapshots); False if it failed."""
         from ps.v1 import server_pb2
@@ -157,6 +173,9 @@ class Replication:
                             self.on_shard_lost(m.model, i, [a for _, a in members])
                         continue
                     t0 = time.monotonic()
+                    old = members[0]
+                    if old not in live and old[1] in self.draining:
+                        self._demote(m, i, old[1])  # alive: it must stop acknowledging before another leads
                     if self._set_replicas(m, i, live):
                         new = self._update(m.model, i, live)
                         if new is not None:

@@ -179,16 +179,18 @@ class StatsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
-    __slots__ = ("model", "ranges", "backups", "map_version")
+    __slots__ = ("model", "ranges", "backups", "map_version", "demote")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     BACKUPS_FIELD_NUMBER: _ClassVar[int]
     MAP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEMOTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     ranges: _containers.RepeatedCompositeFieldContainer[Range]
     backups: _containers.RepeatedScalarFieldContainer[str]
     map_version: int
-    def __init__(self, model: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., backups: _Optional[_Iterable[str]] = ..., map_version: _Optional[int] = ...) -> None: ...
+    demote: bool
+    def __init__(self, model: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., backups: _Optional[_Iterable[str]] = ..., map_version: _Optional[int] = ..., demote: _Optional[bool] = ...) -> None: ...
 
 class SetReplicasResponse(_message.Message):
     __slots__ = ("slices", "bytes_sent")
