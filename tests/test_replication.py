@@ -174,6 +174,7 @@ def test_a_restarted_server_is_a_new_member_and_a_drained_one_holds_nothing(tmp_
         after = client.model("ctr")
         assert drained not in {a for r in after.replicas for a in r}
         assert [m.model for m in client.stats(drained).models] == []
+        assert next(s.state for s in client.cluster().servers if s.address == drained) == "drained"
         for _ in range(20):
             model.push(minus_one())  # the old handle finds the new primaries
         np.testing.assert_array_equal(client.model("ctr").pull()["c2"], np.full(8, 40.0 + busy.pushes))

@@ -197,7 +197,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         view = scheduler_pb2.ClusterView(models=sorted(self.cluster.maps), cluster_id=self.cluster.cluster_id,
                                          incarnation=self.cluster.incarnation)
         for s in sorted(self.cluster.servers.values(), key=lambda s: int(s.server_id.split("-")[1])):
-            view.servers.add(server_id=s.server_id, address=s.address, state=s.state,
+            view.servers.add(server_id=s.server_id, address=s.address,
+                             state="drained" if s.state == "up" and s.address in self.cluster.draining else s.state,
                              last_heartbeat_age_s=now - s.last_seen, bytes=s.bytes, models=s.models)
         for w in list(self.cluster.workers.values()):
             view.workers.add(worker_id=w.worker_id, name=w.name, device=w.device,
