@@ -35,7 +35,7 @@ log = logging.getLogger("ps.server.replication")
 #: one Replicate call carries at most this many bytes of updates (more wait for the next call)
 MAX_BATCH_BYTES = 8 << 20
 #: a backup unreachable this long is reported lost
-LOST_AFTER_S = 3.0
+LOST_AFTER_S = 2.0
 #: how often a link's own thread looks for updates that no waiting push is sending
 IDLE_POLL_S = 0.005
 

@@ -57,3 +57,28 @@ def test_plan_without_servers_says_how_to_start_one():
 def test_register_rejects_an_address_without_port():
     with pytest.raises(InvalidArgument, match="address must be host:port, got 'nohost'"):
         Cluster().register("nohost", now=0.0)
+
+
+def test_a_server_found_unreachable_is_marked_down_at_once_and_gets_no_new_models():
+    c = Cluster(heartbeat_interval=1.0, server_timeout=5.0)
+    a, b = c.register("h:1", 0.0), c.register("h:2", 0.0)
+    assert c.mark_down("h:2", 1.0, "unreachable: health check failed") is b
+    assert (b.state, c.transitions[-1].change, c.transitions[-1].reason) == \
+        ("down", "up -> down", "unreachable: health check failed")
+    assert c.mark_down("h:2", 1.5, "again") is None and c.mark_down("nowhere:1", 1.5, "x") is None
+    assert not c.heartbeat(b.server_id, 2.0, 0, [])  # it must register again, as a new member
+    m = c.plan("m", [TensorSpec("w", (4,))], 1 << 20)
+    assert m.servers == ("h:1",) and m.replicas == (("h:1",),) and m.ids == ((a.server_id,),)
+
+
+def test_plan_places_replicas_on_the_next_servers_and_skips_drained_ones():
+    c = Cluster()
+    ids = [c.register(f"h:{i}", 0.0).server_id for i in range(3)]
+    m = c.plan("m", [TensorSpec("w", (3, 200_000))], 1 << 20)  # >= 1 MiB: one slice per server
+    assert m.replication == 2 and m.version == 1
+    assert m.replicas == (("h:0", "h:1"), ("h:1", "h:2"), ("h:2", "h:0"))
+    assert m.ids == ((ids[0], ids[1]), (ids[1], ids[2]), (ids[2], ids[0]))
+    with pytest.raises(InvalidArgument, match=r"replicas must be in \[1, 3\]"):
+        c.plan("n", [TensorSpec("w", (4,))], 1 << 20, replicas=4)
+    c.draining.add("h:0")
+    assert c.plan("d", [TensorSpec("w", (4,))], 1 << 20).servers == ("h:1", "h:2")

@@ -166,6 +166,17 @@ class Cluster:
                     downed.append(s)
         return downed
 
+    def mark_down(self, address: str, now: float, reason: str) -> Server | None:
+        """Declare the server up at ``address`` down before its heartbeats run out (it was found
+        unreachable); returns it (None if none is up there)."""
+        with self._lock:
+            for s in self.servers.values():
+                if s.address == address and s.state == UP:
+                    s.state = DOWN
+                    self.transitions.record(now, s.server_id, "up -> down", reason)
+                    return s
+        return None
+
     def register_worker(self, name: str, device: str, now: float) -> Worker:
         with self._lock:
             wid = f"worker-{self.next_worker}"
