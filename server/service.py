@@ -187,7 +187,9 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             link.drive()  # send from this thread, unless another one is sending already
         done, pending = futures.wait(waits, timeout=self.replica_timeout_s)
         if pending:
-            raise Unavailable(f"{what}: the backups did not confirm the update within {self.replica_timeout_s:g} s")
+            late = sorted({f.link.backup for f in pending if hasattr(f, "link")})
+            raise Unavailable(f"{what}: backup(s) {', '.join(late) or '?'} did not confirm the update within "
+                              f"{self.replica_timeout_s:g} s")
         for f in done:
             if f.exception() is not None:
                 e = f.exception()

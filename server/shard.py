@@ -239,10 +239,10 @@ class ShardStore:
         m = self.model(name)
         what = "replicate assign to" if replica else "assign to"
         sl = check_chunk(m, tensor, offset, values, what)
-        self._check_role(sl, name, replica, what)
         check_finite(values, f"assign to '{name}/{tensor}' at offset {offset}")
         a = offset - sl.offset
         with sl.lock:
+            self._check_role(sl, name, replica, what)  # under the lock: a demotion may be under way
             sl.param[a:a + values.size] = values
             if sl.backups and self.replicator is not None:
                 op = server_pb2.ReplicaOp(assign=server_pb2.AssignRequest(model=name, chunk=tensor_pb2.Chunk(
@@ -260,7 +260,6 @@ class ShardStore:
         m = self.model(name)
         what = "replicate push to" if replica else "push to"
         sl = check_chunk(m, tensor, offset, grad, what)
-        self._check_role(sl, name, replica, what)
         if not client_id:
             raise InvalidArgument(f"push to '{name}/{tensor}': client_id is empty (needed to apply each push once)")
         if not np.isfinite(grad_scale) or grad_scale < 0:
@@ -269,6 +268,9 @@ class ShardStore:
         check_finite(grad, f"push to '{name}/{tensor}' [{offset}, {offset + grad.size})")
         a, b = offset - sl.offset, offset - sl.offset + grad.size
         with sl.lock:
+            # under the lock: a slice demoted (another replica takes over) between the lookup and
+            # here must not apply an update its backups will never see
+            self._check_role(sl, name, replica, what)
             now = self._clock()
             rec = sl.applied.get(client_id)
             if rec is not None and (seq < rec[0] or (seq == rec[0] and offset < rec[1])):
