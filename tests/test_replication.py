@@ -221,3 +221,21 @@ def test_with_no_server_to_spare_status_shows_the_shards_under_replicated():
         assert out.returncode == 0, out.stderr
         lines = sorted(l for l in out.stdout.splitlines() if l.startswith("under-replicated"))
         assert lines == [f"under-replicated: ctr shard {i}: 1 of 2 replicas ({survivor})" for i in range(2)]
+
+
+def test_a_server_drained_mid_job_leaves_the_job_to_succeed():
+    """`paramserver drain` while a demo job trains on 3 servers: the job never notices beyond a
+    retry, succeeds, and the drained server ends up holding nothing."""
+    with ps.LocalCluster(servers=3, workers=2, scheduler_args=FAST) as cluster, \
+            ps.Client(cluster.address) as client:
+        job = client.submit(demo_spec("mlp", epochs=6))
+        for ev in job.events(timeout=300):
+            if ev.tasks_done >= 3:
+                break
+        drained = client.model(job.job_id).shards[1]
+        resp = client.drain(drained, timeout=60)
+        assert list(resp.models) == [job.job_id] and resp.shards_moved == 2
+        trained = job.wait(progress=False, timeout=300)
+        assert trained.metrics["test_accuracy"] >= 0.95
+        assert [m.model for m in client.stats(drained).models] == []
+        assert drained not in {a for r in client.model(job.job_id).replicas for a in r}
