@@ -395,6 +395,7 @@ def _field(req, name, default=None):
 
 def check_register_server(svc, req, lim: Limits) -> None:
     lim.check_name("register server: address", req.address)
+    lim.check_name("register server: instance", req.instance)
     servers = list(svc.cluster.servers.values())
     if len(servers) >= lim.max_servers and all(s.address != req.address for s in servers):
         lim.check_count("register server: servers known", len(servers) + 1, "max_servers")

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from concurrent import futures
 from typing import Iterator
 
@@ -287,6 +288,7 @@ class SchedulerLink:
         self.channel = rpc.channel(scheduler)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.server_id = ""
+        self.instance = uuid.uuid4().hex  # this process: a retried registration keeps its id
         self.cluster_id = ""  # the scheduler state we registered with: heartbeats carry it back
         self.interval = 1.0
         self.stop = threading.Event()
@@ -294,7 +296,8 @@ class SchedulerLink:
 
     def register(self, deadline_s: float) -> None:
         resp = rpc.retry_unavailable(
-            lambda: self.stub.RegisterServer(scheduler_pb2.RegisterServerRequest(address=self.advertise),
+            lambda: self.stub.RegisterServer(scheduler_pb2.RegisterServerRequest(address=self.advertise,
+                                                                                 instance=self.instance),
                                              timeout=rpc.DEFAULT_TIMEOUT_S),
             f"registering with the scheduler at {self.scheduler}", deadline_s, address=self.scheduler)
         self.server_id, self.interval = resp.server_id, resp.heartbeat_interval_s or 1.0

@@ -82,3 +82,14 @@ def test_plan_places_replicas_on_the_next_servers_and_skips_drained_ones():
         c.plan("n", [TensorSpec("w", (4,))], 1 << 20, replicas=4)
     c.draining.add("h:0")
     assert c.plan("d", [TensorSpec("w", (4,))], 1 << 20).servers == ("h:1", "h:2")
+
+
+def test_a_registration_retried_by_the_same_process_keeps_its_id():
+    c = Cluster()
+    first = c.register("h:1", 0.0, instance="proc-a")
+    assert c.register("h:1", 0.5, instance="proc-a") is first  # the reply was lost: same member
+    assert [s.server_id for s in c.servers.values()] == [first.server_id] and first.state == "up"
+    again = c.register("h:1", 1.0, instance="proc-b")  # another process at that address
+    assert again.server_id != first.server_id and first.state == "down"
+    c.tick(100.0)  # declared down for silence: the same process registering again is a new member
+    assert c.register("h:1", 101.0, instance="proc-b").server_id not in (first.server_id, again.server_id)

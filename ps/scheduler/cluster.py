@@ -30,6 +30,8 @@ class Server:
     #: heard from since this scheduler started (a member loaded from the saved state is not, until
     #: its first heartbeat: it gets no new replicas before then)
     confirmed: bool = True
+    #: the token the server process registered with (a retry from the same process keeps its id)
+    instance: str = ""
 
 
 @dataclass
@@ -108,13 +110,19 @@ class Cluster:
         self.draining: set[str] = set()
         self._lock = threading.RLock()
 
-    def register(self, address: str, now: float) -> Server:
+    def register(self, address: str, now: float, instance: str = "") -> Server:
         """A server announces itself and gets a new id. A member still listed up at that address is
         a process that restarted: it is declared down (and appended to ``downed_by_register``);
         entries of that address that were down already are forgotten, so restarts do not pile up."""
         if not address or ":" not in address:
             raise InvalidArgument(f"register server: address must be host:port, got '{address}'")
         with self._lock:
+            for s in self.servers.values():
+                if instance and s.address == address and s.state == UP and s.instance == instance:
+                    s.last_seen, s.confirmed = now, True  # the same process again: a retry after a lost reply
+                    self.transitions.record(now, s.server_id, "up -> up", f"registered again from {address} "
+                                                                           f"(the same process)")
+                    return s
             for old in [s for s in self.servers.values() if s.address == address]:
                 if old.state == UP:
                     old.state = DOWN
@@ -127,7 +135,7 @@ class Cluster:
                                             f"a new server registered from {address}")
             sid = f"server-{self.next_server}"
             self.next_server += 1
-            s = self.servers[sid] = Server(sid, address, UP, now)
+            s = self.servers[sid] = Server(sid, address, UP, now, instance=instance)
             self.transitions.record(now, sid, "new -> up", f"registered from {address}")
             return s
 

@@ -170,7 +170,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @limits.entry_check(limits.check_register_server)
     def RegisterServer(self, request, context):
         try:
-            s = self.cluster.register(request.address, self.clock())
+            s = self.cluster.register(request.address, self.clock(), request.instance)
             self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)
