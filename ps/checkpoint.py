@@ -12,6 +12,7 @@ whole only when its manifest is there and every file matches it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
@@ -32,12 +33,19 @@ def _fs(url: str):
         raise InvalidArgument(f"checkpoint url '{url}': {e}") from None
 
 
+@contextlib.contextmanager
+def _nameable(url: str):
+    """A path the file system cannot name (a NUL byte, ...) is the caller's error, naming the URL."""
+    try:
+        yield
+    except ValueError as e:
+        raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
+
+
 def write_atomic(url: str, name: str, data: bytes) -> str:
     """``data`` to ``url/name``: written under a temporary name, then renamed. Returns the path."""
-    try:
+    with _nameable(url):
         return _write_atomic(url, name, data)
-    except ValueError as e:  # a path the file system cannot name (a NUL byte, ...)
-        raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
 
 
 def _write_atomic(url: str, name: str, data: bytes) -> str:
@@ -55,12 +63,10 @@ def read_bytes(url: str, name: str) -> bytes:
     fs, root = _fs(url)
     path = f"{root.rstrip('/')}/{name}"
     try:
-        with fs.open(path, "rb") as f:
+        with _nameable(url), fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise NotFound(f"checkpoint {url}: {name} is missing") from None
-    except ValueError as e:
-        raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
 
 
 def slice_key(tensor: str, offset: int) -> str:
@@ -169,9 +175,8 @@ def read_manifest(url: str) -> dict:
     for f in manifest["files"]:
         path = f"{root.rstrip('/')}/{f['name']}"
         try:
-            size = fs.size(path)
-        except ValueError as e:
-            raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
+            with _nameable(url):
+                size = fs.size(path)
         except FileNotFoundError:
             raise NotFound(f"checkpoint {url}: {f['name']} is missing") from None
         if size != f["bytes"]:

@@ -180,7 +180,7 @@ class Replicator:
         """Queue ``op`` for ``backup``; the future resolves once the backup applied it (True) or was
         dropped from the replica set (False). A lost backup gets nothing more, unless ``fresh`` (a
         snapshot that resyncs it) starts a new link."""
-        optimizer = model.optimizer.config.to_proto().SerializeToString()
+        optimizer = model.optimizer_wire
         with self._lock:
             link = self._links.get(backup)
             if link is None or (fresh and link.lost is not None):

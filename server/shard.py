@@ -85,6 +85,8 @@ class ModelState:
         self.name = name
         self.optimizer = optimizer
         self.tensors = tensors
+        #: the optimizer as a serialized ps.v1.OptimizerConfig (replication requests carry it)
+        self.optimizer_wire = optimizer.config.to_proto().SerializeToString()
 
     @property
     def slices(self):

@@ -76,10 +76,6 @@ class ShardMap:
         return list(zip(self.ids[shard], self.replicas[shard])) if self.ids else \
             [("", a) for a in self.replicas[shard]]
 
-    def under_replicated(self) -> list[int]:
-        """Shards with fewer replicas than wanted."""
-        return [i for i, r in enumerate(self.replicas) if len(r) < self.replication]
-
 
 class Cluster:
     """Membership and shard maps. Thread-safe; every method takes ``now`` explicitly.
@@ -101,9 +97,6 @@ class Cluster:
         self.incarnation = 1
         self.next_server = 0   # server-N
         self.next_worker = 0   # worker-N
-        #: servers that ``register`` declared down because a new member registered from their address
-        #: (a restarted process, whose memory is gone), oldest first; ``take_downed_by_register`` drains it
-        self.downed_by_register: list[Server] = []
         self.dirty_workers: set[str] = set()  # worker ids registered or gone since the last save
         #: addresses of servers drained (`paramserver drain`): they get no new models or replicas
         #: until a server registers there again
@@ -112,7 +105,7 @@ class Cluster:
 
     def register(self, address: str, now: float, instance: str = "") -> Server:
         """A server announces itself and gets a new id. A member still listed up at that address is
-        a process that restarted: it is declared down (and appended to ``downed_by_register``);
+        a process that restarted: it is declared down;
         entries of that address that were down already are forgotten, so restarts do not pile up."""
         if not address or ":" not in address:
             raise InvalidArgument(f"register server: address must be host:port, got '{address}'")
@@ -128,7 +121,6 @@ class Cluster:
                     old.state = DOWN
                     self.transitions.record(now, old.server_id, "up -> down",
                                             "re-registered from the same address (restarted)")
-                    self.downed_by_register.append(old)
                 else:
                     del self.servers[old.server_id]
                     self.transitions.record(now, old.server_id, "down -> forgotten",
@@ -138,12 +130,6 @@ class Cluster:
             s = self.servers[sid] = Server(sid, address, UP, now, instance=instance)
             self.transitions.record(now, sid, "new -> up", f"registered from {address}")
             return s
-
-    def take_downed_by_register(self) -> list[Server]:
-        """The servers ``register`` declared down since the last call (oldest first)."""
-        with self._lock:
-            out, self.downed_by_register = self.downed_by_register, []
-            return out
 
     def known_state(self, cluster_id: str) -> bool:
         """Whether a member's ``cluster_id`` (empty: it has none yet) belongs to this state."""

@@ -36,6 +36,12 @@ log = logging.getLogger("ps.scheduler.replication")
 PROBE_TIMEOUT_S = 1.0
 
 
+def _ranges(m: ShardMap, shard: int) -> list:
+    """The ps.v1.Range of every slice of ``shard``."""
+    from ps.v1 import server_pb2
+    return [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length) for s in m.slices if s.shard == shard]
+
+
 class Replication:
     """Repairs replica sets; ``client()`` is the scheduler's own ps.Client, ``saved(map)`` persists a map."""
 
@@ -146,8 +152,7 @@ class Replication:
         """A primary that is alive but leaving (drained): it stops taking pushes for the shard, once
         what it forwarded reached the backups, before another replica is promoted."""
         from ps.v1 import server_pb2
-        ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
-                  for s in m.slices if s.shard == shard]
+        ranges = _ranges(m, shard)
         if not ranges:
             return
         client = self._client()
@@ -161,8 +166,7 @@ class Replication:
     def _set_replicas(self, m: ShardMap, shard: int, members: list[tuple[str, str]]) -> bool:
         """Tell shard's new primary its backups (it sends them snapshots); False if it failed."""
         from ps.v1 import server_pb2
-        ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
-                  for s in m.slices if s.shard == shard]
+        ranges = _ranges(m, shard)
         if not ranges:
             return True  # a shard without slices (a model smaller than the cluster)
         client = self._client()
