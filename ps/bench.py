@@ -130,17 +130,26 @@ def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = r
 
 
 def pushpull(size: int, servers: int, optimizer: str, seconds: float,
-             echo: Callable[[str], None] = print, replicas: int = 1) -> dict:
-    """`paramserver bench pushpull`: the figures, as a dict."""
+             echo: Callable[[str], None] = print, replicas: int = 1, tls: bool = False) -> dict:
+    """`paramserver bench pushpull`: the figures, as a dict. ``tls``: the same model on a second
+    cluster with mutual TLS and tokens, measured in the same rounds."""
+    import contextlib
+
     from ps.client import Client
     from ps.local import LocalCluster
     from ps.server.optimizers import update_rate
     n = size // 4
     echo(f"model: {n:,} float32 params ({size / 2**20:.0f} MiB) over {servers} servers, optimizer {optimizer}")
     with LocalCluster(servers=servers) as cluster, Client(cluster.address) as client, \
-            EchoCeiling(size, servers, client.chunk_bytes) as ceiling_run:
+            EchoCeiling(size, servers, client.chunk_bytes) as ceiling_run, contextlib.ExitStack() as stack:
         model = client.create_model("bench", {"w": np.zeros(n, np.float32)},
                                     optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
+        secured = None
+        if tls:
+            secure = stack.enter_context(LocalCluster(servers=servers, tls=True, auth=True))
+            secure_client = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token))
+            secured = secure_client.create_model("bench", {"w": np.zeros(n, np.float32)},
+                                                 optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
         single = None
         if replicas > 1:  # the same model with one replica, measured in the same rounds
             single = client.create_model("bench-r1", {"w": np.zeros(n, np.float32)},
@@ -149,12 +158,14 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         out = {"w": np.empty(n, np.float32)}  # reused, as a worker reuses its weight buffers
         # Alternate the measurements and keep the best of each, so that a busy moment on
         # a shared machine does not land on one side of a ratio only.
-        per_call = per_echo = per_single = float("inf")
+        per_call = per_echo = per_single = per_tls = float("inf")
         for _ in range(ROUNDS):
             per_call = min(per_call, _timed(lambda: model.push_pull(grad, out=out), seconds / ROUNDS))
             per_echo = min(per_echo, _timed(ceiling_run.once, seconds / ROUNDS))
             if single is not None:
                 per_single = min(per_single, _timed(lambda: single.push_pull(grad, out=out), seconds / ROUNDS))
+            if secured is not None:
+                per_tls = min(per_tls, _timed(lambda: secured.push_pull(grad, out=out), seconds / ROUNDS))
         rss = [_rss_bytes(p.popen.pid) for p in cluster.servers]
         peak = [_rss_bytes(p.popen.pid, "VmHWM") for p in cluster.servers]
         held = [sum(m.params for m in client.stats(a).models) for a in model.shards]
@@ -166,12 +177,16 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     echo(f"raw grpcio echo, {chunk / 2**20:g} MiB messages, {servers} server processes: {ceiling:.2f} GB/s")
     ratio = pushpull_gbps / ceiling
     echo(f"ratio: {ratio:.2f}" + (f" with {replicas} replicas per slice" if replicas > 1 else ""))
-    replicated = {}
+    extra = {}
     if single is not None:
-        replicated = {"replicas": replicas, "replicas_1_gbps": round(2 * size / per_single / 1e9, 3),
+        extra = {"replicas": replicas, "replicas_1_gbps": round(2 * size / per_single / 1e9, 3),
                       "replicated_to_single_ratio": round(per_single / per_call, 3)}
-        echo(f"one replica: {replicated['replicas_1_gbps']:.2f} GB/s; {replicas} replicas reach "
-             f"{replicated['replicated_to_single_ratio']:.2f} of it")
+        echo(f"one replica: {extra['replicas_1_gbps']:.2f} GB/s; {replicas} replicas reach "
+             f"{extra['replicated_to_single_ratio']:.2f} of it")
+    if secured is not None:
+        extra.update(tls_gbps=round(2 * size / per_tls / 1e9, 3), tls_to_plaintext_ratio=round(per_call / per_tls, 3))
+        echo(f"mutual TLS + tokens: {extra['tls_gbps']:.2f} GB/s = {extra['tls_to_plaintext_ratio']:.2f} "
+             f"of plaintext")
     per_param = {"sgd": 12, "adam": 28}
     rates = {name: update_rate(name) for name in ("sgd", "adam")}
     server_path = {name: server_update_rate(name) for name in ("sgd", "adam")}
@@ -193,7 +208,7 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         "copyto_gbps": round(rates["adam"]["copyto_bytes_per_s"] / 1e9, 2),
         "server_rss_bytes": rss, "server_peak_rss_bytes": peak, "server_rss_bound_bytes": [round(b) for b in bound],
         "server_rss_within_bound": all(p <= b for p, b in zip(peak, bound)),
-        "replicas": replicas, **replicated,
+        "replicas": replicas, **extra,
     }
 
 

@@ -42,6 +42,14 @@ def _nameable(url: str):
         raise InvalidArgument(f"checkpoint url '{url[:200]}': {e}") from None
 
 
+def check_absolute(url: str, what: str) -> None:
+    """A checkpoint location is an absolute path or a URL: a relative one would land wherever the
+    writing process happens to run."""
+    if "://" not in url and not url.startswith("/"):
+        raise InvalidArgument(f"{what}: checkpoint url '{url[:200]}' must be an absolute path or a URL "
+                              f"(file:///..., s3://...)")
+
+
 def write_atomic(url: str, name: str, data: bytes) -> str:
     """``data`` to ``url/name``: written under a temporary name, then renamed. Returns the path."""
     with _nameable(url):

@@ -20,14 +20,11 @@ def _setup_logging(level: str) -> None:
 
 def parse_bytes(text: str) -> int:
     """'64MiB', '4MB', '1GiB', '1024' -> bytes."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower()
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    if not num or unit not in units:
-        raise click.BadParameter(f"'{text}' is not a size: use e.g. 64MiB, 4MB or 1048576")
-    return int(float(num) * units[unit])
+    from ps.limits import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 class Bytes(click.ParamType):
@@ -86,6 +83,65 @@ def limit_options(role: str, skip: tuple[str, ...] = ()):
     return decorate
 
 
+def security_options(listens: bool = False):
+    """--tls-cert/--tls-key/--tls-ca and --token-file (each also from its PS_* variable), plus
+    --auth-file for a process that listens; the command runs with ps.security configured from them,
+    and a setting that cannot work (a missing file, an expired certificate) exits 2 naming it."""
+    import functools
+
+    flags = [("tls_cert", "--tls-cert", "PS_TLS_CERT", "This process's TLS certificate (PEM); with --tls-key."),
+             ("tls_key", "--tls-key", "PS_TLS_KEY", "The key of --tls-cert (PEM)."),
+             ("tls_ca", "--tls-ca", "PS_TLS_CA", "Verify peers' certificates against this CA (PEM); on a listening "
+                                                 "process, callers must then present one (mutual TLS)."),
+             ("token_file", "--token-file", "PS_TOKEN_FILE", "Send the bearer token in this file on every call.")]
+    if listens:
+        flags.append(("auth_file", "--auth-file", "PS_AUTH_FILE",
+                      "Accept only callers with a token listed here (lines ROLE TOKEN [NAME] [quota=N ...]; "
+                      "roles member, user, admin); without it, anyone who reaches the port."))
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            from ps import security
+            given = {name: kwargs.pop(name) for name, *_ in flags}
+            try:
+                security.configure(security.Security.from_settings(**given))
+            except security.SecurityError as e:
+                click.echo(f"{fn.__name__}: {e}", err=True)
+                sys.exit(2)
+            return fn(*args, **kwargs)
+        for name, flag, env, text in reversed(flags):
+            wrapper = click.option(flag, name, default=None, envvar=env, metavar="FILE",
+                                   help=f"{text} [env {env}]")(wrapper)
+        return wrapper
+    return decorate
+
+
+def data_options(fn):
+    """--data-root (repeatable) and --data-protocols: where this process lets jobs read data from; the
+    command gets them as ``data_policy`` (a ps.data_policy.DataPolicy)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, data_roots, data_protocols, **kwargs):
+        from ps.data_policy import DataPolicy
+        try:
+            policy = DataPolicy.from_values(list(data_roots) or None, data_protocols)
+        except ValueError as e:
+            click.echo(f"{fn.__name__}: {e}", err=True)
+            sys.exit(2)
+        return fn(*args, data_policy=policy, **kwargs)
+    wrapper = click.option("--data-protocols", "data_protocols", default=None, envvar="PS_DATA_PROTOCOLS",
+                           metavar="LIST", help="fsspec protocols jobs may read data from besides local files under "
+                                                "--data-root (comma-separated, e.g. s3,gs) [env PS_DATA_PROTOCOLS]."
+                           )(wrapper)
+    return click.option("--data-root", "data_roots", multiple=True, envvar="PS_DATA_ROOTS", metavar="PATH",
+                        help="Jobs read data only under this directory or URL prefix (repeatable; env: "
+                             "comma-separated); builtin: and synthetic: data always. With none and no "
+                             "--data-protocols, anywhere. When set, checkpoints go only under the "
+                             "checkpoint dir [env PS_DATA_ROOTS].")(wrapper)
+
+
 #: commands that move large messages for a long time: they run with huge-page malloc
 _HEAVY = {"scheduler", "server", "worker", "local", "demo", "bench", "submit"}
 
@@ -129,14 +185,26 @@ def main(ctx: click.Context) -> None:
               show_default="STATE_DIR/checkpoints",
               help="Where jobs' checkpoints go unless their spec names a checkpoint_dir: a directory every "
                    "server can write to, or any fsspec URL [env PS_CHECKPOINT_DIR].")
+@click.option("--quota-param-bytes", type=Bytes(), default=0, envvar="PS_QUOTA_PARAM_BYTES", show_default="no limit",
+              help="Each user's models together hold at most this many bytes of parameters (an auth-file line's "
+                   "param_bytes=N overrides it) [env PS_QUOTA_PARAM_BYTES].")
+@click.option("--quota-jobs", default=0, type=click.IntRange(min=0), envvar="PS_QUOTA_JOBS", show_default="no limit",
+              help="Jobs each user may have queued or running at once (jobs=N per user) [env PS_QUOTA_JOBS].")
+@click.option("--quota-tasks-per-job", default=0, type=click.IntRange(min=0), envvar="PS_QUOTA_TASKS_PER_JOB",
+              show_default="no limit", help="Tasks one job may take, epochs x (shards + 1) (tasks_per_job=N per "
+                                            "user) [env PS_QUOTA_TASKS_PER_JOB].")
+@data_options
 @max_msg
 @port_file
 @log_level
 @limit_options("scheduler")
+@security_options(listens=True)
 def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs, keep_jobs_for, keep_params_for,
-              max_job_events, max_followers, state_dir, checkpoint_dir, max_message_bytes, port_file, log_level):
+              max_job_events, max_followers, state_dir, checkpoint_dir, quota_param_bytes, quota_jobs,
+              quota_tasks_per_job, data_policy, max_message_bytes, port_file, log_level):
     """Run the scheduler: membership, shard maps, jobs and task leases."""
     _setup_logging(log_level)
+    from ps.scheduler.access import Quotas
     from ps.scheduler.service import run
     from ps.scheduler.state import StateError, default_dir
     retention = Retention(keep_jobs=keep_jobs, keep_jobs_s=keep_jobs_for, params_s=keep_params_for,
@@ -144,7 +212,8 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs
     try:
         run(host=host, port=port, threads=threads, heartbeat_interval=heartbeat_interval,
             server_timeout=server_timeout, port_file=port_file, max_message_bytes=max_message_bytes,
-            retention=retention, state_dir=state_dir or str(default_dir()), checkpoint_dir=checkpoint_dir)
+            retention=retention, state_dir=state_dir or str(default_dir()), checkpoint_dir=checkpoint_dir,
+            quotas=Quotas(quota_param_bytes, quota_jobs, quota_tasks_per_job), data_policy=data_policy)
     except StateError as e:
         click.echo(f"scheduler: {e}", err=True)
         sys.exit(2)
@@ -171,18 +240,20 @@ def scheduler(host, port, heartbeat_interval, server_timeout, threads, keep_jobs
                    "ahead without waiting (Assign, Push, raw clients; ps.Client's push_pull keeps "
                    f"{rpc.DEFAULT_FLOW_WINDOW >> 20} MiB in flight by itself); 0: grpc's adaptive window, for links whose "
                    "bandwidth x delay exceeds it [env PS_FLOW_WINDOW].")
+@data_options
 @max_msg
 @port_file
 @log_level
 @limit_options("server", skip=("max_bytes",))
-def server(scheduler_addr, host, port, advertise, threads, max_bytes, connect_timeout, flow_window,
+@security_options(listens=True)
+def server(scheduler_addr, host, port, advertise, threads, max_bytes, connect_timeout, flow_window, data_policy,
            max_message_bytes, port_file, log_level):
     """Run a parameter-server shard."""
     _setup_logging(log_level)
     from ps.server.service import run
     run(scheduler_addr, host=host, port=port, advertise=advertise, threads=threads,
         max_message_bytes=max_message_bytes, max_bytes=max_bytes, port_file=port_file,
-        connect_timeout=connect_timeout, flow_window=flow_window)
+        connect_timeout=connect_timeout, flow_window=flow_window, data_policy=data_policy)
 
 
 @main.command()
@@ -214,6 +285,7 @@ def local(servers, host, log_level):
 @click.argument("address")
 @click.option("--service", default="", help="Service name to check ('' = the whole process).")
 @click.option("--timeout", default=5.0, show_default=True)
+@security_options()
 def health(address, service, timeout):
     """Exit 0 when ADDRESS reports SERVING (grpc.health.v1)."""
     from ps.errors import PSError
@@ -229,6 +301,7 @@ def health(address, service, timeout):
 @main.command()
 @click.argument("address", envvar="PS_SCHEDULER")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@security_options()
 def status(address, as_json):
     """A table of the servers the scheduler at ADDRESS knows, their models and bytes held."""
     from google.protobuf.json_format import MessageToDict
@@ -267,6 +340,25 @@ def _human(n: float) -> str:
     return str(n)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--hosts", required=True, help="Comma-separated host names and IPs the member certificate is valid for "
+                                             "(localhost and 127.0.0.1 are always added); '*.name' wildcards allowed.")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(min=1), help="Validity.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing CA in DIRECTORY.")
+def certs(directory, hosts, days, overwrite):
+    """Make a CA, a member certificate (scheduler, servers, workers), a user certificate and a token
+    per role (member.token, user.token, admin.token, and the `tokens` file for --auth-file) in
+    DIRECTORY, for a test or small cluster."""
+    from ps import certs as ps_certs
+    try:
+        ps_certs.make(directory, [h.strip() for h in hosts.split(",") if h.strip()], days, overwrite=overwrite)
+    except (FileExistsError, ValueError) as e:
+        click.echo(f"certs: {e}", err=True)
+        sys.exit(2)
+    click.echo(ps_certs.describe(directory))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks; each prints figures, and with --json one JSON object as its last line."""
@@ -279,11 +371,12 @@ def bench() -> None:
 @click.option("--seconds", default=5.0, show_default=True, help="Time spent on each measurement.")
 @click.option("--replicas", default=1, show_default=True,
               help="Servers holding each slice; above 1, the same model with one replica is measured beside it.")
+@click.option("--tls", is_flag=True, help="Also measure a cluster with mutual TLS and tokens, in the same rounds.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pushpull(size, servers, optimizer, seconds, replicas, as_json):
+def bench_pushpull(size, servers, optimizer, seconds, replicas, tls, as_json):
     """push_pull throughput against a raw grpcio echo ceiling, and the optimizer's update rate."""
     from ps.bench import pushpull
-    result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas)
+    result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas, tls=tls)
     if as_json:
         emit_json(result)
 
@@ -348,12 +441,16 @@ def bench_scheduler(members, followers, seconds, task_seconds, as_json):
 @click.option("--health-port", default=0, envvar="PS_HEALTH_PORT", show_default=True,
               help="Serve grpc.health.v1 on this port for probes (SERVING while the scheduler answers); "
                    "0: none [env PS_HEALTH_PORT].")
+@data_options
 @log_level
-def worker(scheduler_addr, device, name, connect_timeout, health_port, log_level):
+@security_options(listens=True)
+def worker(scheduler_addr, device, name, connect_timeout, health_port, data_policy, log_level):
     """Run a stateless training worker: lease tasks, compute gradients, push them."""
     _setup_logging(log_level)
     from ps.errors import PSError
+    from ps.worker.data import set_policy
     from ps.worker.runner import run
+    set_policy(data_policy)
     try:
         run(scheduler_addr, device=device, name=name, connect_timeout=connect_timeout, health_port=health_port)
     except (PSError, RuntimeError) as e:
@@ -417,6 +514,7 @@ def _client(address: str):
 @click.option("--save", default=None, help="Save the trained model to this directory (with --follow).")
 @reconnect_opt
 @click.option("--json", "as_json", is_flag=True)
+@security_options()
 def submit(spec_path, scheduler_addr, resume_from, follow, logdir, save, reconnect_for, as_json):
     """Submit the job in SPEC_PATH (JSON or TOML), or resume one from a checkpoint (--resume)."""
     from ps.errors import PSError
@@ -449,6 +547,7 @@ def submit(spec_path, scheduler_addr, resume_from, follow, logdir, save, reconne
 @click.option("--save", default=None, help="Save the trained model to this directory.")
 @reconnect_opt
 @click.option("--json", "as_json", is_flag=True)
+@security_options()
 def follow(job_id, scheduler_addr, logdir, save, reconnect_for, as_json):
     """Follow a submitted job to its end (progress bar), as `submit --follow` does."""
     from ps.errors import PSError
@@ -466,6 +565,7 @@ def follow(job_id, scheduler_addr, logdir, save, reconnect_for, as_json):
 @main.command()
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
 @click.option("--json", "as_json", is_flag=True)
+@security_options()
 def jobs(scheduler_addr, as_json):
     """List jobs and their state."""
     with _client(scheduler_addr) as client:
@@ -485,6 +585,7 @@ def jobs(scheduler_addr, as_json):
 @main.command()
 @click.argument("job_id")
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@security_options()
 def cancel(job_id, scheduler_addr):
     """Cancel a job; its parameters are freed on every server."""
     from ps.errors import PSError
@@ -503,6 +604,7 @@ def cancel(job_id, scheduler_addr):
 @click.option("--url", default="", help="Write it here (a directory or fsspec URL); default: under the job's "
                                         "checkpoint_dir / the scheduler's --checkpoint-dir.")
 @click.option("--json", "as_json", is_flag=True)
+@security_options()
 def checkpoint(job_id, scheduler_addr, url, as_json):
     """Write a checkpoint of a job now: its parameters, optimizer state and progress."""
     from ps.errors import PSError
@@ -523,6 +625,7 @@ def checkpoint(job_id, scheduler_addr, url, as_json):
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for every slice to move.")
 @click.option("--json", "as_json", is_flag=True)
+@security_options()
 def drain(address, scheduler_addr, timeout, as_json):
     """Move every slice off the server at ADDRESS (host:port), so it can stop without failing a job."""
     from ps.errors import PSError
@@ -541,6 +644,7 @@ def drain(address, scheduler_addr, timeout, as_json):
 @main.command()
 @click.argument("job_id")
 @click.option("--scheduler", "scheduler_addr", required=True, envvar="PS_SCHEDULER", help="[env PS_SCHEDULER]")
+@security_options()
 def delete(job_id, scheduler_addr):
     """Delete a job: cancel it if it runs, free its parameters on every server, forget its record."""
     from ps.errors import PSError
@@ -568,6 +672,7 @@ def delete(job_id, scheduler_addr):
 @click.option("--logdir", default=None, help="Write TensorBoard event files here.")
 @click.option("--save", default=None, help="Save the trained model to this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+@security_options()
 def demo(model_kind, scheduler_addr, servers, workers, device, epochs, seed, lease_timeout, logdir, save, as_json):
     """Train on the bundled 8x8 digits (7:3 split) and print the test accuracy."""
     import contextlib
@@ -585,7 +690,7 @@ def demo(model_kind, scheduler_addr, servers, workers, device, epochs, seed, lea
             scheduler_addr = cluster.address
             click.echo(f"local cluster: scheduler {cluster.address}, {servers} servers, {workers} workers"
                        f"{'' if device == 'cpu' else ' on ' + device}", err=as_json)
-        client = stack.enter_context(_client(scheduler_addr))
+        client = stack.enter_context(_client(scheduler_addr) if cluster is None else cluster.client(connect_timeout=10))
         job = client.submit(spec)
         click.echo(f"submitted {job.job_id}: {model_kind.upper()} on digits, {spec.epochs} epochs", err=as_json)
         model = _follow(job, progress=True, logdir=logdir)

@@ -37,6 +37,23 @@ STALE_MAP_WAIT_S = 5.0
 log = logging.getLogger("ps.client")
 
 
+def _security(tls, token: str | None):
+    """This process's security settings, with ``tls`` and ``token`` in place of its own where given."""
+    import os
+
+    from ps import security
+    changes = {} if token is None else {"token": token}
+    if tls is False:
+        changes["tls"] = None
+    elif isinstance(tls, (str, os.PathLike)):
+        changes["tls"] = security.TLS.from_dir(tls)
+    elif isinstance(tls, security.TLS):
+        changes["tls"] = tls
+    elif tls is not None:
+        raise InvalidArgument(f"tls: expected a ps.security.TLS, a certs directory or False, got {tls!r}")
+    return security.current().with_(**changes)
+
+
 class Client:
     """A connection to a cluster's scheduler, and to its servers as models need them."""
 
@@ -44,7 +61,11 @@ class Client:
                  chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  connect_timeout: float = 10.0, client_id: str | None = None,
-                 inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0):
+                 inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0,
+                 tls=None, token: str | None = None):
+        """``tls``: a ``ps.security.TLS``, a directory ``paramserver certs`` wrote (its user certificate
+        and CA), or False for none; ``token``: the bearer token to send. Either left None comes from
+        the PS_TLS_* / PS_TOKEN_FILE variables (or the command's flags)."""
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
@@ -59,8 +80,9 @@ class Client:
         self.failover_timeout = failover_timeout
         self.max_message_bytes = max_message_bytes
         self.client_id = client_id or uuid.uuid4().hex
-        self._channel = rpc.channel(address, max_message_bytes)
-        rpc.wait_ready(self._channel, address, "scheduler", connect_timeout)
+        self.security = _security(tls, token)
+        self._channel = rpc.channel(address, max_message_bytes, self.security)
+        rpc.wait_ready(self._channel, address, "scheduler", connect_timeout, self.security)
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._servers: dict[str, tuple[grpc.Channel, wire.ShardStub]] = {}
         self._lock = threading.Lock()
@@ -94,7 +116,7 @@ class Client:
     def server(self, address: str) -> wire.ShardStub:
         with self._lock:
             if address not in self._servers:
-                ch = rpc.channel(address, self.max_message_bytes)
+                ch = rpc.channel(address, self.max_message_bytes, self.security)
                 self._servers[address] = (ch, wire.ShardStub(ch))
             return self._servers[address][1]
 
@@ -121,12 +143,13 @@ class Client:
     def create_model(self, name: str, tensors: Mapping[str, np.ndarray | Init | dict],
                      optimizer: OptimizerConfig | Mapping | str = "sgd", *, replace: bool = False,
                      max_slice_bytes: int | None = None, replicas: int = 0,
-                     restore: tuple | None = None) -> "Model":
+                     restore: tuple | None = None, owner: str = "") -> "Model":
         """Create a model's parameters on the servers: arrays are uploaded, Init specs are
         computed on each shard. ``replicas``: servers holding each slice (0: the scheduler's
         default, 2 when two or more servers are up). ``restore``: ``ps.checkpoint.load``'s
         (manifest, arrays, slices): the slices take the checkpoint's values, optimizer state,
-        versions and exactly-once records (see ``restore_model``). Returns its handle."""
+        versions and exactly-once records (see ``restore_model``). ``owner``: with auth, a member or
+        admin creating a model for a user (the scheduler, a job's). Returns its handle."""
         if isinstance(optimizer, str):
             optimizer = {"name": optimizer}
         try:
@@ -148,7 +171,7 @@ class Client:
                 specs.append(sharding.TensorSpec(tname, a.shape, a.dtype.name))
         request = scheduler_pb2.PlanModelRequest(
             model=name, replace=replace, max_slice_bytes=max_slice_bytes or self.chunk_bytes,
-            optimizer=config.to_proto(), replicas=replicas,
+            optimizer=config.to_proto(), replicas=replicas, owner=owner,
             tensors=[scheduler_pb2.TensorInfo(name=t.name, shape=list(t.shape), dtype=dtype_code(t.dtype))
                      for t in specs])
         smap = self.call(self.scheduler.PlanModel, request, f"plan model '{name}'")
@@ -168,7 +191,8 @@ class Client:
             raise
         return model
 
-    def restore_model(self, name: str, url: str, *, replace: bool = False, replicas: int = 0) -> "Model":
+    def restore_model(self, name: str, url: str, *, replace: bool = False, replicas: int = 0,
+                      owner: str = "") -> "Model":
         """Create model ``name`` from the checkpoint at ``url`` (a directory with manifest.json, any
         fsspec URL): parameters, optimizer state and each slice's update count, so the optimizer
         continues exactly where it was (Adam's bias correction included)."""
@@ -177,7 +201,7 @@ class Client:
         manifest = loaded[0]
         zeros = {t["name"]: Init("zeros", tuple(t["shape"]), t["dtype"]) for t in manifest["tensors"]}
         return self.create_model(name, zeros, optimizer=manifest["optimizer"], replace=replace, replicas=replicas,
-                                 restore=loaded)
+                                 restore=loaded, owner=owner)
 
     def model(self, name: str) -> "Model":
         """A handle on a model that exists (created by this or another client)."""

@@ -50,8 +50,17 @@ class Cancelled(PSError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(PSError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(PSError, PermissionError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)}
+                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled,
+                                      Unauthenticated, PermissionDenied)}
 
 
 def from_rpc_error(err: grpc.RpcError, peer: str, what: str) -> PSError:

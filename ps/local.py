@@ -16,6 +16,10 @@ from ps import rpc
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
+#: what a LocalCluster's processes take from it, not from the environment it was started in
+SECURITY_VARIABLES = ("PS_TLS_CERT", "PS_TLS_KEY", "PS_TLS_CA", "PS_TOKEN_FILE", "PS_AUTH_FILE")
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -33,7 +37,9 @@ class Process:
         self.log = workdir / f"{name}.log"
         self.port_file = workdir / f"{name}.port"
         self.port: int | None = None
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        # the cluster's own security settings (env), never those this process happens to run with
+        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_VARIABLES}
+        full_env = dict(inherited, PYTHONUNBUFFERED="1", **(env or {}))
         port_args = ["--port-file", str(self.port_file)] if listens else []
         self.port_file.unlink(missing_ok=True)  # a restart under the same name reports its port afresh
         with open(self.log, "ab") as log:  # a restart under the same name appends to the same log
@@ -71,13 +77,21 @@ class LocalCluster:
     """``with ps.LocalCluster(servers=2) as cluster: ps.Client(cluster.address)``.
 
     The scheduler keeps its state in ``workdir / "scheduler-state"``; ``restart_scheduler`` (or
-    ``kill_scheduler`` then ``start_scheduler``) brings it back on the same port with that state."""
+    ``kill_scheduler`` then ``start_scheduler``) brings it back on the same port with that state.
+
+    ``tls=True``: every process speaks mutual TLS, with certificates ``paramserver certs`` makes in
+    ``workdir / "certs"``; ``auth=True``: every call needs a token. A user connects with
+    ``ps.Client(cluster.address, tls=cluster.tls, token=cluster.token)``. ``users``: more users, name ->
+    their quotas ("jobs=1 param_bytes=1MiB", or ""); ``cluster.tokens[name]`` is each one's token
+    (and "user"'s, "admin"'s)."""
 
     def __init__(self, servers: int = 2, workers: int = 0, *, host: str = "127.0.0.1", start_timeout: float = 60.0,
                  server_args: list[str] | None = None, scheduler_args: list[str] | None = None,
-                 worker_args: list[str] | None = None):
+                 worker_args: list[str] | None = None, tls: bool = False, auth: bool = False,
+                 users: dict[str, str] | None = None):
         self.host = host
         self.workdir = Path(tempfile.mkdtemp(prefix="paramserver-"))
+        self._secure(tls, auth, users or {})
         self.processes: list[Process] = []
         self.servers: list[Process] = []
         self.workers: list[Process] = []
@@ -100,6 +114,42 @@ class LocalCluster:
             self.close()
             raise
 
+    def _secure(self, tls: bool, auth: bool, users: dict[str, str]) -> None:
+        """Certificates and tokens for ``tls``/``auth``; the members' settings go to every process's
+        environment; ``tls`` and ``token`` are a user's."""
+        from ps import security
+        self.env: dict[str, str] = {}
+        self.tls: security.TLS | None = None
+        self.token: str | None = None
+        self.certs: Path | None = None
+        self.tokens: dict[str, str] = {}
+        self.member = security.Security()
+        if not (tls or auth):
+            return
+        from ps import certs
+        self.certs = self.workdir / "certs"
+        certs.make(self.certs, [self.host])
+        node = security.TLS.from_dir(self.certs, "node")
+        if tls:
+            self.tls = security.TLS.from_dir(self.certs, "user")
+            self.env.update(PS_TLS_CERT=node.cert, PS_TLS_KEY=node.key, PS_TLS_CA=node.ca)
+        if auth:
+            import secrets
+            self.tokens = {role: security.read_token(str(self.certs / f"{role}.token")) for role in ("user", "admin")}
+            with open(self.certs / "tokens", "a") as f:
+                for name, quotas in users.items():
+                    self.tokens[name] = secrets.token_urlsafe(32)
+                    f.write(f"user {self.tokens[name]} {name} {quotas}\n")
+            self.token = self.tokens["user"]
+            self.env.update(PS_TOKEN_FILE=str(self.certs / "member.token"), PS_AUTH_FILE=str(self.certs / "tokens"))
+        self.member = security.Security(tls=node if tls else None,
+                                        token=security.read_token(str(self.certs / "member.token")) if auth else None)
+
+    def client(self, **kwargs):
+        """A ps.Client of this cluster, as its user (its TLS and token, or none)."""
+        from ps.client import Client
+        return Client(self.address, tls=self.tls or False, token=self.token or "", **kwargs)
+
     def kill_scheduler(self) -> None:
         """kill -9 the scheduler (it gets no chance to write anything more)."""
         self.scheduler.kill()
@@ -112,7 +162,8 @@ class LocalCluster:
         port = self.address.rsplit(":", 1)[1]
         old = self.scheduler
         self.scheduler = Process("scheduler", ["scheduler", "--host", self.host, "--port", port, "--state-dir",
-                                               str(state_dir or self.state_dir), *self.scheduler_args], self.workdir)
+                                               str(state_dir or self.state_dir), *self.scheduler_args], self.workdir,
+                                 self.env)
         self.processes[self.processes.index(old)] = self.scheduler
         self.scheduler.wait_port(time.monotonic() + timeout)
         return self.scheduler
@@ -123,7 +174,7 @@ class LocalCluster:
         return self.start_scheduler(timeout)
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None, listens: bool = True) -> Process:
-        p = Process(name, args, self.workdir, env, listens=listens)
+        p = Process(name, args, self.workdir, {**self.env, **(env or {})}, listens=listens)
         self.processes.append(p)
         return p
 
@@ -144,7 +195,7 @@ class LocalCluster:
         return p
 
     def _wait_view(self, count, n: int, what: str, deadline: float) -> None:
-        ch = rpc.channel(self.address)
+        ch = rpc.channel(self.address, security=self.member)
         try:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
             while True:

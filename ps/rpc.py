@@ -107,8 +107,11 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 MAX_RECONNECT_BACKOFF_MS = 1000
 
 
-def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=message_options(max_message_bytes) + [
+def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, security=None) -> grpc.Channel:
+    """A channel to ``address`` with ``security`` (a ps.security.Security; default: this process's):
+    TLS when it has TLS settings, its bearer token on every call when it has one."""
+    from ps import security as sec
+    return (security or sec.current()).secure_channel(address, options=message_options(max_message_bytes) + [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.initial_reconnect_backoff_ms", 100),
@@ -121,43 +124,66 @@ def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
 WAITING_LOG_INTERVAL_S = 3.0
 
 
-def unreachable_reason(address: str) -> str:
-    """Why ``address`` (host:port) may not answer: a host name that does not resolve, or no one listening."""
+def unreachable_reason(address: str, security=None) -> str:
+    """Why ``address`` (host:port) may not answer: a host name that does not resolve, a TLS
+    handshake that fails (and why), or no one listening."""
     import socket
+
+    from ps import tls_probe
     host = address.rsplit(":", 1)[0].strip("[]")
     try:
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError) as e:
         return f"the host name '{host}' does not resolve ({getattr(e, 'strerror', None) or e})"
-    return "nothing answers there: is it running, and is the address right?"
+    return tls_probe.diagnose(address, security) or "nothing answers there: is it running, and is the address right?"
 
 
-def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float) -> None:
+#: how soon a connection that has not come up is checked for a TLS mismatch, which no wait cures
+TLS_CHECK_AFTER_S = 0.5
+
+
+def wait_ready(ch: grpc.Channel, address: str, role: str, timeout: float, security=None) -> None:
     """Block until ``ch`` connects, or raise Unavailable naming the peer and what was waited for.
-    While it waits it logs a warning every few seconds saying what it waits for and why."""
+    While it waits it logs a warning every few seconds saying what it waits for and why. A TLS
+    handshake the peer refuses (or one side without TLS) ends the wait at once, naming the cause."""
+    from ps import tls_probe
     ready = grpc.channel_ready_future(ch)
-    end = time.monotonic() + timeout
+    start = time.monotonic()
+    end, checked = start + timeout, False
     while True:
         try:
-            ready.result(timeout=max(0.0, min(WAITING_LOG_INTERVAL_S, end - time.monotonic())))
+            step = WAITING_LOG_INTERVAL_S if checked else TLS_CHECK_AFTER_S
+            ready.result(timeout=max(0.0, min(step, end - time.monotonic())))
             return
         except grpc.FutureTimeoutError:
+            if not checked:
+                checked = True
+                mismatch = tls_probe.diagnose(address, security)
+                if mismatch:
+                    ready.cancel()
+                    raise Unavailable(f"could not connect to the {role} at {address}: {mismatch}") from None
+                if time.monotonic() - start < WAITING_LOG_INTERVAL_S:
+                    continue
             left = end - time.monotonic()
             if left <= 0:
                 ready.cancel()
                 raise Unavailable(f"could not reach the {role} at {address} within {timeout:g} s: "
-                                  f"{unreachable_reason(address)}") from None
+                                  f"{unreachable_reason(address, security)}") from None
             log.warning("cannot reach the %s at %s yet: %s (still trying for %.0f s)", role, address,
-                        unreachable_reason(address), left)
+                        unreachable_reason(address, security), left)
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=()) -> list[tuple[str, int]]:
     return message_options(max_message_bytes) + [("grpc.so_reuseport", 0)] + list(extra)
 
 
-def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=()) -> grpc.Server:
+def make_server(threads: int = 32, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, extra=(),
+                security=None) -> grpc.Server:
+    """A grpc server that checks callers' tokens when ``security`` (default: this process's) has an auth file."""
+    from ps import security as sec
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
-                       options=server_options(max_message_bytes, extra))
+                       options=server_options(max_message_bytes, extra),
+                       interceptors=(security or sec.current()).interceptors())
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
@@ -183,9 +209,11 @@ async def add_health_and_reflection_aio(server: grpc.aio.Server, service_names: 
     return servicer
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Listen on host:port (port 0 picks a free one); return the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.Server, host: str, port: int, security=None) -> int:
+    """Listen on host:port (port 0 picks a free one), with TLS when ``security`` (default: this
+    process's) has it; return the bound port."""
+    from ps import security as sec
+    bound = (security or sec.current()).add_port(server, f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port}: is the port in use?")
     return bound
@@ -201,16 +229,19 @@ def write_port_file(path: str | None, port: int) -> None:
     os.replace(tmp, path)
 
 
-def check_health(address: str, service: str = "", timeout: float = 5.0) -> str:
-    """The health status name of ``service`` at ``address`` (SERVING, NOT_SERVING, ...)."""
-    with grpc.insecure_channel(address) as ch:
+def check_health(address: str, service: str = "", timeout: float = 5.0, security=None) -> str:
+    """The health status name of ``service`` at ``address`` (SERVING, NOT_SERVING, ...); over TLS
+    when ``security`` (default: this process's) has it (health needs no token)."""
+    from ps import tls_probe
+    with channel(address, security=security) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                         timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded(f"health check of {address}: no answer within {timeout:g} s") from None
-            raise Unavailable(f"health check of {address}: {e.code().name}: {e.details()}") from None
+            raise Unavailable(f"health check of {address}: {e.code().name}: {e.details()}"
+                              + (f" ({why})" if (why := tls_probe.diagnose(address, security)) else "")) from None
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 

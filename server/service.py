@@ -14,12 +14,13 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from ps import initializers, rpc, sharding, wire
-from ps.errors import InvalidArgument, NotFound, PSError, ResourceExhausted, Unavailable, abort
+from ps import checkpoint, initializers, rpc, security, sharding, wire
 from ps import limits as ps_limits
+from ps.data_policy import DataPolicy
+from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted, Unavailable, abort
 from ps.limits import Limits
 from ps.optimizer_config import OptimizerConfig
-from ps import checkpoint
+from ps.server.access import ModelGuard
 from ps.server.replication import Replicator
 from ps.server.shard import ShardStore, SliceRequest
 from ps.tensor import CodecError, decode_1d, dtype_code, numpy_dtype
@@ -46,6 +47,28 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         self.started = time.time()
         #: how long a push waits for its backups to confirm it before failing
         self.replica_timeout_s = rpc.DEFAULT_TIMEOUT_S
+        #: which models a user may touch (with auth on); set once the scheduler link exists
+        self.guard: ModelGuard | None = None
+        #: where Checkpoint may write
+        self.data_policy = DataPolicy()
+
+    def _user(self, context):
+        """The caller, when it is a user whose access to each model is checked (else None)."""
+        return None if self.guard is None else self.guard.user(context)
+
+    def _owned(self, context, what: str):
+        """A check that a call's model is the calling user's (each model once per call); a no-op for
+        members, admins and without auth."""
+        who = self._user(context)
+        if who is None:
+            return lambda model: None
+        seen = set()
+
+        def check(model: str) -> None:
+            if model not in seen:
+                self.guard.check(who, model, what)
+                seen.add(model)
+        return check
 
     def _names(self, what: str, req) -> None:
         """A Push/Assign request's names, checked before any message or lookup uses them."""
@@ -71,6 +94,10 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 slices.append(SliceRequest(s.tensor, shape, dtype, s.offset, s.length,
                                            initializers.Init.from_proto(s.init, shape, dtype.name)))
             config = OptimizerConfig.from_proto(request.optimizer)
+            if self.guard is not None:
+                self.guard.check_create(self._user(context), request.model, request.slices,
+                                        f"create model '{request.model}'")
+                self.guard.forget(request.model)
             nbytes = self.store.create(request.model, slices, config, replace=request.replace)
         except (PSError, ValueError) as e:
             abort(context, e if isinstance(e, PSError) else InvalidArgument(f"create model '{request.model}': {e}"))
@@ -84,9 +111,11 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     def Assign(self, request_iterator, context):
         n = 0
         waits = []
+        owned = self._owned(context, "assign to")
         try:
             for req in request_iterator:
                 self._names("assign to", req)
+                owned(req.model)
                 values = _decode(req.chunk, req.model, "assign to")
                 self.store.assign(req.model, req.chunk.tensor, req.chunk.offset, values, waits=waits)
                 n += 1
@@ -107,6 +136,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             for b in request.backups:
                 if ":" not in b or len(b) > 255:
                     raise InvalidArgument(f"{what}: backup address must be host:port, got '{b[:255]}'")
+            if self.guard is not None:
+                self.guard.check_replicas(self._user(context), request.model, request.backups, request.demote, what)
             ranges = [(r.tensor, r.offset, r.length) for r in request.ranges]
             if request.demote:
                 waits, sent = self.store.demote(request.model, ranges), 0
@@ -129,6 +160,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             self.limits.check_name("checkpoint: shard name", request.shard)
             if not request.url or len(request.url) > 4096:
                 raise InvalidArgument(f"{what}: url must be a non-empty fsspec URL of at most 4096 characters")
+            checkpoint.check_absolute(request.url, what)
+            self.data_policy.check(request.url, "checkpoint url")
             if not request.shard or "/" in request.shard or request.shard.startswith("."):
                 raise InvalidArgument(f"{what}: shard name '{request.shard}' must be a plain file name")
             m = self.store.model(request.model)
@@ -199,8 +232,11 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     def Push(self, request_iterator, context):
         applied = dup = 0
         waits = []
+        owned = self._owned(context, "push to")
         try:
             for req in request_iterator:
+                self._names("push to", req)
+                owned(req.model)
                 _, ok = self._apply(req, waits)
                 applied += ok
                 dup += not ok
@@ -211,8 +247,11 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         waits = []
+        owned = self._owned(context, "push_pull to")
         try:
             for req in request_iterator:
+                self._names("push_pull to", req)
+                owned(req.model)
                 sl, ok = self._apply(req, waits)
                 c = req.chunk
                 resp = self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize,
@@ -233,6 +272,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             lim.check_chunk_bytes(f"pull from '{request.model}'", request.max_chunk_bytes)
             lim.check_count(f"pull from '{request.model}': ranges", len(request.ranges), "max_slices")
             lim.check_names(f"pull from '{request.model}': tensor name", (r.tensor for r in request.ranges))
+            self._owned(context, "pull from")(request.model)
             model = self.store.model(request.model)
             if request.ranges:
                 wanted = [(model.locate(r.tensor, r.offset, r.length, "pull from"), r.offset, r.length)
@@ -250,8 +290,11 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     def DeleteModel(self, request, context):
         try:
             self.limits.check_name("delete model: model name", request.model)
+            self._owned(context, "delete model")(request.model)
             freed = self.store.delete(request.model)
-        except InvalidArgument as e:
+            if self.guard is not None:
+                self.guard.forget(request.model)
+        except (InvalidArgument, PermissionDenied) as e:
             abort(context, e)
         except NotFound:
             return server_pb2.DeleteModelResponse(deleted=False)
@@ -331,7 +374,8 @@ class SchedulerLink:
 def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str | None = None,
         threads: int = 32, max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
         max_bytes: int | None = None, port_file: str | None = None, connect_timeout: float = 60.0,
-        flow_window: int = rpc.DEFAULT_FLOW_WINDOW, limits: Limits | None = None) -> None:
+        flow_window: int = rpc.DEFAULT_FLOW_WINDOW, limits: Limits | None = None,
+        data_policy: DataPolicy = DataPolicy()) -> None:
     """The `paramserver server` process: serve until SIGTERM/SIGINT. ``limits``: what requests may
     name (default: ps.limits.current()); ``max_bytes`` and ``max_message_bytes`` override its own."""
     rpc.tune_malloc(arena_max=1)
@@ -341,13 +385,18 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     store = ShardStore(limits=limits)
     window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window)] if flow_window else []
     server = rpc.make_server(threads, max_message_bytes, window)
-    wire.add_shard_servicer(ParameterServerServicer(store), server)
+    servicer = ParameterServerServicer(store)
+    servicer.data_policy = data_policy
+    wire.add_shard_servicer(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE_NAME])
     bound = rpc.bind(server, host, port)
     server.start()
     address = advertise or f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
     log.info("parameter server listening on %s:%d", host, bound)
     link = SchedulerLink(scheduler, address, store, connect_timeout)
+    if security.current().auth is not None:
+        servicer.guard = ModelGuard(lambda model: link.stub.GetShardMap(scheduler_pb2.GetShardMapRequest(model=model),
+                                                                        timeout=rpc.DEFAULT_TIMEOUT_S), address)
 
     def on_lost(backup: str, error: str) -> bool:
         """A backup could not be reached: stop forwarding to it, and have the scheduler take it out

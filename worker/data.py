@@ -16,6 +16,7 @@ from collections.abc import Callable
 import fsspec
 import numpy as np
 
+from ps.data_policy import DataPolicy
 from ps.worker.dataset import Dataset
 
 FORMATS = ("npz", "csv", "tsv", "libsvm", "svmlight", "idx", "parquet")
@@ -26,20 +27,38 @@ _EXTENSIONS = {
 }
 _COMPRESSIONS = ("gz", "bz2", "xz", "zst", "lz4")
 
+_POLICY: DataPolicy | None = None
 
+
+def set_policy(policy: DataPolicy | None) -> None:
+    """Set this process's data policy (a worker does so once, from its settings); None: read
+    PS_DATA_ROOTS / PS_DATA_PROTOCOLS at each read (unset: unrestricted). Forgets cached data,
+    which was read under the old policy."""
+    global _POLICY
+    _POLICY = policy
+    clear_cache()
+
+
+def get_policy() -> DataPolicy:
+    """The policy set with ``set_policy``, else the one PS_DATA_ROOTS / PS_DATA_PROTOCOLS give."""
+    return _POLICY if _POLICY is not None else DataPolicy.from_env()
 
 
 def read_dataset(uri: str, format: str | None = None, *, label: str | int | None = None,
                  features: list | None = None, n_features: int | None = None,
-                 zero_based: bool = False) -> Dataset:
+                 zero_based: bool = False, policy: DataPolicy | None = None) -> Dataset:
     """Read a dataset from ``uri``; ``format`` is inferred from the extension when None.
 
     ``label``: CSV/Parquet label column (name or index, default the last column), npz key of the
     labels (default ``"y"``), or the URI of the IDX labels file. ``features``: the columns (or npz
     keys, default ``["x"]``) that form ``x``. ``n_features``/``zero_based``: LIBSVM width and
-    index base (1-based by default).
+    index base (1-based by default). ``policy``: where data may be read from (default
+    ``get_policy()``); a location outside it raises ps.errors.PermissionDenied before anything
+    is opened (a synthetic: size over its bound, ResourceExhausted).
     """
     uri = str(uri)
+    policy = get_policy() if policy is None else policy
+    policy.check(uri, "data.uri")
     if uri.startswith(("builtin:", "synthetic:")):
         from ps.worker.datasets import open_uri
         return open_uri(uri)
@@ -51,7 +70,7 @@ def read_dataset(uri: str, format: str | None = None, *, label: str | int | None
     if fmt in ("libsvm", "svmlight"):
         return _read_libsvm(uri, n_features, zero_based)
     if fmt == "idx":
-        return _read_idx(uri, label)
+        return _read_idx(uri, label, policy)
     if fmt == "parquet":
         return _read_parquet(uri, label, features)
     raise ValueError(f"{uri}: unknown data format '{fmt}' (known: {', '.join(FORMATS)})")
@@ -296,8 +315,10 @@ def _read_libsvm(uri: str, n_features: int | None, zero_based: bool) -> Dataset:
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(uri: str) -> np.ndarray:
-    """One IDX file (MNIST's format, optionally gzip-compressed) as an array."""
+def read_idx(uri: str, *, policy: DataPolicy | None = None, field: str = "data.uri") -> np.ndarray:
+    """One IDX file (MNIST's format, optionally gzip-compressed) as an array; ``policy`` and
+    ``field`` as for ``read_dataset`` (the spec field that names the file)."""
+    (get_policy() if policy is None else policy).check(uri, field)
     raw = _read_bytes(uri)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{uri}: not an IDX file (the magic number must start with two zero bytes)")
@@ -315,14 +336,16 @@ def read_idx(uri: str) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
-def _read_idx(uri: str, label) -> Dataset:
+def _read_idx(uri: str, label, policy: DataPolicy) -> Dataset:
+    label_field = "data.label"
     if label is None:
         guess = uri.replace("images-idx3", "labels-idx1")
         if guess == uri:
             raise ValueError(f"{uri}: IDX examples need a labels file: pass label='URI of the labels file'")
-        label = guess
-    x = read_idx(uri)
-    y = read_idx(str(label))
+        label, label_field = guess, "data.uri"  # the labels file guessed from it
+    policy.check(str(label), label_field)  # before reading either file
+    x = read_idx(uri, policy=policy)
+    y = read_idx(str(label), policy=policy, field=label_field)
     if y.ndim != 1:
         raise ValueError(f"{label}: IDX labels must be 1-dimensional, got shape {y.shape}")
     if len(y) != len(x):

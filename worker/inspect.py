@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from ps.errors import PSError
 from ps.spec import JobSpec, SpecError
 
 
@@ -51,6 +52,8 @@ def prepare(spec: JobSpec) -> dict:
         raise SpecError(f"spec.data.uri: {e}") from None
     except SpecError:
         raise
+    except PSError as e:  # refused by the data policy: its message names the field and the rule
+        raise SpecError(str(e)) from None
     except (ValueError, OSError) as e:
         raise SpecError(f"spec.data: {e}") from None
     n = len(ds.x)

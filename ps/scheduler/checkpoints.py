@@ -63,7 +63,7 @@ class Checkpointer:
             epoch = job.metrics["epoch"]
             t0 = time.monotonic()
             manifest = checkpoint.take(self._client(), job_id, url, {
-                "job_id": job.job_id, "name": job.name, "spec_json": job.spec_json, "prep": job.prep,
+                "job_id": job.job_id, "name": job.name, "owner": job.owner, "spec_json": job.spec_json, "prep": job.prep,
                 "params": job.params, "epoch": epoch, "steps": job.metrics["steps"],
                 "samples": job.metrics["samples"]})
             self.jobs.checkpointed(job_id, url, epoch, self.clock())

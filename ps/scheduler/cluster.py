@@ -58,6 +58,7 @@ class ShardMap:
     replication: int = 1  # wanted replicas per shard
     #: the server ids behind ``replicas`` (a server restarted on the same address is a new member)
     ids: tuple[tuple[str, ...], ...] = ()
+    owner: str = ""  # the user whose model it is ("": no auth)
 
     def __post_init__(self):
         if not self.replicas:  # one replica each: the primaries
@@ -233,7 +234,7 @@ class Cluster:
                     if s.state == UP and (s.confirmed or not confirmed)]
 
     def plan(self, model: str, tensors: list[sharding.TensorSpec], max_slice_bytes: int,
-             replace: bool = False, optimizer: object = None, replicas: int = 0) -> ShardMap:
+             replace: bool = False, optimizer: object = None, replicas: int = 0, owner: str = "") -> ShardMap:
         """The model's shard map over the servers that are up (the existing one if identical).
 
         One shard per server; shard i's replicas are servers i, i+1, ... (``replicas`` of them; 0:
@@ -267,7 +268,7 @@ class Cluster:
             version = old.version + 1 if old is not None else 1
             m = ShardMap(model, tuple(s.address for s in servers), tuple(tensors), tuple(slices), max_slice_bytes,
                          optimizer, replicas=tuple(tuple(s.address for s in r) for r in sets), version=version,
-                         replication=want, ids=tuple(tuple(s.server_id for s in r) for r in sets))
+                         replication=want, ids=tuple(tuple(s.server_id for s in r) for r in sets), owner=owner)
             self.maps[model] = m
             return m
 

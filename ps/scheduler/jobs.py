@@ -112,6 +112,7 @@ class Job:
     finished_at: float = 0.0  # monotonic, when it reached a terminal state
     params: dict = field(default_factory=dict)  # tensor name -> ps.initializers.Init fields
     params_freed: bool = False
+    owner: str = ""          # the user who submitted it ("": no auth)
     resume_from: str = ""    # the checkpoint this job continues from ("": a new job)
     start_epoch: int = 0     # the first epoch it runs (a resumed job: the epochs its checkpoint had done)
     checkpoint: str = ""     # the last checkpoint written
@@ -249,7 +250,7 @@ class Jobs:
     # -- job lifecycle -------------------------------------------------------------
     def submit(self, name: str, spec_json: str, prep: dict | None, epochs: int, lease_timeout: float,
                now: float, *, request_id: str = "", keep_params: bool = False, params: dict | None = None,
-               start_epoch: int = 0, resume_from: str = "") -> Job:
+               start_epoch: int = 0, resume_from: str = "", owner: str = "") -> Job:
         """A new job (or, for a request id seen before, the job that request created). Without
         ``prep`` the job's first task inspects its data; with it (and ``params``), the job is ready to
         start, at ``start_epoch`` (a job resumed from the checkpoint ``resume_from``)."""
@@ -261,7 +262,7 @@ class Jobs:
             job = Job(job_id, name, spec_json, prep, epochs, int(prep["shards"]) if prep else 0, lease_timeout,
                       self._wall(), max_events=self.max_events, keep_params=keep_params, request_id=request_id,
                       params=dict(params or {}), resume_from=resume_from, start_epoch=start_epoch,
-                      checkpoint_epoch=start_epoch)
+                      checkpoint_epoch=start_epoch, owner=owner)
             if start_epoch:
                 job.metrics["epoch"] = start_epoch
                 job.tasks_done = start_epoch * (job.shards + 1)
@@ -401,10 +402,12 @@ class Jobs:
             return [j for j in self.jobs.values() if j.state == SUCCEEDED and not j.keep_params
                     and not j.params_freed and now - j.finished_at >= after_s]
 
-    def page(self, size: int, token: str) -> tuple[list[Job], str]:
-        """Jobs newest first, ``size`` at a time; the token names where the next page starts."""
+    def page(self, size: int, token: str, owner: str | None = None) -> tuple[list[Job], str]:
+        """Jobs newest first (``owner``'s only, when given), ``size`` at a time; the token names where
+        the next page starts."""
         with self.changed:
-            ordered = sorted(self.jobs.values(), key=lambda j: int(j.job_id.split("-")[1]), reverse=True)
+            ordered = sorted((j for j in self.jobs.values() if owner is None or j.owner == owner),
+                             key=lambda j: int(j.job_id.split("-")[1]), reverse=True)
             if token:
                 try:
                     below = int(token)

@@ -18,10 +18,12 @@ from concurrent import futures
 
 import grpc
 
-from ps import checkpoint, limits, rpc, sharding
-from ps.errors import InvalidArgument, NotFound, PSError, Unavailable, abort
+from ps import checkpoint, limits, rpc, security, sharding
+from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
 from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention
+from ps.data_policy import DataPolicy
+from ps.scheduler import access
 from ps.scheduler.checkpoints import Checkpointer, default_dir as default_checkpoint_dir
 from ps.scheduler.replication import Replication
 from ps.tensor import CodecError, dtype_code, numpy_dtype
@@ -40,7 +42,7 @@ def shard_map_to_proto(m: ShardMap) -> scheduler_pb2.ShardMap:
                 for s in m.slices],
         optimizer=m.optimizer, max_slice_bytes=m.max_slice_bytes,
         replicas=[scheduler_pb2.ReplicaSet(servers=list(r)) for r in m.replicas], version=m.version,
-        replication=m.replication)
+        replication=m.replication, owner=m.owner)
 
 
 def tensor_specs_from_proto(infos) -> list[sharding.TensorSpec]:
@@ -67,7 +69,8 @@ def job_to_proto(job: Job, summary: bool = False) -> scheduler_pb2.JobInfo:
                                  spec_json="" if summary else job.spec_json, metrics=metrics_to_proto(job.metrics),
                                  submitted_at=job.submitted_at, tasks_done=job.tasks_done,
                                  tasks_total=job.tasks_total,
-                                 prep_json="" if summary or job.prep is None else json.dumps(job.prep))
+                                 prep_json="" if summary or job.prep is None else json.dumps(job.prep),
+                                 owner=job.owner)
 
 
 #: a follower is sent what happened in this window as one batch
@@ -121,8 +124,12 @@ class Waiters:
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, cluster: Cluster, clock=time.monotonic, jobs: Jobs | None = None,
-                 retention: Retention = Retention(), store=None, checkpoint_dir: str = ""):
+                 retention: Retention = Retention(), store=None, checkpoint_dir: str = "",
+                 quotas: access.Quotas = access.Quotas(), data_policy: DataPolicy = DataPolicy()):
         self.cluster = cluster
+        self.quotas = quotas
+        #: where jobs' data may be read from; checkpoints go only under the checkpoint dir when it is restricted
+        self.data_policy = data_policy
         self.clock = clock
         self.retention = retention
         self.jobs = jobs or Jobs(max_events=retention.events)
@@ -139,6 +146,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                        on_shard_lost=self._shard_lost)
         self.checkpoints = Checkpointer(self.jobs, self.client, checkpoint_dir or default_checkpoint_dir(
             None if store is None else str(store.dir)), self.clock, saved=self._save_quietly)
+        self.checkpoint_policy = (data_policy if data_policy.unrestricted
+                                  else DataPolicy.from_values([self.checkpoints.base_dir]))
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake parked calls on ``loop`` when jobs change."""
@@ -157,6 +166,30 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.save(cluster=cluster)
         except PSError as e:
             log.error("%s", e)
+
+    def _check_checkpoint_url(self, url: str, field: str) -> None:
+        """With data roots set, checkpoints are read and written only under the checkpoint dir."""
+        try:
+            self.checkpoint_policy.check(url, field)
+        except PermissionDenied:
+            raise PermissionDenied(f"'{field}': {url[:300]} is not under the checkpoint dir "
+                                   f"{self.checkpoints.base_dir}: with --data-root set, checkpoints are read and "
+                                   f"written only there (--checkpoint-dir)") from None
+
+    def _own_job(self, context, job_id: str, what: str) -> None:
+        """End the call with PERMISSION_DENIED unless its caller may act on job ``job_id`` (when it exists)."""
+        job = self.jobs.jobs.get(job_id)
+        if job is not None:
+            try:
+                access.check_owner(security.caller(context), job.owner, f"{what} '{job_id}'")
+            except PSError as e:
+                abort(context, e)
+
+    def _own_model(self, who, model: str, what: str) -> None:
+        """Raise PermissionDenied unless ``who`` may act on ``model`` (when it exists)."""
+        m = self.cluster.maps.get(model)
+        if m is not None:
+            access.check_owner(who, m.owner, f"{what} '{model}'")
 
     def client(self):
         """One long-lived client (to ourselves and the servers) for creating, relaying and freeing
@@ -212,10 +245,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @limits.entry_check(limits.check_plan_model)
     def PlanModel(self, request, context):
         try:
-            m = self.cluster.plan(request.model, tensor_specs_from_proto(request.tensors),
-                                  request.max_slice_bytes or sharding.DEFAULT_MAX_SLICE_BYTES,
+            who = security.caller(context)
+            owner = security.owner_for(who, request.owner)
+            self._own_model(who, request.model, "plan model")
+            tensors = tensor_specs_from_proto(request.tensors)
+            access.check_param_bytes(self.quotas, owner, self.cluster.maps, request.model, tensors)
+            m = self.cluster.plan(request.model, tensors, request.max_slice_bytes or sharding.DEFAULT_MAX_SLICE_BYTES,
                                   replace=request.replace, optimizer=request.optimizer,
-                                  replicas=request.replicas)
+                                  replicas=request.replicas, owner=owner)
             self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)
@@ -224,14 +261,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @limits.entry_check(limits.check_model_name("get shard map"))
     async def GetShardMap(self, request, context):
         try:
-            return shard_map_to_proto(self.cluster.shard_map(request.model))
+            m = self.cluster.shard_map(request.model)
+            access.check_owner(security.caller(context), m.owner, f"get shard map of '{request.model}'")
+            return shard_map_to_proto(m)
         except PSError as e:
             await context.abort(e.code, str(e))
 
     @limits.entry_check(limits.check_model_name("drop model"))
     def DropModel(self, request, context):
-        dropped = self.cluster.drop(request.model)
         try:
+            self._own_model(security.caller(context), request.model, "drop model")
+            dropped = self.cluster.drop(request.model)
             self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)
@@ -262,9 +302,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def SubmitJob(self, request, context):
         from ps.spec import JobSpec, SpecError
         manifest = None
+        who = security.caller(context)
+        owner = who.name if who is not None else ""
         if request.resume_from:
             try:
+                self._check_checkpoint_url(request.resume_from, "resume_from")
                 manifest = checkpoint.read_manifest(request.resume_from)
+                access.check_owner(who, manifest.get("owner", ""), f"resume from {request.resume_from}: the job")
                 if "spec_json" not in manifest or "prep" not in manifest or "params" not in manifest:
                     raise InvalidArgument(f"resume from {request.resume_from}: a checkpoint of a model, not of a job "
                                           f"(its manifest has no spec): use Client.restore_model")
@@ -277,6 +321,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             spec = JobSpec.from_json(request.spec_json or (manifest or {}).get("spec_json", ""))
         except SpecError as e:
             abort(context, InvalidArgument(str(e)))
+        try:
+            self.data_policy.check_spec(spec)
+            if spec.checkpoint_dir:
+                self._check_checkpoint_url(spec.checkpoint_dir, "checkpoint_dir")
+            access.check_submit(self.quotas, owner, list(self.jobs.jobs.values()), spec)
+        except PSError as e:
+            abort(context, e)
         if manifest is not None:
             if manifest["epoch"] >= spec.epochs:
                 abort(context, InvalidArgument(f"resume from {request.resume_from}: it has {manifest['epoch']} epochs "
@@ -284,11 +335,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             job = self.jobs.submit(spec.name, spec.to_json(), manifest["prep"], spec.epochs, spec.lease_timeout_s,
                                    self.clock(), request_id=request.request_id, keep_params=spec.keep_params,
                                    params=manifest["params"], start_epoch=manifest["epoch"],
-                                   resume_from=request.resume_from)
+                                   resume_from=request.resume_from, owner=owner)
             self.wake.set()
         else:
             job = self.jobs.submit(spec.name, spec.to_json(), None, spec.epochs, spec.lease_timeout_s, self.clock(),
-                                   request_id=request.request_id, keep_params=spec.keep_params)
+                                   request_id=request.request_id, keep_params=spec.keep_params, owner=owner)
         try:
             self.save()
         except PSError as e:
@@ -299,9 +350,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_job_id("checkpoint job"))
     def CheckpointJob(self, request, context):
+        self._own_job(context, request.job_id, "checkpoint job")
         if len(request.url) > 4096:
             abort(context, InvalidArgument("checkpoint job: url longer than 4096 characters"))
         try:
+            if request.url:
+                self._check_checkpoint_url(request.url, "url")
             url, manifest = self.checkpoints.take(request.job_id, request.url)
         except PSError as e:
             abort(context, e)
@@ -326,6 +380,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_job_exists("get job"))
     def GetJob(self, request, context):
+        self._own_job(context, request.job_id, "get job")
         with self.jobs.changed:
             job = self.jobs.jobs.get(request.job_id)
             info = None if job is None else job_to_proto(job)
@@ -338,8 +393,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         size = request.page_size or 100
         if not 0 < size <= 1000:
             abort(context, InvalidArgument(f"list jobs: page_size must be in [1, 1000], got {request.page_size}"))
+        who = security.caller(context)
         try:
-            page, token = self.jobs.page(size, request.page_token)
+            page, token = self.jobs.page(size, request.page_token,
+                                         owner=who.name if who is not None and who.role == security.USER else None)
         except PSError as e:
             abort(context, e)
         with self.jobs.changed:
@@ -348,6 +405,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_job_id("cancel job"))
     def CancelJob(self, request, context):
+        self._own_job(context, request.job_id, "cancel job")
         try:
             job = self.jobs.cancel(request.job_id, self.clock())
             self.save()
@@ -359,6 +417,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_job_id("delete job"))
     def DeleteJob(self, request, context):
+        self._own_job(context, request.job_id, "delete job")
         try:
             job = self.jobs.delete(request.job_id, self.clock())
             self.save()
@@ -370,8 +429,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @limits.entry_check(limits.check_watch_job)
     async def WatchJob(self, request, context):
-        if request.job_id not in self.jobs.jobs:
+        job = self.jobs.jobs.get(request.job_id)
+        if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job '{request.job_id}' not found")
+        try:
+            access.check_owner(security.caller(context), job.owner, f"watch job '{request.job_id}'")
+        except PSError as e:
+            await context.abort(e.code, str(e))
         if self.followers >= self.retention.followers:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"watch job '{request.job_id}': {self.followers} followers already, the limit "
@@ -407,6 +471,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def FetchWeights(self, request, context):
         from ps.v1 import server_pb2, tensor_pb2
         try:
+            self._own_model(security.caller(context), request.model, "fetch weights of")
             model = self.client().model(request.model)
             left = context.time_remaining()
             if left is not None:  # answer within the caller's deadline, failing over or not
@@ -572,10 +637,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         spec = json.loads(job.spec_json)
         replicas = min(spec.get("replicas", 0), len(self.cluster.up_servers(confirmed=True)))
         if job.resume_from:
-            self.client().restore_model(job.job_id, job.resume_from, replace=True, replicas=replicas)
+            self.client().restore_model(job.job_id, job.resume_from, replace=True, replicas=replicas, owner=job.owner)
             return
         inits = {name: Init(**fields) for name, fields in job.params.items()}
-        self.client().create_model(job.job_id, inits, optimizer=spec["optimizer"], replace=True, replicas=replicas)
+        self.client().create_model(job.job_id, inits, optimizer=spec["optimizer"], replace=True, replicas=replicas,
+                                   owner=job.owner)
 
     def tidy(self) -> None:
         """Retention: drop old job records, free succeeded jobs' parameters when their time is up."""
@@ -624,15 +690,17 @@ def _watch_membership(servicer: SchedulerServicer, stop: threading.Event, clock)
 def run(host: str = "0.0.0.0", port: int = 7070, threads: int = 32, heartbeat_interval: float = 1.0,
         server_timeout: float = 5.0, port_file: str | None = None,
         max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES, retention: Retention = Retention(),
-        state_dir: str | None = None, checkpoint_dir: str = "") -> None:
+        state_dir: str | None = None, checkpoint_dir: str = "", quotas: access.Quotas = access.Quotas(),
+        data_policy: DataPolicy = DataPolicy()) -> None:
     """The `paramserver scheduler` process: serve until SIGTERM/SIGINT. With ``state_dir`` its state
     is kept there (ps.scheduler.state) and a restart resumes it; without, it lives in memory only."""
     asyncio.run(_serve(host, port, threads, heartbeat_interval, server_timeout, port_file, max_message_bytes,
-                       retention, state_dir, checkpoint_dir))
+                       retention, state_dir, checkpoint_dir, quotas, data_policy))
 
 
 async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_file, max_message_bytes,
-                 retention, state_dir=None, checkpoint_dir="") -> None:
+                 retention, state_dir=None, checkpoint_dir="", quotas=access.Quotas(),
+                 data_policy: DataPolicy = DataPolicy()) -> None:
     cluster = Cluster(heartbeat_interval, server_timeout)
     jobs = Jobs(max_events=retention.events)
     store = None
@@ -641,8 +709,10 @@ async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_f
         store = StateStore(state_dir)  # raises StateError (another scheduler holds it, unreadable)
         store.load(jobs, cluster, time.monotonic())
     pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc")
-    server = grpc.aio.server(migration_thread_pool=pool, options=rpc.server_options(max_message_bytes))
-    servicer = SchedulerServicer(cluster, jobs=jobs, retention=retention, store=store, checkpoint_dir=checkpoint_dir)
+    server = grpc.aio.server(migration_thread_pool=pool, options=rpc.server_options(max_message_bytes),
+                             interceptors=security.current().interceptors(aio=True))
+    servicer = SchedulerServicer(cluster, jobs=jobs, retention=retention, store=store, checkpoint_dir=checkpoint_dir,
+                                 quotas=quotas, data_policy=data_policy)
     servicer.attach(asyncio.get_running_loop())
     rpc.add_servicer(servicer, server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"])
     await rpc.add_health_and_reflection_aio(server, [SERVICE_NAME])

@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS maps (model TEXT PRIMARY KEY, body TEXT NOT NULL);
 
 #: a Job's fields that travel in its spec column (the rest, but tasks and events, in its body)
 _SPEC_FIELDS = ("name", "spec_json", "prep", "params", "epochs", "shards", "lease_timeout", "submitted_at",
-                "keep_params", "request_id")
+                "keep_params", "request_id", "owner")
 #: Job fields that are not saved: rebuilt from the tasks on load, or per process
 _DERIVED = ("tasks", "events", "pending_in", "undone_in", "max_events")
 #: monotonic times, saved as wall-clock times

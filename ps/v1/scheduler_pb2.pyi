@@ -118,20 +118,22 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PlanModelRequest(_message.Message):
-    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer", "replicas")
+    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer", "replicas", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     max_slice_bytes: int
     replace: bool
     optimizer: _optimizer_pb2.OptimizerConfig
     replicas: int
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replicas: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replicas: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class SliceAssignment(_message.Message):
     __slots__ = ("tensor", "offset", "length", "shard")
@@ -152,7 +154,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes", "replicas", "version", "replication")
+    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes", "replicas", "version", "replication", "owner")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,7 @@ class ShardMap(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     model: str
     servers: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
@@ -171,7 +174,8 @@ class ShardMap(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaSet]
     version: int
     replication: int
-    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ReportReplicaLostRequest(_message.Message):
     __slots__ = ("model", "primary", "backup", "error")
@@ -276,7 +280,7 @@ class JobMetrics(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "error", "spec_json", "metrics", "submitted_at", "tasks_done", "tasks_total", "prep_json")
+    __slots__ = ("job_id", "name", "state", "error", "spec_json", "metrics", "submitted_at", "tasks_done", "tasks_total", "prep_json", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +291,7 @@ class JobInfo(_message.Message):
     TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
     TASKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     PREP_JSON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -297,7 +302,8 @@ class JobInfo(_message.Message):
     tasks_done: int
     tasks_total: int
     prep_json: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., spec_json: _Optional[str] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., submitted_at: _Optional[float] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., prep_json: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., spec_json: _Optional[str] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., submitted_at: _Optional[float] = ..., tasks_done: _Optional[int] = ..., tasks_total: _Optional[int] = ..., prep_json: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
