@@ -146,7 +146,20 @@ def data_options(fn):
 _HEAVY = {"scheduler", "server", "worker", "local", "demo", "bench", "submit"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """Any command's ps.errors.PSError not handled where it happened (a refused token, a scheduler that
+    went away) ends the command with its message and exit status 1, not a traceback."""
+
+    def invoke(self, ctx):
+        from ps.errors import PSError
+        try:
+            return super().invoke(ctx)
+        except PSError as e:
+            click.echo(f"{ctx.invoked_subcommand or 'paramserver'}: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="paramserver")
 @click.pass_context
 def main(ctx: click.Context) -> None:

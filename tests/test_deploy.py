@@ -239,18 +239,97 @@ def test_dockerignore_keeps_the_build_context_small():
 
 # ---------------------------------------------------------------- Kubernetes
 
+# The kustomization fields render() applies. Any other field makes it raise instead of rendering
+# something `kubectl kustomize` would not print; add the field here only with its transformer.
+KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "commonLabels", "images"}
+# The kinds render() knows to be namespaced (those in deploy/k8s and their kin); `namespace:` on any
+# other kind raises (a cluster-scoped kind keeps none, a RoleBinding's subjects would need it too).
+NAMESPACED_KINDS = {"ConfigMap", "Secret", "Service", "PersistentVolumeClaim", "ServiceAccount",
+                    "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
+# Kinds whose selector and pod template are spec.selector.matchLabels and spec.template.
+POD_CONTROLLERS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
+
+
 def render(directory: Path) -> list[dict]:
-    """The resources of a kustomization, the way `kubectl kustomize` lists them (files and
-    directories named under `resources:`, recursively); transformers are left out."""
+    """What `kubectl kustomize DIRECTORY` prints, for the fields the kustomizations in deploy/k8s
+    use: the `resources` (files, and directories rendered first with their own kustomization, so
+    a base's transformers never see an overlay's resources), then this kustomization's
+    `namespace`, `commonLabels`/`labels` and `images` over all of them. Any other field raises."""
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    where = directory / "kustomization.yaml"
+    if set(kust) - KUSTOMIZE_FIELDS:
+        raise NotImplementedError(f"{where}: render() does not apply {sorted(set(kust) - KUSTOMIZE_FIELDS)}")
+    assert kust["kind"] == "Kustomization", where
     docs: list[dict] = []
     for entry in kust.get("resources", []):
         path = (directory / entry).resolve()
-        if path.is_dir():
-            docs.extend(render(path))
-        else:
-            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+        docs.extend(render(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d])
+    ids = [(d["apiVersion"], d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: resources listed twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+    if "namespace" in kust:
+        for d in docs:
+            if d["kind"] not in NAMESPACED_KINDS:
+                raise NotImplementedError(f"{where}: render() cannot put a {d['kind']} in a namespace")
+            d["metadata"]["namespace"] = kust["namespace"]
+    # commonLabels is labels with includeSelectors (which implies the pod templates).
+    label_sets = [{"pairs": kust["commonLabels"], "includeSelectors": True}] if "commonLabels" in kust else []
+    for labels in label_sets + kust.get("labels", []):
+        if set(labels) - {"pairs", "includeSelectors", "includeTemplates"}:
+            raise NotImplementedError(f"{where}: labels: render() does not apply {sorted(labels)}")
+        selectors = labels.get("includeSelectors", False)
+        for d in docs:
+            _add_labels(d, labels["pairs"], selectors, selectors or labels.get("includeTemplates", False))
+    for image in kust.get("images", []):
+        if set(image) - {"name", "newName", "newTag", "digest"}:
+            raise NotImplementedError(f"{where}: images: render() does not apply {sorted(image)}")
+        for d in docs:
+            _set_images(d, image)
     return docs
+
+
+def _add_labels(doc: dict, pairs: dict, selectors: bool, templates: bool) -> None:
+    doc["metadata"].setdefault("labels", {}).update(pairs)
+    if not (selectors or templates) or doc["kind"] in ("ConfigMap", "Secret", "PersistentVolumeClaim"):
+        return
+    if doc["kind"] == "Service":
+        if selectors and "selector" in doc["spec"]:
+            doc["spec"]["selector"].update(pairs)
+        return
+    if doc["kind"] not in POD_CONTROLLERS or "volumeClaimTemplates" in doc["spec"]:
+        raise NotImplementedError(f"render() does not label the selectors or templates of {doc['kind']}")
+    doc["spec"]["template"].setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+    if selectors:
+        doc["spec"].setdefault("selector", {}).setdefault("matchLabels", {}).update(pairs)
+
+
+def _set_images(node, image: dict) -> None:
+    """kustomize's image transformer on every container and initContainer, at any depth."""
+    if isinstance(node, list):
+        for item in node:
+            _set_images(item, image)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers"):
+                for c in value:
+                    c["image"] = _retag(c["image"], image)
+            else:
+                _set_images(value, image)
+
+
+def _retag(ref: str, image: dict) -> str:
+    """kustomize's SetImageValue: the name must match exactly; newTag and digest each replace both
+    the tag and the digest."""
+    name, _, digest = ref.partition("@")
+    tag = ""
+    if name.rfind(":") > name.rfind("/"):
+        name, tag = name.rsplit(":", 1)
+    if name != image["name"]:
+        return ref
+    name = image.get("newName", name)
+    if "newTag" in image or "digest" in image:
+        tag, digest = str(image.get("newTag", "")), image.get("digest", "")
+    return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
 
 
 def _by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -834,3 +913,298 @@ def test_compose_tls_certs_service_then_the_scheduler_healthcheck(compose_tls, t
     test = svc["healthcheck"]["test"]
     assert test[0] == "CMD"
     _probe_a_tls_scheduler(tmp_path, env, test[1:], int(env["PS_PORT"]))
+
+
+# ---------------------------------------------------------------- Kubernetes as rendered, against compose
+
+# The compose service (as run for real by the live compose test) that each rendered workload
+# plays, the kind and name of that workload. A compose service in a profile (worker-gpu: `gpu`)
+# is in the overlay of that name only; the others are in the base and in every overlay.
+COMPOSE_TO_K8S = {
+    "scheduler": ("Deployment", "paramserver-scheduler"),
+    "server-0": ("StatefulSet", "paramserver-server"),
+    "server-1": ("StatefulSet", "paramserver-server"),
+    "worker": ("Deployment", "paramserver-worker"),
+    "worker-gpu": ("Deployment", "paramserver-worker-gpu"),
+}
+# The settings that name a host, which differ by design (compose service names, Kubernetes
+# Service names); the tests compare their ports and check what the host names instead.
+ADDRESS_KEYS = ("PS_SCHEDULER", "PS_ADVERTISE")
+_PAIRS = pytest.mark.parametrize("service", list(COMPOSE_TO_K8S),
+                                 ids=[f"compose-{s}-vs-k8s-{k}-{n}" for s, (k, n) in COMPOSE_TO_K8S.items()])
+
+
+@pytest.fixture(scope="module")
+def compose_defaults(compose) -> dict:
+    """The compose file with every variable unset: `${PS_IMAGE:-paramserver:latest}` and the like
+    resolved to their defaults, as the live compose run used them."""
+    return _interpolate(compose)
+
+
+def _paired(service: str, compose_defaults: dict, base: list[dict], gpu: list[dict]):
+    """(overlay, rendered docs, workload, its pod spec, its container) for the compose service,
+    in every overlay that renders it: the base and gpu, or only gpu for the gpu profile."""
+    kind, name = COMPOSE_TO_K8S[service]
+    profiles = _services(compose_defaults)[service].get("profiles", [])
+    renders = {"base": base, "gpu": gpu}
+    overlays = profiles or list(renders)
+    assert set(overlays) <= set(renders), f"compose profile {profiles} has no overlay"
+    for overlay, docs in renders.items():
+        workload = _by_kind(docs, kind).get(name)
+        if overlay not in overlays:
+            assert workload is None, f"{kind}/{name}: compose runs {service} only with --profile {profiles}"
+            continue
+        assert workload is not None, f"{overlay}: no {kind}/{name} renders compose's {service}"
+        (container,) = _containers(workload)
+        yield overlay, docs, workload, workload["spec"]["template"]["spec"], container
+
+
+def _compose_env(svc: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in svc.get("environment", {}).items()}
+
+
+def _compose_role_port(svc: dict) -> int:
+    env = _compose_env(svc)
+    return int(env.get("PS_PORT") or env["PS_HEALTH_PORT"])
+
+
+def test_render_applies_namespace_labels_and_images_like_kubectl_kustomize(tmp_path):
+    """The render helper itself, on a base and an overlay: the base's transformers reach only the
+    base's resources, the overlay's reach both; images on containers and initContainers."""
+    base_dir, overlay_dir = tmp_path / "base", tmp_path / "overlay"
+    base_dir.mkdir()
+    overlay_dir.mkdir()
+    pod = {"metadata": {"labels": {"app": "a"}},
+           "spec": {"initContainers": [{"name": "init", "image": "app@sha256:0"}],
+                    "containers": [{"name": "c", "image": "app:1"}, {"name": "side", "image": "reg:5000/other"}]}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "a"},
+                  "spec": {"selector": {"matchLabels": {"app": "a"}}, "template": pod}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+               "spec": {"selector": {"app": "a"}, "ports": [{"port": 1}]}}
+    (base_dir / "app.yaml").write_text(yaml.safe_dump_all([deployment, service]))
+    (base_dir / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": ["app.yaml"],
+        "labels": [{"pairs": {"tier": "base"}}], "images": [{"name": "app", "newTag": "2"}]}))
+    (overlay_dir / "extra.yaml").write_text(yaml.safe_dump(
+        {**deployment, "metadata": {"name": "b"}}))
+    (overlay_dir / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../base", "extra.yaml"], "namespace": "ml", "commonLabels": {"env": "prod"},
+        "labels": [{"pairs": {"team": "ml"}, "includeTemplates": True}],
+        "images": [{"name": "app", "newName": "reg.example/app", "digest": "sha256:1"},
+                   {"name": "reg:5000/other", "newTag": "3"}]}))
+    docs = render(overlay_dir)
+    a, b = _by_kind(docs, "Deployment")["a"], _by_kind(docs, "Deployment")["b"]
+    assert {d["metadata"]["namespace"] for d in docs} == {"ml"}
+    assert a["metadata"]["labels"] == {"tier": "base", "env": "prod", "team": "ml"}
+    assert b["metadata"]["labels"] == {"env": "prod", "team": "ml"}, "the base's labels stay in the base"
+    assert a["spec"]["template"]["metadata"]["labels"] == {"app": "a", "env": "prod", "team": "ml"}
+    assert a["spec"]["selector"]["matchLabels"] == {"app": "a", "env": "prod"}
+    assert _by_kind(docs, "Service")["a"]["spec"]["selector"] == {"app": "a", "env": "prod"}
+    # base: app:1 -> app:2 (and app@sha256:0 -> app:2); overlay: the digest replaces the tag.
+    assert [c["image"] for c in a["spec"]["template"]["spec"]["initContainers"]] == ["reg.example/app@sha256:1"]
+    assert [c["image"] for c in a["spec"]["template"]["spec"]["containers"]] == [
+        "reg.example/app@sha256:1", "reg:5000/other:3"]
+    assert b["spec"]["template"]["spec"]["containers"][0]["image"] == "reg.example/app@sha256:1"
+
+
+@pytest.mark.parametrize("field", [{"patches": []}, {"replicas": []}, {"configMapGenerator": []},
+                                   {"images": [{"name": "app", "tagSuffix": "-x"}]},
+                                   {"labels": [{"pairs": {"a": "b"}, "fields": []}]}],
+                         ids=lambda f: next(iter(f)))
+def test_render_refuses_a_kustomization_field_it_does_not_apply(field, tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [], **field}))
+    with pytest.raises(NotImplementedError):
+        render(tmp_path)
+
+
+def test_every_rendered_workload_pairs_with_a_compose_service(compose_defaults, gpu):
+    """Every Deployment and StatefulSet of the gpu overlay (the base and more) plays a compose
+    service, and every compose service has its workload."""
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in gpu if "template" in d.get("spec", {})}
+    assert rendered == set(COMPOSE_TO_K8S.values())
+    assert set(_services(compose_defaults)) == set(COMPOSE_TO_K8S)
+
+
+@_PAIRS
+def test_rendered_k8s_image_is_the_compose_default_image(service, compose_defaults, base, gpu):
+    image = _services(compose_defaults)[service]["image"]
+    assert "$" not in image
+    for overlay, _, workload, pod, _ in _paired(service, compose_defaults, base, gpu):
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["image"] == image, f"{overlay}: {workload['metadata']['name']}/{c['name']}"
+
+
+@_PAIRS
+def test_rendered_k8s_ports_and_services_are_the_compose_ports(service, compose_defaults, base, gpu):
+    """The container's one port is the port compose's role listens on (PS_PORT, or the worker's
+    PS_HEALTH_PORT), set to the same value in both; a role that compose's services dial by name
+    (PS_SCHEDULER, PS_ADVERTISE naming it) is dialled in Kubernetes through the Service that key
+    names there, on the same port (a shard's through the headless Service of its StatefulSet);
+    a role no one dials (the workers) has no Service."""
+    svc = _services(compose_defaults)[service]
+    env = _compose_env(svc)
+    port = _compose_role_port(svc)
+    key = "PS_PORT" if "PS_PORT" in env else "PS_HEALTH_PORT"
+    for published in svc.get("ports", []):
+        assert int(str(published).split(":")[-1]) == port, f"compose {service} publishes {published}"
+    dialled = [k for k in ADDRESS_KEYS if env.get(k, "").rsplit(":", 1)[0] == service]
+    for k in dialled:
+        assert int(env[k].rsplit(":", 1)[1]) == port, f"compose {service}: {k}={env[k]}"
+    for overlay, docs, workload, _, c in _paired(service, compose_defaults, base, gpu):
+        where = f"{overlay}: {workload['metadata']['name']} (compose {service})"
+        assert [p["containerPort"] for p in c["ports"]] == [port], where
+        assert _environment(docs, c).get(key) == str(port), f"{where}: {key}"
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        selecting = {s["metadata"]["name"]: s for s in _by_kind(docs, "Service").values()
+                     if s["spec"].get("selector") and s["spec"]["selector"].items() <= labels.items()}
+        named = set()
+        for k in dialled:
+            host, k8s_port = _environment(docs, c)[k].rsplit(":", 1)
+            assert int(k8s_port) == port, f"{where}: {k}"
+            per_pod = host.startswith("$(POD_NAME).")
+            name = host.removeprefix("$(POD_NAME).").split(".")[0]
+            assert name in selecting, f"{where}: {k}={host} is not a Service of these pods"
+            s = selecting[name]["spec"]
+            target = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert [p["port"] for p in s["ports"]] == [port], f"{where}: Service {name}"
+            assert [target.get(p.get("targetPort"), p.get("targetPort", p["port"])) for p in s["ports"]] == [port]
+            if per_pod:
+                assert s.get("clusterIP") == "None" and workload["spec"]["serviceName"] == name, where
+            named.add(name)
+        assert set(selecting) == named, f"{where}: Services compose has no counterpart for"
+
+
+@_PAIRS
+def test_rendered_k8s_probes_run_the_compose_healthcheck_command(service, compose_defaults, base, gpu):
+    svc = _services(compose_defaults)[service]
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    assert test[1:] == ["paramserver", "health", f"localhost:{_compose_role_port(svc)}", "--timeout", "3"]
+    for overlay, _, workload, _, c in _paired(service, compose_defaults, base, gpu):
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if probe != "startupProbe" or probe in c:
+                assert c[probe]["exec"]["command"] == test[1:], f"{overlay}: {workload['metadata']['name']}: {probe}"
+
+
+def _compose_mounts(compose_defaults: dict, svc: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (named volume, read-only) for the service's named volumes."""
+    out = {}
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict):
+            source, target, ro = v.get("source"), v["target"], v.get("read_only", False)
+        else:
+            source, target, *mode = v.split(":")
+            ro = "ro" in (mode[0].split(",") if mode else [])
+        if source in (compose_defaults.get("volumes") or {}):
+            out[target] = (source, ro)
+    return out
+
+
+def _k8s_claim_mounts(pod: dict, c: dict) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (PersistentVolumeClaim, read-only) for the container's claim-backed mounts."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {m["mountPath"]: (volumes[m["name"]]["persistentVolumeClaim"]["claimName"], m.get("readOnly", False))
+            for m in c.get("volumeMounts", []) if "persistentVolumeClaim" in volumes[m["name"]]}
+
+
+@_PAIRS
+def test_rendered_k8s_volume_mounts_are_the_compose_volumes(service, compose_defaults, base, gpu):
+    """Compose's named volumes and the PersistentVolumeClaims are mounted at the same paths,
+    read-only alike, and PS_STATE_DIR/PS_CHECKPOINT_DIR (the ConfigMap's or the container's) are
+    the same in both and name one of those mounts."""
+    svc = _services(compose_defaults)[service]
+    mounts = _compose_mounts(compose_defaults, svc)
+    env = _compose_env(svc)
+    for overlay, docs, workload, pod, c in _paired(service, compose_defaults, base, gpu):
+        where = f"{overlay}: {workload['metadata']['name']} (compose {service})"
+        claims = _k8s_claim_mounts(pod, c)
+        assert set(claims) == set(mounts), where
+        assert {p: ro for p, (_, ro) in claims.items()} == {p: ro for p, (_, ro) in mounts.items()}, where
+        k8s_env = _environment(docs, c)
+        for key in ("PS_STATE_DIR", "PS_CHECKPOINT_DIR"):
+            assert k8s_env.get(key) == env.get(key), f"{where}: {key}"
+            if key in env:
+                assert env[key] in mounts and k8s_env[key] in claims, f"{where}: {key} is not on a volume"
+
+
+def test_rendered_k8s_claims_are_shared_like_the_compose_named_volumes(compose_defaults, base, gpu):
+    """One claim per compose volume: the checkpoints the scheduler and the shards share in compose
+    are one ReadWriteMany claim, the scheduler's state a claim of its own."""
+    pairs = set()
+    for service in COMPOSE_TO_K8S:
+        mounts = _compose_mounts(compose_defaults, _services(compose_defaults)[service])
+        for _, _, _, pod, c in _paired(service, compose_defaults, base, gpu):
+            claims = _k8s_claim_mounts(pod, c)
+            pairs |= {(mounts[p][0], claims[p][0]) for p in mounts.keys() & claims.keys()}
+    volumes = [v for v, _ in pairs]
+    claims = [c for _, c in pairs]
+    assert len(set(volumes)) == len(volumes) == len(set(claims)), sorted(pairs)
+    assert set(volumes) == set(compose_defaults["volumes"]), sorted(pairs)
+    for volume, claim in pairs:
+        users = [name for name, svc in _services(compose_defaults).items()
+                 if volume in {v for v, _ in _compose_mounts(compose_defaults, svc).values()}]
+        modes = _by_kind(gpu, "PersistentVolumeClaim")[claim]["spec"]["accessModes"]
+        assert modes == (["ReadWriteMany"] if len(users) > 1 else ["ReadWriteOnce"]), (
+            f"{volume}/{claim}: mounted by {users}")
+
+
+def _image_argv() -> tuple[list[str], list[str]]:
+    """The image's ENTRYPOINT and CMD (exec form), from the Dockerfile's last stage."""
+    instrs = _instructions(DOCKERFILE.read_text())
+    final = instrs[max(i for i, (w, _) in enumerate(instrs) if w == "FROM"):]
+    entrypoint = [json.loads(a) for w, a in final if w == "ENTRYPOINT"]
+    cmd = [json.loads(a) for w, a in final if w == "CMD"]
+    return (entrypoint[-1] if entrypoint else []), (cmd[-1] if cmd else [])
+
+
+def _argv(entrypoint: list[str], cmd: list[str], new_entrypoint, new_cmd) -> list[str]:
+    """What a container runs: a new entrypoint drops the image's CMD too (Docker, compose and
+    Kubernetes alike), a new command/args only the CMD."""
+    if new_entrypoint is not None:
+        return list(new_entrypoint) + list(new_cmd or [])
+    return list(entrypoint) + list(cmd if new_cmd is None else new_cmd)
+
+
+@_PAIRS
+def test_rendered_k8s_role_command_is_the_compose_command(service, compose_defaults, base, gpu):
+    """The process each container runs (the image's ENTRYPOINT and CMD with compose's
+    entrypoint/command, Kubernetes' command/args) is the same role with the same arguments, on
+    the same PS_DEVICE: `paramserver worker --device gpu:0` with PS_DEVICE=gpu:0 for the GPU worker."""
+    entrypoint, cmd = _image_argv()
+    svc = _services(compose_defaults)[service]
+    assert isinstance(svc["command"], list), f"compose {service}: use the exec form"
+    want = _argv(entrypoint, cmd, svc.get("entrypoint"), svc["command"])
+    assert want[:2] == ["paramserver", service.split("-")[0]], f"compose {service}: {want}"
+    device = _compose_env(svc).get("PS_DEVICE")
+    if "gpu" in service:
+        assert want[2:] == ["--device", "gpu:0"] and device == "gpu:0", f"compose {service}"
+    for overlay, docs, workload, _, c in _paired(service, compose_defaults, base, gpu):
+        where = f"{overlay}: {workload['metadata']['name']} (compose {service})"
+        assert _argv(entrypoint, cmd, c.get("command"), c.get("args")) == want, where
+        assert _environment(docs, c).get("PS_DEVICE") == device, f"{where}: PS_DEVICE"
+
+
+@_PAIRS
+def test_rendered_k8s_environment_is_the_compose_environment(service, compose_defaults, base, gpu):
+    """Every setting compose gives the role has the same value in the container's environment
+    (ConfigMap and env), but for the addresses, whose hosts are the platform's names."""
+    env = _compose_env(_services(compose_defaults)[service])
+    for overlay, docs, workload, _, c in _paired(service, compose_defaults, base, gpu):
+        k8s_env = _environment(docs, c)
+        k8s_env.update({e["name"]: "(valueFrom)" for e in c.get("env", []) if "valueFrom" in e})
+        for key, value in env.items():
+            where = f"{overlay}: {workload['metadata']['name']} (compose {service}): {key}"
+            assert key in k8s_env, where
+            if key in ADDRESS_KEYS:
+                assert k8s_env[key].rsplit(":", 1)[1] == value.rsplit(":", 1)[1], where
+            else:
+                assert k8s_env[key] == value, where
+
+
+def test_every_rendered_object_is_labelled_part_of_paramserver(base, gpu):
+    for objects in (base, gpu):
+        unlabelled = [f"{o['kind']}/{o['metadata']['name']}" for o in objects
+                      if o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") != "paramserver"]
+        assert unlabelled == []

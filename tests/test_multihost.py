@@ -130,6 +130,7 @@ class Topology:
     tag: str = field(default_factory=lambda: f"ps{os.getpid()}{'abcdefghij'[next(_TOPOLOGY_IDS) % 10]}")
     instances: dict[str, Instance] = field(default_factory=dict)
     bridge: str = ""
+    _accept: list = field(default_factory=list)  # the iptables rule that lets the bridge's traffic through
     host_ip: str = ""
     _created_netns: list[str] = field(default_factory=list)
 
@@ -150,6 +151,11 @@ class Topology:
         self.host_ip = str(next(hosts))
         _run("ip", "addr", "add", f"{self.host_ip}/{subnet.prefixlen}", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
+        # On a host running Docker, FORWARD's policy is DROP and (br_netfilter loaded) traffic between a
+        # bridge's ports passes through FORWARD: let ours through; the rule goes with the bridge.
+        if shutil.which("iptables"):
+            self._accept = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+            _run("iptables", "-I", *self._accept, check=False)
         for service in services:
             spec = self.compose["services"][service]
             replicas = int((spec.get("deploy") or {}).get("replicas", 1))
@@ -281,6 +287,8 @@ class Topology:
             _run("ip", "netns", "del", ns, check=False)
         if self.bridge:
             _run("ip", "link", "del", self.bridge, check=False)
+        if self._accept:
+            _run("iptables", "-D", *self._accept, check=False)
 
 
 @pytest.fixture

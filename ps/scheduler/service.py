@@ -191,11 +191,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if m is not None:
             access.check_owner(who, m.owner, f"{what} '{model}'")
 
+    def close_client(self) -> None:
+        """Close the scheduler's own client: calls it has in flight (a repair, a drain, a relay to a
+        server that does not answer) end now, so a stopping scheduler does not wait out their deadlines."""
+        with self._client_lock:
+            client, self._client = self._client, None
+            self.closing = True
+        if client is not None:
+            client.close()
+
     def client(self):
         """One long-lived client (to ourselves and the servers) for creating, relaying and freeing
         jobs' parameters, instead of new channels for every call."""
         with self._client_lock:
             if self._client is None:
+                if self.closing:
+                    raise Unavailable("the scheduler is stopping")
                 from ps.client import Client
                 self._client = Client(self.address, connect_timeout=10)
             return self._client
@@ -732,6 +743,7 @@ async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_f
         servicer.replication.stopping.set()
         servicer.closing = True  # followers' streams end and long polls answer now, not after the grace
         servicer.waiters.wake_all()
+        servicer.close_client()
     await rpc.serve_until_signal_aio(server, on_stop=on_stop)
     servicer._save_quietly(cluster=True)
     pool.shutdown(wait=False)
