@@ -251,7 +251,10 @@ def test_the_tls_override_comes_up_healthy_and_trains_only_with_the_users_creden
                            capture_output=True, env=env, timeout=120, check=True)
         (tmp_path / "u.tar").write_bytes(p.stdout)
         with tarfile.open(tmp_path / "u.tar") as t:
-            t.extractall(tmp_path, filter="data")
+            names = {m.name: m for m in t.getmembers()}
+            assert sorted(names) == ["ca.crt", "user.crt", "user.key", "user.token"]
+            for name, member in names.items():
+                (tmp_path / name).write_bytes(t.extractfile(member).read())
         with pytest.raises(ps.Unavailable, match="speaks TLS and this process does not"):
             ps.Client(SCHEDULER, tls=False, token="", connect_timeout=10)
         user = dict(env, PS_TLS_CA=str(tmp_path / "ca.crt"), PS_TLS_CERT=str(tmp_path / "user.crt"),

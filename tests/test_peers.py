@@ -55,8 +55,8 @@ def test_submit_follow_says_plainly_that_it_lost_the_scheduler(tmp_path):
         follower = subprocess.Popen(ps_cmd("submit", str(spec), "--scheduler", c.address, "--follow",
                                            "--reconnect-for", "2"),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with ps.Client(c.address) as client:
-            wait_for(lambda: client.jobs(), what="the job to be submitted")
+        # the submit's answer reached it (a job merely listed may still have its reply in flight)
+        assert follower.stdout.readline().strip() == "submitted job-1"
         c.scheduler.kill()
         out, err = follower.communicate(timeout=60)
     assert follower.returncode == 3, err
