@@ -135,3 +135,72 @@ def iter_chunks(offset: int, length: int, itemsize: int, max_chunk_bytes: int) -
 def chunks(offset: int, length: int, itemsize: int, max_chunk_bytes: int) -> list[tuple[int, int]]:
     """Cut [offset, offset + length) into (offset, length) runs of at most max_chunk_bytes."""
     return list(iter_chunks(offset, length, itemsize, max_chunk_bytes))
+
+
+# -- sparse rows: which shard owns an int64 id ---------------------------------------------------
+# Clients and servers must agree on these bit for bit: they are integer arithmetic only (numpy
+# uint64, wrapping mod 2**64), so every process on every platform computes the same values.
+
+#: splitmix64's increment (2**64 / golden ratio) and its finaliser's two multipliers (Steele,
+#: Lea and Flood 2014; the constants of Vigna's reference splitmix64.c)
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def mix64(z):
+    """splitmix64's finaliser of a uint64 array, elementwise (a bijection of 64-bit words):
+    z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB; z ^= z >> 31,
+    all mod 2**64. Returns a new array; ``z`` is left as it is."""
+    import numpy as np
+    z = np.array(z, np.uint64)  # a copy: the in-place steps below leave the caller's alone
+    t = z >> np.uint64(30)      # the one scratch array, reused by each shift
+    z ^= t
+    z *= np.uint64(_MIX1)
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= np.uint64(_MIX2)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+    return z
+
+
+def splitmix64(x):
+    """The first output of splitmix64 seeded with each element of ``x`` (int64 ids are taken as
+    their two's-complement bit patterns): mix64(x + SPLITMIX64_GAMMA). splitmix64(0) is
+    0xE220A8397B1DCDAF, as in Vigna's splitmix64.c."""
+    import numpy as np
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise ValueError(f"splitmix64 needs integers, got {x.dtype}")
+    u = x.astype(np.int64, copy=False).view(np.uint64) if x.dtype.kind == "i" else x.astype(np.uint64, copy=False)
+    return mix64(u + np.uint64(SPLITMIX64_GAMMA))
+
+
+def row_shards(ids, n: int):
+    """The shard in [0, n) that owns each int64 id: splitmix64(id) mod n, as an int64 array.
+
+    Pure and the same in every process: a client routes a row's pull or push with it and the
+    server that owns the row computes the same answer. The mix spreads any id pattern
+    (consecutive ids, ids that share low bits, hashed feature ids) evenly over the shards;
+    negative ids and the int64 extremes are ordinary ids. Changing the function (or n) moves
+    rows between shards, so it is fixed: tests pin its values."""
+    import numpy as np
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"row_shards: the shard count must be an integer >= 1, got {n!r}")
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):
+        raise ValueError(f"row_shards: ids must be a 1-D integer array, got {ids.dtype}{list(ids.shape)}")
+    if ids.size == 0:
+        return np.zeros(0, np.int64)
+    return (splitmix64(ids.astype(np.int64, copy=False)) % np.uint64(n)).astype(np.int64)
+
+
+def split_rows(ids, n: int) -> list:
+    """Per shard s in [0, n), the positions in ``ids`` of the ids that shard s owns (row_shards),
+    in their order in ``ids``: ``ids[split_rows(ids, n)[s]]`` is what to send to shard s."""
+    import numpy as np
+    shards = row_shards(ids, n)
+    order = np.argsort(shards, kind="stable")  # stable: positions stay in request order per shard
+    counts = np.bincount(shards, minlength=n)
+    return np.split(order, np.cumsum(counts)[:-1])
