@@ -13,7 +13,7 @@ _EXPORTS = {
     "AlreadyExists": "ps.errors", "FailedPrecondition": "ps.errors", "Unavailable": "ps.errors",
     "Job": "ps.client", "JobFailed": "ps.client", "JobCancelled": "ps.client",
     "JobSpec": "ps.spec", "DataSpec": "ps.spec", "SpecError": "ps.spec",
-    "TrainedModel": "ps.trained", "load_model": "ps.trained", "TLS": "ps.security",
+    "TrainedModel": "ps.trained", "load_model": "ps.trained", "TLS": "ps.security", "SparseTable": "ps.sparse",
     "PermissionDenied": "ps.errors", "Unauthenticated": "ps.errors", "ResourceExhausted": "ps.errors",
 }
 __all__ = list(_EXPORTS)

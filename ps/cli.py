@@ -324,11 +324,13 @@ def status(address, as_json):
     try:
         with Client(address, connect_timeout=5) as client:
             view = client.cluster()
+            tables = _table_totals(client, [s.address for s in view.servers if s.state == "up"])
     except PSError as e:
         click.echo(str(e), err=True)
         sys.exit(1)
     if as_json:
-        emit_json(MessageToDict(view, preserving_proto_field_name=True))
+        emit_json({**MessageToDict(view, preserving_proto_field_name=True),
+                   "tables": [{"model": m, "table": t, "rows": r, "bytes": b} for (m, t), (r, b) in tables.items()]})
         return
     rows = [("SERVER", "ADDRESS", "STATE", "LAST SEEN", "BYTES", "MODELS")]
     for s in view.servers:
@@ -340,9 +342,28 @@ def status(address, as_json):
     click.echo(f"{sum(s.state == 'up' for s in view.servers)} of {len(view.servers)} servers up; "
                f"{len(view.workers)} workers; models: {', '.join(view.models) or '-'}; "
                f"scheduler incarnation {view.incarnation} (cluster {view.cluster_id[:8] or '-'})")
+    for (model, table), (rows, nbytes) in tables.items():
+        click.echo(f"sparse table {model}/{table}: {rows} rows, {_human(nbytes)}")
     for u in view.under_replicated:
         click.echo(f"under-replicated: {u.model} shard {u.shard}: {len(u.servers)} of {u.wanted} replicas "
                    f"({', '.join(u.servers) or 'none left'})")
+
+
+def _table_totals(client, addresses) -> dict:
+    """(model, table) -> [rows, bytes] summed over the servers at ``addresses`` (one unreachable: left out)."""
+    from ps.errors import PSError
+    totals: dict = {}
+    for address in addresses:
+        try:
+            models = client.stats(address).models
+        except PSError:
+            continue
+        for m in models:
+            for t in m.tables:
+                entry = totals.setdefault((m.model, t.name), [0, 0])
+                entry[0] += t.rows
+                entry[1] += t.bytes
+    return dict(sorted(totals.items()))
 
 
 def _human(n: float) -> str:

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from ps import rpc, sharding, wire
-from ps.errors import DeadlineExceeded, InvalidArgument, PSError, Unavailable, from_rpc_error
+from ps.errors import DeadlineExceeded, InvalidArgument, NotFound, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.optimizer_config import OptimizerConfig, clip_norm_scale
 from ps.tensor import count_nonfinite, dtype_code, numpy_dtype, to_little_endian
@@ -156,8 +156,12 @@ class Client:
             config = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig.from_dict(dict(optimizer))
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"create model '{name}': optimizer: {e}") from None
-        specs, inits, arrays = [], {}, {}
+        from ps import sparse
+        specs, inits, arrays, tables = [], {}, {}, []
         for tname, value in tensors.items():
+            if isinstance(value, sparse.SparseTable):
+                tables.append(sparse.to_proto(value.spec(tname)))
+                continue
             if isinstance(value, dict):
                 value = Init(**value)
             if isinstance(value, Init):
@@ -173,7 +177,7 @@ class Client:
             model=name, replace=replace, max_slice_bytes=max_slice_bytes or self.chunk_bytes,
             optimizer=config.to_proto(), replicas=replicas, owner=owner,
             tensors=[scheduler_pb2.TensorInfo(name=t.name, shape=list(t.shape), dtype=dtype_code(t.dtype))
-                     for t in specs])
+                     for t in specs], tables=tables)
         smap = self.call(self.scheduler.PlanModel, request, f"plan model '{name}'")
         model = Model(self, smap)
         try:
@@ -316,6 +320,8 @@ class Model:
                       for t in smap.tensors}
         self.optimizer = OptimizerConfig.from_proto(smap.optimizer)
         self.slices = [sharding.Slice(s.tensor, s.offset, s.length, s.shard) for s in smap.slices]
+        #: sparse tables: name -> ps.v1.TableSpec (every shard holds the rows row_shards gives it)
+        self.tables = {t.name: t for t in smap.tables}
         self.version = 0
         #: pushes the servers acknowledged through this handle
         self.pushes = 0
@@ -350,7 +356,8 @@ class Model:
                 yield s, o, n
 
     def _create_on(self, shard: int, inits: Mapping[str, Init], replace: bool) -> None:
-        req = server_pb2.CreateModelRequest(model=self.name, replace=replace, optimizer=self.optimizer.to_proto())
+        req = server_pb2.CreateModelRequest(model=self.name, replace=replace, optimizer=self.optimizer.to_proto(),
+                                            tables=list(self.tables.values()))
         for s in self._slices_of(shard):
             spec = self.specs[s.tensor]
             init = inits.get(s.tensor)
@@ -360,6 +367,76 @@ class Model:
                 msg.init.CopyFrom(init.to_proto())
         address = self.shards[shard]
         self.client.call(self.client.server(address).CreateModel, req, f"create model '{self.name}'", address)
+
+    # -- sparse tables -----------------------------------------------------------------------
+    def _rows_per_message(self, table: str, what: str) -> tuple[server_pb2.TableSpec, int]:
+        t = self.tables.get(table)
+        if t is None:
+            raise NotFound(f"{what}: model '{self.name}' has no sparse table '{table}' (its tables: "
+                           f"{', '.join(sorted(self.tables)) or 'none'})")
+        itemsize = numpy_dtype(t.dtype).itemsize if t.dtype else 4
+        return t, max(1, self.client.chunk_bytes // (t.width * itemsize))
+
+    @staticmethod
+    def _ids(ids, what: str) -> np.ndarray:
+        a = np.asarray(ids)
+        if a.ndim != 1 or not (a.dtype.kind in "iu" or a.size == 0):
+            raise InvalidArgument(f"{what}: ids must be a 1-D array of integers, got {a.dtype} of shape {a.shape}")
+        if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+            raise InvalidArgument(f"{what}: id {int(a.max())} is outside the int64 range")
+        return a.astype(np.int64, copy=False)
+
+    def pull_rows(self, table: str, ids) -> np.ndarray:
+        """The rows of ``ids`` (int64; repeats allowed) of sparse table ``table``: (len(ids), width),
+        in the order asked. A row never pushed reads as its initial row."""
+        from ps import sparse
+        what = f"pull rows of '{self.name}/{table}'"
+        t, per_message = self._rows_per_message(table, what)
+        ids = self._ids(ids, what)
+        out = np.empty((len(ids), t.width), numpy_dtype(t.dtype) if t.dtype else np.float32)
+        groups = sharding.split_rows(ids, len(self.shards))
+
+        def one(shard):
+            pos = groups[shard]
+            stub = self.client.server(self.shards[shard])
+            for start in range(0, len(pos), per_message):
+                part = pos[start:start + per_message]
+                resp = self.client.call(stub.PullRows, server_pb2.PullRowsRequest(
+                    model=self.name, table=table, ids=sparse.encode_ids(ids[part])), what, self.shards[shard])
+                out[part] = np.frombuffer(resp.rows.data, out.dtype).reshape(len(part), t.width)
+        self.client.map(one, [(i,) for i in range(len(self.shards)) if len(groups[i])])
+        return out
+
+    def push_rows(self, table: str, ids, grads, grad_scale: float = 1.0) -> int:
+        """Push row gradients ``grads`` (len(ids), width) for ``ids`` of sparse table ``table``; the
+        gradients of a repeated id are summed, then the optimizer updates each row once. Exactly once,
+        like dense pushes (each message carries this client's next seq). Returns messages applied."""
+        from ps import sparse
+        what = f"push rows to '{self.name}/{table}'"
+        t, per_message = self._rows_per_message(table, what)
+        ids = self._ids(ids, what)
+        g = np.asarray(grads)
+        if g.shape != (len(ids), t.width):
+            raise InvalidArgument(f"{what}: gradients of shape {list(g.shape)}, expected [{len(ids)}, {t.width}] "
+                                  f"(one row of the table's width per id)")
+        g = to_little_endian(np.ascontiguousarray(g, numpy_dtype(t.dtype) if t.dtype else np.float32))
+        groups = sharding.split_rows(ids, len(self.shards))
+        with self._push_lock:  # this client's seqs reach each table in order
+            batches = [(shard, pos[start:start + per_message], self.client.next_seq())
+                       for shard, pos in enumerate(groups) for start in range(0, len(pos), per_message)]
+
+            def one(shard):
+                stub, applied = self.client.server(self.shards[shard]), 0
+                for _, part, seq in (b for b in batches if b[0] == shard):
+                    rows = g[part]
+                    resp = self.client.call(stub.PushRows, server_pb2.PushRowsRequest(
+                        model=self.name, table=table, client_id=self.client.client_id, seq=seq,
+                        ids=sparse.encode_ids(ids[part]), grad_scale=grad_scale,
+                        grads=tensor_pb2.Tensor(dtype=dtype_code(rows.dtype), shape=list(rows.shape),
+                                                data=rows.tobytes())), what, self.shards[shard])
+                    applied += resp.applied
+                return applied
+            return sum(self.client.map(one, sorted({(b[0],) for b in batches})))
 
     def _restore(self, loaded: tuple) -> None:
         """Install a checkpoint's slices on the primaries (before they have backups)."""

@@ -424,6 +424,8 @@ def check_plan_model(svc, req, lim: Limits) -> None:
     lim.check_name("plan model: model name", req.model)
     what = f"plan model '{req.model}'"
     lim.check_count(f"{what}: tensors", len(req.tensors), "max_tensors")
+    lim.check_count(f"{what}: sparse tables", len(req.tables), "max_tensors")
+    lim.check_names(f"{what}: table name", (t.name for t in req.tables))
     if req.max_slice_bytes < 0:
         raise InvalidArgument(f"{what}: max_slice_bytes must be >= 0 (0: the default), got {req.max_slice_bytes}")
     slice_bytes = req.max_slice_bytes or sharding.DEFAULT_MAX_SLICE_BYTES

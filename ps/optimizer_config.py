@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "ftrl")
+#: optimizers only sparse tables run (FTRL-Proximal: per-coordinate, for sparse logistic regression)
+SPARSE_ONLY = ("ftrl",)
+DENSE_OPTIMIZERS = tuple(n for n in OPTIMIZERS if n not in SPARSE_ONLY)
 SCHEDULES = ("constant", "step", "cosine", "warmup")
 
 # torch.optim's default learning rates (SGD, Adam and AdamW 1e-3; Adagrad and RMSprop 1e-2).
 _DEFAULT_LR = {"sgd": 1e-3, "momentum": 1e-3, "nesterov": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-2,
-               "adam": 1e-3, "adamw": 1e-3}
+               "adam": 1e-3, "adamw": 1e-3, "ftrl": 0.1}
 
 # Fields each optimizer reads besides lr, clip_value, clip_norm and schedule; a field that an
 # optimizer does not read must keep its default, so that a setting is never silently ignored.
@@ -33,6 +36,7 @@ _USES = {
     "rmsprop": {"weight_decay", "eps", "alpha", "momentum", "centered"},
     "adam": {"weight_decay", "eps", "beta1", "beta2", "amsgrad"},
     "adamw": {"weight_decay", "eps", "beta1", "beta2", "amsgrad"},
+    "ftrl": {"beta", "l1", "l2"},  # lr is the paper's alpha
 }
 
 _INT32_MAX = 2**31 - 1
@@ -61,6 +65,11 @@ def _unknown_keys(what: str, d: Mapping, cls: type) -> None:
     for key in d:
         if key not in names:
             raise ValueError(f"unknown {what} option {key!r}: expected one of {', '.join(names)}")
+
+
+def config_name(config) -> str:
+    """The optimizer's name in an OptimizerConfig or its dict."""
+    return config.name if isinstance(config, OptimizerConfig) else dict(config).get("name", "sgd")
 
 
 @dataclass
@@ -140,6 +149,9 @@ class OptimizerConfig:
     lr_decay: float = 0.0
     centered: bool = False
     amsgrad: bool = False
+    beta: float = 1.0   # ftrl: the per-coordinate learning rate's smoothing (McMahan et al. 2013)
+    l1: float = 0.0     # ftrl: L1 strength (weights with |z| <= l1 are exactly 0)
+    l2: float = 0.0     # ftrl: L2 strength
     clip_value: float | None = None
     clip_norm: float | None = None
     schedule: Schedule = field(default_factory=Schedule)
@@ -160,7 +172,7 @@ class OptimizerConfig:
             if getattr(self, key) is None:
                 setattr(self, key, value)
         for key in ("lr", "momentum", "dampening", "beta1", "beta2", "eps", "alpha", "weight_decay",
-                    "initial_accumulator_value", "lr_decay"):
+                    "initial_accumulator_value", "lr_decay", "beta", "l1", "l2"):
             setattr(self, key, _number(key, getattr(self, key)))
         self.centered = _flag("centered", self.centered)
         self.amsgrad = _flag("amsgrad", self.amsgrad)
@@ -171,7 +183,8 @@ class OptimizerConfig:
                 if value <= 0:
                     raise ValueError(f"{key} must be > 0 (or left unset), got {value!r}")
                 setattr(self, key, value)
-        for key in ("lr", "momentum", "weight_decay", "initial_accumulator_value", "lr_decay", "alpha"):
+        for key in ("lr", "momentum", "weight_decay", "initial_accumulator_value", "lr_decay", "alpha", "beta", "l1",
+                    "l2"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         if self.eps <= 0:
@@ -183,11 +196,14 @@ class OptimizerConfig:
             raise ValueError(f"dampening must be in [0, 1], got {self.dampening!r}")
         if self.alpha > 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if name == "ftrl" and self.beta == 0 and self.l2 == 0:
+            raise ValueError("ftrl: beta must be > 0 (or l2 > 0): a new weight divides by (beta + sqrt(n)) / lr + l2 "
+                             "with n = 0")
         if name == "nesterov" and self.momentum <= 0:
             raise ValueError(f"momentum must be > 0 for nesterov, got {self.momentum!r}")
         unset = {f.name: f.default for f in dataclasses.fields(OptimizerConfig)} | defaults
         for key in ("momentum", "dampening", "beta1", "beta2", "eps", "alpha", "weight_decay",
-                    "initial_accumulator_value", "lr_decay", "centered", "amsgrad"):
+                    "initial_accumulator_value", "lr_decay", "centered", "amsgrad", "beta", "l1", "l2"):
             if key not in _USES[name] and getattr(self, key) != unset[key]:
                 users = [n for n in OPTIMIZERS if key in _USES[n]]
                 raise ValueError(f"{key}={getattr(self, key)!r} does not apply to {name!r} "

@@ -63,7 +63,7 @@ class ModelGuard:
     def _mine(self, m: scheduler_pb2.ShardMap) -> set[int]:
         return {i for i, r in enumerate(m.replicas) if self.address in r.servers}
 
-    def check_create(self, who: security.Identity | None, model: str, slices, what: str) -> None:
+    def check_create(self, who: security.Identity | None, model: str, slices, what: str, tables=()) -> None:
         """A user creates only its own model's slices that the map puts on this server, with the map's
         shapes and types."""
         if who is None:
@@ -74,6 +74,10 @@ class ModelGuard:
         mine = self._mine(m)
         planned = {(s.tensor, s.offset, s.length) for s in m.slices if s.shard in mine}
         tensors = {t.name: (tuple(t.shape), t.dtype) for t in m.tensors}
+        if sorted(t.SerializeToString(deterministic=True) for t in tables) != \
+                sorted(t.SerializeToString(deterministic=True) for t in m.tables):
+            raise PermissionDenied(f"{what}: its sparse tables are not those of the scheduler's map "
+                                   f"(version {m.version})")
         for s in slices:
             if (s.tensor, s.offset, s.length) not in planned or tensors.get(s.tensor) != (tuple(s.shape), s.dtype):
                 raise PermissionDenied(f"{what}: slice {s.tensor}[{s.offset}:{s.offset + s.length}] is not one the "

@@ -297,11 +297,19 @@ _CLASSES = {"sgd": SGD, "momentum": Momentum, "nesterov": Momentum, "adagrad": A
             "rmsprop": RMSprop, "adam": Adam, "adamw": Adam}
 
 
+class SparseOnly(Optimizer):
+    """The dense side of a model whose optimizer only sparse tables run (ftrl): it has no dense
+    parameters to update (ShardStore.create refuses any)."""
+
+    def apply(self, param, grad, state, step, grad_scale=1.0) -> None:
+        raise ValueError(f"{self.config.name} updates sparse tables only, not dense parameters")
+
+
 def make_optimizer(config: OptimizerConfig | Mapping) -> Optimizer:
     """The optimizer for a config (or a config dict); raises ValueError for a bad config."""
     if not isinstance(config, OptimizerConfig):
         config = OptimizerConfig.from_dict(config)
-    return _CLASSES[config.name](config)
+    return _CLASSES.get(config.name, SparseOnly)(config)
 
 
 # Bytes of memory traffic per parameter of one update, float32: param read + write (8), grad

@@ -14,17 +14,18 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from ps import checkpoint, initializers, rpc, security, sharding, wire
+from ps import checkpoint, initializers, rpc, security, sharding, sparse, wire
 from ps import limits as ps_limits
 from ps.data_policy import DataPolicy
-from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted, Unavailable, abort
+from ps.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted,
+                       Unavailable, abort)
 from ps.limits import Limits
 from ps.optimizer_config import OptimizerConfig
 from ps.server.access import ModelGuard
 from ps.server.replication import Replicator
 from ps.server.shard import ShardStore, SliceRequest
-from ps.tensor import CodecError, decode_1d, dtype_code, numpy_dtype
-from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc
+from ps.tensor import CodecError, decode, decode_1d, dtype_code, numpy_dtype
+from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc, tensor_pb2
 
 log = logging.getLogger("ps.server")
 SERVICE_NAME = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -94,11 +95,12 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 slices.append(SliceRequest(s.tensor, shape, dtype, s.offset, s.length,
                                            initializers.Init.from_proto(s.init, shape, dtype.name)))
             config = OptimizerConfig.from_proto(request.optimizer)
+            tables = sparse.check_tables(request.tables, f"create model '{request.model}'")
             if self.guard is not None:
                 self.guard.check_create(self._user(context), request.model, request.slices,
-                                        f"create model '{request.model}'")
+                                        f"create model '{request.model}'", request.tables)
                 self.guard.forget(request.model)
-            nbytes = self.store.create(request.model, slices, config, replace=request.replace)
+            nbytes = self.store.create(request.model, slices, config, replace=request.replace, tables=tables)
         except (PSError, ValueError) as e:
             abort(context, e if isinstance(e, PSError) else InvalidArgument(f"create model '{request.model}': {e}"))
         except MemoryError:  # max_bytes above what this host has left
@@ -136,6 +138,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             for b in request.backups:
                 if ":" not in b or len(b) > 255:
                     raise InvalidArgument(f"{what}: backup address must be host:port, got '{b[:255]}'")
+            if request.backups and self.store.model(request.model).tables:
+                raise FailedPrecondition(f"{what}: sparse tables are not replicated yet")
             if self.guard is not None:
                 self.guard.check_replicas(self._user(context), request.model, request.backups, request.demote, what)
             ranges = [(r.tensor, r.offset, r.length) for r in request.ranges]
@@ -165,6 +169,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             if not request.shard or "/" in request.shard or request.shard.startswith("."):
                 raise InvalidArgument(f"{what}: shard name '{request.shard}' must be a plain file name")
             m = self.store.model(request.model)
+            if m.tables:
+                raise FailedPrecondition(f"{what}: checkpoints of sparse tables are not written yet")
             snaps = [self.store.snapshot(sl, m.tensors[sl.tensor].shape) for sl in m.slices if sl.primary]
             data = checkpoint.encode_shard(request.model, m.optimizer.config.to_dict(), snaps,
                                            {t: meta.dtype.name for t, meta in m.tensors.items()})
@@ -301,6 +307,47 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         log.info("deleted model '%s': %d bytes freed", request.model, freed)
         return server_pb2.DeleteModelResponse(deleted=True, bytes_freed=freed)
 
+    # -- sparse tables -----------------------------------------------------------------------
+    def _table(self, context, request, what: str):
+        self.limits.check_name(f"{what}: model name", request.model)
+        self.limits.check_name(f"{what}: table name", request.table)
+        self._owned(context, what)(request.model)
+        return self.store.model(request.model).table(request.table, what)
+
+    def PullRows(self, request, context):
+        what = f"pull rows of '{request.model}/{request.table}'"
+        try:
+            table = self._table(context, request, what)
+            ids = sparse.decode_ids(request.ids, what, self._max_rows(table))
+            rows = table.pull(ids)
+        except PSError as e:
+            abort(context, e)
+        return server_pb2.PullRowsResponse(rows=tensor_pb2.Tensor(dtype=dtype_code(rows.dtype), shape=list(rows.shape),
+                                                                  data=rows.tobytes()))
+
+    def PushRows(self, request, context):
+        what = f"push rows to '{request.model}/{request.table}'"
+        try:
+            table = self._table(context, request, what)
+            self.limits.check_name(f"{what}: client_id", request.client_id)
+            ids = sparse.decode_ids(request.ids, what, self._max_rows(table))
+            g = request.grads
+            if list(g.shape) != [len(ids), table.spec.width]:
+                raise InvalidArgument(f"{what}: gradients of shape {list(g.shape)}, expected [{len(ids)}, "
+                                      f"{table.spec.width}] (one row of the table's width per id)")
+            try:
+                grads = decode(g, "gradients")
+            except CodecError as e:
+                raise InvalidArgument(f"{what}: {e}") from None
+            applied = table.push(ids, grads, request.client_id, request.seq, request.grad_scale or 1.0)
+        except PSError as e:
+            abort(context, e)
+        return server_pb2.PushRowsResponse(applied=applied)
+
+    def _max_rows(self, table) -> int:
+        """Most ids one message may name: as many rows as fit in a message."""
+        return max(1, self.limits.max_message_bytes // (table.spec.width * np.dtype(table.spec.dtype).itemsize))
+
     def Stats(self, request, context):
         resp = server_pb2.StatsResponse(uptime_s=time.time() - self.started)
         total = 0
@@ -314,7 +361,9 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                             pulls=sum(s.pulls for s in slices),
                             max_version=max((s.version for s in slices), default=0),
                             min_version=min((s.version for s in slices), default=0),
-                            optimizer=m.optimizer.config.name, backup_slices=len(held) - len(slices))
+                            optimizer=m.optimizer.config.name, backup_slices=len(held) - len(slices),
+                            tables=[server_pb2.TableStats(name=n, rows=st["rows"], bytes=st["bytes"])
+                                    for n, st in ((n, t.stats()) for n, t in m.tables.items())])
         resp.bytes = total
         return resp
 

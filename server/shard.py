@@ -17,8 +17,9 @@ import numpy as np
 from ps import initializers, wire
 from ps.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ps.limits import Limits, current as current_limits
-from ps.optimizer_config import OptimizerConfig
+from ps.optimizer_config import SPARSE_ONLY, OptimizerConfig, config_name
 from ps.server.optimizers import Optimizer, make_optimizer
+from ps.server.sparse import SparseTable, TableSpec
 from ps.tensor import CodecError, count_nonfinite, decode_1d, dtype_code, encode
 from ps.v1 import server_pb2, tensor_pb2
 
@@ -81,10 +82,13 @@ class SliceRequest:
 class ModelState:
     """One model's slices on this shard, and its optimizer."""
 
-    def __init__(self, name: str, optimizer: Optimizer, tensors: dict[str, TensorMeta]):
+    def __init__(self, name: str, optimizer: Optimizer, tensors: dict[str, TensorMeta],
+                 tables: dict[str, SparseTable] | None = None):
         self.name = name
         self.optimizer = optimizer
         self.tensors = tensors
+        #: sparse tables: this shard's rows of each (ps.sharding.row_shards decides which)
+        self.tables = tables or {}
         #: the optimizer as a serialized ps.v1.OptimizerConfig (replication requests carry it)
         self.optimizer_wire = optimizer.config.to_proto().SerializeToString()
 
@@ -96,6 +100,13 @@ class ModelState:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.slices)
+
+    def table(self, name: str, what: str) -> SparseTable:
+        t = self.tables.get(name)
+        if t is None:
+            raise NotFound(f"{what}: model '{self.name}' has no sparse table '{name}' (its tables: "
+                           f"{', '.join(sorted(self.tables)) or 'none'})")
+        return t
 
     def locate(self, tensor: str, offset: int, length: int, what: str) -> SliceState:
         """The slice holding [offset, offset + length) entirely, or a precise error."""
@@ -164,7 +175,7 @@ class ShardStore:
         return sum(m.nbytes for m in self.models())
 
     def create(self, name: str, slices: list[SliceRequest], config: OptimizerConfig | dict,
-               replace: bool = False) -> int:
+               replace: bool = False, tables: list[TableSpec] = ()) -> int:
         """Allocate and initialise a model's slices; returns bytes allocated."""
         if not name:
             raise InvalidArgument("create model: the model name is empty")
@@ -175,6 +186,9 @@ class ShardStore:
             optimizer = make_optimizer(config)
         except ValueError as e:
             raise InvalidArgument(f"create model '{name}': {e}") from None
+        if slices and config_name(config) in SPARSE_ONLY:
+            raise InvalidArgument(f"create model '{name}': {config_name(config)} updates sparse tables only: put "
+                                  f"the dense tensors in a model of their own, or use another optimizer")
         tensors: dict[str, TensorMeta] = {}
         for req in slices:
             self._check_slice(name, req)
@@ -184,6 +198,8 @@ class ShardStore:
                                       f"{meta.dtype}{list(meta.shape)} and {req.dtype}{list(req.shape)}")
             meta.slices.append(req)  # placeholder, replaced by SliceState below
         lim.check_count(f"create model '{name}': tensors", len(tensors), "max_tensors")
+        lim.check_count(f"create model '{name}': sparse tables", len(tables), "max_tensors")
+        sparse = {t.name: SparseTable(t, config) for t in tables}  # InvalidArgument for an optimizer rows lack
         need = 0
         for tname, meta in tensors.items():
             meta.slices.sort(key=lambda r: r.offset)
@@ -205,7 +221,7 @@ class ShardStore:
             for meta in tensors.values():
                 meta.slices = [self._allocate(r, optimizer) for r in meta.slices]
                 meta.starts = [s.offset for s in meta.slices]
-            self._models[name] = ModelState(name, optimizer, tensors)
+            self._models[name] = ModelState(name, optimizer, tensors, sparse)
         return need
 
     def _check_slice(self, name: str, r: SliceRequest) -> None:

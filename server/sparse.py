@@ -27,25 +27,20 @@ Pure NumPy, no gRPC: a servicer decodes requests and hands the arrays here.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any
 
 import numpy as np
 
 from ps.errors import InvalidArgument
 from ps.optimizer_config import OptimizerConfig
 from ps.sharding import SPLITMIX64_GAMMA, mix64, splitmix64
+# the table's spec is plain data clients and the scheduler share: it lives in ps.sparse
+from ps.sparse import DTYPES, MAX_WIDTH, ROW_INIT_KINDS, RowInit, TableSpec, _integer, _number  # noqa: F401
 
-ROW_INIT_KINDS = ("zeros", "constant", "normal", "uniform")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
-MAX_WIDTH = 65536
-DTYPES = ("float32", "float64")
 SNAPSHOT_FORMAT = 1
 
 # Hyper-parameters each sparse optimizer reads. sgd/adagrad/adam take OptimizerConfig's names and
@@ -56,63 +51,6 @@ SNAPSHOT_FORMAT = 1
 _HYPER = {"sgd": ("lr",), "adagrad": ("lr", "eps", "initial_accumulator_value", "lr_decay"),
           "adam": ("lr", "beta1", "beta2", "eps"), "ftrl": ("lr", "beta", "l1", "l2")}
 FTRL_DEFAULTS = {"lr": 0.1, "beta": 1.0, "l1": 0.0, "l2": 0.0}
-
-
-def _number(what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
-        raise InvalidArgument(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _integer(what: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise InvalidArgument(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
-# -- initial rows ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RowInit:
-    """How a new row starts: "zeros", "constant" (value), "normal" (mean, std) or "uniform"
-    (low, high), drawn from ``seed`` and the row's id alone (see ``initial_rows``)."""
-
-    kind: str = "zeros"
-    seed: int = 0
-    value: float = 0.0
-    mean: float = 0.0
-    std: float = 1.0
-    low: float = -0.05
-    high: float = 0.05
-
-    def __post_init__(self):
-        if self.kind not in ROW_INIT_KINDS:
-            raise InvalidArgument(f"row init: unknown kind {self.kind!r}: expected one of {', '.join(ROW_INIT_KINDS)}")
-        object.__setattr__(self, "seed", _integer("row init: seed", self.seed, 0, (1 << 64) - 1))
-        for name in ("value", "mean", "std", "low", "high"):
-            object.__setattr__(self, name, _number(f"row init: {name}", getattr(self, name)))
-        if self.std < 0:
-            raise InvalidArgument(f"row init: std must be >= 0, got {self.std}")
-        if self.low > self.high:
-            raise InvalidArgument(f"row init: low ({self.low}) must not exceed high ({self.high})")
-
-    @classmethod
-    def from_init(cls, init) -> RowInit:
-        """The row initializer of a ps.initializers.Init (its shape is ignored: a row is 1-D)."""
-        if init.kind not in ROW_INIT_KINDS:
-            raise InvalidArgument(f"row init: {init.kind!r} needs a dense tensor's fans; a row takes one of "
-                                  f"{', '.join(ROW_INIT_KINDS)}")
-        return cls(init.kind, init.seed, init.value, init.mean, init.std, init.low, init.high)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> RowInit:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise InvalidArgument(f"row init: unknown option(s) {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _uniforms(seed: int, ids: np.ndarray, cols: int) -> np.ndarray:
@@ -167,58 +105,6 @@ def initial_rows(init: RowInit, ids: np.ndarray, width: int, dtype="float32") ->
     return out
 
 
-# -- the table's spec ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TableSpec:
-    """A sparse table: its name, row width and dtype, how rows start, and its admission
-    (``admit_after`` sightings) and eviction (``evict_after`` steps, 0: never) rules; see the
-    module docstring for their exact meaning."""
-
-    name: str
-    width: int
-    dtype: str = "float32"
-    init: RowInit = field(default_factory=RowInit)
-    admit_after: int = 0
-    evict_after: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise InvalidArgument(f"table spec: name must be a non-empty string, got {self.name!r}")
-        what = f"table '{self.name}'"
-        object.__setattr__(self, "width", _integer(f"{what}: width", self.width, 1, MAX_WIDTH))
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"{what}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        init = self.init
-        if isinstance(init, Mapping):
-            init = RowInit.from_dict(init)
-        elif not isinstance(init, RowInit) and hasattr(init, "kind") and hasattr(init, "shape"):
-            init = RowInit.from_init(init)  # a ps.initializers.Init
-        if not isinstance(init, RowInit):
-            raise InvalidArgument(f"{what}: init must be a RowInit, an Init or a dict, got {init!r}")
-        object.__setattr__(self, "init", init)
-        # keep a draw representable: no normal draw strays 16 std, as ps.initializers checks
-        top = float(np.finfo(np.dtype(self.dtype)).max) / 16
-        for name in ("value", "mean", "std", "low", "high"):
-            if abs(getattr(init, name)) > top:
-                raise InvalidArgument(f"{what}: init {name} must be of magnitude at most {top:.3g} ({self.dtype}), "
-                                      f"got {getattr(init, name)!r}")
-        for name in ("admit_after", "evict_after"):
-            object.__setattr__(self, name, _integer(f"{what}: {name}", getattr(self, name), 0, (1 << 62)))
-
-    def to_dict(self) -> dict:
-        """Plain JSON types."""
-        d = dataclasses.asdict(self)
-        d["init"] = self.init.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> TableSpec:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise InvalidArgument(f"table spec: unknown option(s) {sorted(unknown)}")
-        return cls(**d)
-
-
 # -- per-row optimizers ----------------------------------------------------------------------------
 def sparse_config(config: OptimizerConfig | Mapping | None) -> dict:
     """The resolved hyper-parameters {"name": ..., <its fields>} of a sparse optimizer config.
@@ -228,6 +114,8 @@ def sparse_config(config: OptimizerConfig | Mapping | None) -> dict:
     must be left at their defaults. ftrl: a dict of lr (the paper's alpha), beta, l1, l2 (FTRL_DEFAULTS)."""
     if config is None:
         config = {"name": "sgd"}
+    if isinstance(config, OptimizerConfig) and config.name == "ftrl":
+        return _ftrl_config({"name": "ftrl", "lr": config.lr, "beta": config.beta, "l1": config.l1, "l2": config.l2})
     if isinstance(config, OptimizerConfig):
         cfg = config
     elif isinstance(config, Mapping):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ps.optimizer_config import OPTIMIZERS, OptimizerConfig, Schedule, clip_norm_scale, lr_at
+from ps.optimizer_config import DENSE_OPTIMIZERS, OptimizerConfig, Schedule, clip_norm_scale, lr_at
 from ps.server.optimizers import make_optimizer, update_rate
 from ps.v1 import optimizer_pb2
 
@@ -67,7 +67,7 @@ def test_optimizer_matches_torch_optim_step_by_step(case):
 
 def test_fixture_covers_every_optimizer_schedule_and_clip():
     configs = [c["config"] for c in CASES]
-    assert {c["name"] for c in configs} == set(OPTIMIZERS)
+    assert {c["name"] for c in configs} == set(DENSE_OPTIMIZERS)
     assert {c["schedule"]["kind"] for c in configs} >= {"constant", "step", "cosine"}
     assert any(c["clip_norm"] for c in configs) and any(c["clip_value"] for c in configs)
     assert {c["dtype"] for c in CASES} == {"float32", "float64"}
@@ -108,7 +108,7 @@ def test_apply_leaves_the_gradient_unchanged_and_accepts_a_read_only_one(given):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("name", DENSE_OPTIMIZERS)
 def test_state_is_one_dimensional_in_the_parameter_dtype(name, dtype):
     opt = make_optimizer({"name": name})
     state = opt.init_state(11, dtype)

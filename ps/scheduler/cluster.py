@@ -59,6 +59,8 @@ class ShardMap:
     #: the server ids behind ``replicas`` (a server restarted on the same address is a new member)
     ids: tuple[tuple[str, ...], ...] = ()
     owner: str = ""  # the user whose model it is ("": no auth)
+    #: sparse tables (ps.v1.TableSpec as dicts): every shard holds the rows ps.sharding.row_shards gives it
+    tables: tuple = ()
 
     def __post_init__(self):
         if not self.replicas:  # one replica each: the primaries
@@ -234,7 +236,8 @@ class Cluster:
                     if s.state == UP and (s.confirmed or not confirmed)]
 
     def plan(self, model: str, tensors: list[sharding.TensorSpec], max_slice_bytes: int,
-             replace: bool = False, optimizer: object = None, replicas: int = 0, owner: str = "") -> ShardMap:
+             replace: bool = False, optimizer: object = None, replicas: int = 0, owner: str = "",
+             tables: tuple = ()) -> ShardMap:
         """The model's shard map over the servers that are up (the existing one if identical).
 
         One shard per server; shard i's replicas are servers i, i+1, ... (``replicas`` of them; 0:
@@ -242,12 +245,12 @@ class Cluster:
         backup of the shards before it."""
         if not model:
             raise InvalidArgument("plan model: the model name is empty")
-        if not tensors:
-            raise InvalidArgument(f"plan model '{model}': it has no tensors")
+        if not tensors and not tables:
+            raise InvalidArgument(f"plan model '{model}': it has no tensors and no sparse tables")
         with self._lock:
             old = self.maps.get(model)
             if old is not None and not replace:
-                if old.tensors == tuple(tensors):
+                if old.tensors == tuple(tensors) and old.tables == tuple(tables):
                     return old
                 raise AlreadyExists(f"model '{model}' already exists with different tensors; "
                                     f"delete it first or pass replace=True")
@@ -255,7 +258,10 @@ class Cluster:
             if not servers:
                 raise FailedPrecondition(
                     "no parameter servers are up: start one with `paramserver server --scheduler HOST:PORT`")
-            want = replicas or min(2, len(servers))
+            if tables and replicas > 1:
+                raise InvalidArgument(f"plan model '{model}': sparse tables are not replicated yet: replicas must "
+                                      f"be 1, got {replicas}")
+            want = replicas or (1 if tables else min(2, len(servers)))
             if want < 1 or want > len(servers):
                 raise InvalidArgument(f"plan model '{model}': replicas must be in [1, {len(servers)}] (the servers "
                                       f"up), got {replicas}")
@@ -268,7 +274,8 @@ class Cluster:
             version = old.version + 1 if old is not None else 1
             m = ShardMap(model, tuple(s.address for s in servers), tuple(tensors), tuple(slices), max_slice_bytes,
                          optimizer, replicas=tuple(tuple(s.address for s in r) for r in sets), version=version,
-                         replication=want, ids=tuple(tuple(s.server_id for s in r) for r in sets), owner=owner)
+                         replication=want, ids=tuple(tuple(s.server_id for s in r) for r in sets), owner=owner,
+                         tables=tuple(tables))
             self.maps[model] = m
             return m
 

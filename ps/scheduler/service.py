@@ -18,7 +18,9 @@ from concurrent import futures
 
 import grpc
 
-from ps import checkpoint, limits, rpc, security, sharding
+from google.protobuf import json_format
+
+from ps import checkpoint, limits, rpc, security, sharding, sparse
 from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
 from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention
@@ -27,7 +29,7 @@ from ps.scheduler import access
 from ps.scheduler.checkpoints import Checkpointer, default_dir as default_checkpoint_dir
 from ps.scheduler.replication import Replication
 from ps.tensor import CodecError, dtype_code, numpy_dtype
-from ps.v1 import scheduler_pb2, scheduler_pb2_grpc
+from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2
 
 log = logging.getLogger("ps.scheduler")
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -42,7 +44,8 @@ def shard_map_to_proto(m: ShardMap) -> scheduler_pb2.ShardMap:
                 for s in m.slices],
         optimizer=m.optimizer, max_slice_bytes=m.max_slice_bytes,
         replicas=[scheduler_pb2.ReplicaSet(servers=list(r)) for r in m.replicas], version=m.version,
-        replication=m.replication, owner=m.owner)
+        replication=m.replication, owner=m.owner,
+        tables=[json_format.ParseDict(t, server_pb2.TableSpec()) for t in m.tables])
 
 
 def tensor_specs_from_proto(infos) -> list[sharding.TensorSpec]:
@@ -260,10 +263,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             owner = security.owner_for(who, request.owner)
             self._own_model(who, request.model, "plan model")
             tensors = tensor_specs_from_proto(request.tensors)
+            sparse.check_tables(request.tables, f"plan model '{request.model}'")
+            tables = tuple(json_format.MessageToDict(t, preserving_proto_field_name=True) for t in request.tables)
             access.check_param_bytes(self.quotas, owner, self.cluster.maps, request.model, tensors)
             m = self.cluster.plan(request.model, tensors, request.max_slice_bytes or sharding.DEFAULT_MAX_SLICE_BYTES,
                                   replace=request.replace, optimizer=request.optimizer,
-                                  replicas=request.replicas, owner=owner)
+                                  replicas=request.replicas, owner=owner, tables=tables)
             self.save(jobs=False, cluster=True)
         except PSError as e:
             abort(context, e)

@@ -24,7 +24,7 @@ class Schedule(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., step_size: _Optional[int] = ..., gamma: _Optional[float] = ..., total_steps: _Optional[int] = ..., min_lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "lr", "momentum", "dampening", "beta1", "beta2", "eps", "alpha", "weight_decay", "initial_accumulator_value", "lr_decay", "centered", "clip_value", "clip_norm", "schedule", "amsgrad")
+    __slots__ = ("name", "lr", "momentum", "dampening", "beta1", "beta2", "eps", "alpha", "weight_decay", "initial_accumulator_value", "lr_decay", "centered", "clip_value", "clip_norm", "schedule", "amsgrad", "beta", "l1", "l2")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,9 @@ class OptimizerConfig(_message.Message):
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     AMSGRAD_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    L1_FIELD_NUMBER: _ClassVar[int]
+    L2_FIELD_NUMBER: _ClassVar[int]
     name: str
     lr: float
     momentum: float
@@ -57,4 +60,7 @@ class OptimizerConfig(_message.Message):
     clip_norm: float
     schedule: Schedule
     amsgrad: bool
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., alpha: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., lr_decay: _Optional[float] = ..., centered: _Optional[bool] = ..., clip_value: _Optional[float] = ..., clip_norm: _Optional[float] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., amsgrad: _Optional[bool] = ...) -> None: ...
+    beta: float
+    l1: float
+    l2: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., alpha: _Optional[float] = ..., weight_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., lr_decay: _Optional[float] = ..., centered: _Optional[bool] = ..., clip_value: _Optional[float] = ..., clip_norm: _Optional[float] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., amsgrad: _Optional[bool] = ..., beta: _Optional[float] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ...) -> None: ...

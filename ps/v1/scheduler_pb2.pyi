@@ -118,7 +118,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PlanModelRequest(_message.Message):
-    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer", "replicas", "owner")
+    __slots__ = ("model", "tensors", "max_slice_bytes", "replace", "optimizer", "replicas", "owner", "tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     MAX_SLICE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class PlanModelRequest(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     max_slice_bytes: int
@@ -133,7 +134,8 @@ class PlanModelRequest(_message.Message):
     optimizer: _optimizer_pb2.OptimizerConfig
     replicas: int
     owner: str
-    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replicas: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[_server_pb2.TableSpec]
+    def __init__(self, model: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., max_slice_bytes: _Optional[int] = ..., replace: _Optional[bool] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replicas: _Optional[int] = ..., owner: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[_server_pb2.TableSpec, _Mapping]]] = ...) -> None: ...
 
 class SliceAssignment(_message.Message):
     __slots__ = ("tensor", "offset", "length", "shard")
@@ -154,7 +156,7 @@ class ReplicaSet(_message.Message):
     def __init__(self, servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes", "replicas", "version", "replication", "owner")
+    __slots__ = ("model", "servers", "tensors", "slices", "optimizer", "max_slice_bytes", "replicas", "version", "replication", "owner", "tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class ShardMap(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     servers: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
@@ -175,7 +178,8 @@ class ShardMap(_message.Message):
     version: int
     replication: int
     owner: str
-    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[_server_pb2.TableSpec]
+    def __init__(self, model: _Optional[str] = ..., servers: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slices: _Optional[_Iterable[_Union[SliceAssignment, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., max_slice_bytes: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaSet, _Mapping]]] = ..., version: _Optional[int] = ..., replication: _Optional[int] = ..., owner: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[_server_pb2.TableSpec, _Mapping]]] = ...) -> None: ...
 
 class ReportReplicaLostRequest(_message.Message):
     __slots__ = ("model", "primary", "backup", "error")

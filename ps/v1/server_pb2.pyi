@@ -43,16 +43,74 @@ class SliceSpec(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., init: _Optional[_Union[Initializer, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("model", "slices", "optimizer", "replace")
+    __slots__ = ("model", "slices", "optimizer", "replace", "tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     slices: _containers.RepeatedCompositeFieldContainer[SliceSpec]
     optimizer: _optimizer_pb2.OptimizerConfig
     replace: bool
-    def __init__(self, model: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SliceSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
+    def __init__(self, model: _Optional[str] = ..., slices: _Optional[_Iterable[_Union[SliceSpec, _Mapping]]] = ..., optimizer: _Optional[_Union[_optimizer_pb2.OptimizerConfig, _Mapping]] = ..., replace: _Optional[bool] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
+
+class TableSpec(_message.Message):
+    __slots__ = ("name", "width", "dtype", "init", "admit_after", "evict_after")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EVICT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    width: int
+    dtype: _tensor_pb2.DType
+    init: Initializer
+    admit_after: int
+    evict_after: int
+    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., init: _Optional[_Union[Initializer, _Mapping]] = ..., admit_after: _Optional[int] = ..., evict_after: _Optional[int] = ...) -> None: ...
+
+class PullRowsRequest(_message.Message):
+    __slots__ = ("model", "table", "ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    table: str
+    ids: bytes
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class PullRowsResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _tensor_pb2.Tensor
+    def __init__(self, rows: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PushRowsRequest(_message.Message):
+    __slots__ = ("model", "table", "client_id", "seq", "ids", "grads", "grad_scale")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    table: str
+    client_id: str
+    seq: int
+    ids: bytes
+    grads: _tensor_pb2.Tensor
+    grad_scale: float
+    def __init__(self, model: _Optional[str] = ..., table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., grad_scale: _Optional[float] = ...) -> None: ...
+
+class PushRowsResponse(_message.Message):
+    __slots__ = ("applied",)
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    def __init__(self, applied: _Optional[bool] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
     __slots__ = ("bytes",)
@@ -145,7 +203,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer", "backup_slices")
+    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer", "backup_slices", "tables")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +214,7 @@ class ModelStats(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     BACKUP_SLICES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     model: str
     slices: int
     params: int
@@ -166,7 +225,18 @@ class ModelStats(_message.Message):
     min_version: int
     optimizer: str
     backup_slices: int
-    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ..., backup_slices: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableStats]
+    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ..., backup_slices: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+
+class TableStats(_message.Message):
+    __slots__ = ("name", "rows", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rows: int
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("models", "bytes", "uptime_s")

@@ -84,6 +84,16 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.PullRows = channel.unary_unary(
+                '/ps.v1.ParameterServer/PullRows',
+                request_serializer=ps_dot_v1_dot_server__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.PullRowsResponse.FromString,
+                _registered_method=True)
+        self.PushRows = channel.unary_unary(
+                '/ps.v1.ParameterServer/PushRows',
+                request_serializer=ps_dot_v1_dot_server__pb2.PushRowsRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.PushRowsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -161,6 +171,21 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullRows(self, request, context):
+        """Sparse tables: rows keyed by int64 ids, spread over the shards by ps.sharding.row_shards. A row
+        not stored yet reads as its initial row (a function of the seed and the id alone).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushRows(self, request, context):
+        """Apply row gradients (repeated ids are summed first); exactly-once per (client_id, seq).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +238,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=ps_dot_v1_dot_server__pb2.CheckpointRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'PullRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.PullRowsRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.PullRowsResponse.SerializeToString,
+            ),
+            'PushRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRows,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.PushRowsRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.PushRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +520,60 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Checkpoint',
             ps_dot_v1_dot_server__pb2.CheckpointRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/PullRows',
+            ps_dot_v1_dot_server__pb2.PullRowsRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.PullRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/PushRows',
+            ps_dot_v1_dot_server__pb2.PushRowsRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.PushRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
