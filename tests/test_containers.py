@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import ps
+from conftest import wait_for
 from ps.demo import demo_spec
 from ps.v1 import scheduler_pb2
 
@@ -155,17 +156,6 @@ def _services(compose, env) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()] if not out.startswith("[") else json.loads(out)
 
 
-def _wait(condition, what: str, timeout: float = 120.0, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
 def test_every_service_is_healthy_through_its_own_healthcheck(cluster, compose):
     states = {s["Service"]: (s["State"], s["Health"]) for s in _services(compose, cluster["env"])}
     assert set(states) == SERVICES
@@ -183,7 +173,7 @@ def test_the_demo_trains_from_the_host(cluster, timings):
 def test_a_scaled_up_worker_takes_tasks(cluster, compose, docker):
     cluster["up"]("--scale", "worker=3")
     with ps.Client(SCHEDULER) as client:
-        _wait(lambda: len(client.cluster().workers) == 3, "3 workers registered")
+        wait_for(lambda: len(client.cluster().workers) == 3, timeout=120, what="3 workers registered")
         job = client.submit(demo_spec("mlp", epochs=10, workers=3))
         job.wait(progress=False)
     p = _run([docker, "logs", f"{PROJECT}-worker-3"])
@@ -196,7 +186,7 @@ def test_a_server_killed_mid_job_loses_nothing_and_comes_back(cluster, compose, 
         spec = demo_spec("mlp", epochs=30, workers=3)
         spec.keep_params = True
         job = client.submit(spec)
-        _wait(lambda: job.info().metrics.epoch >= 3, "the job past epoch 3")
+        wait_for(lambda: job.info().metrics.epoch >= 3, timeout=120, what="the job past epoch 3")
         _run([docker, "kill", f"{PROJECT}-server-1-1"])
         model = job.wait(progress=False)
         info = job.info()
@@ -205,7 +195,7 @@ def test_a_server_killed_mid_job_loses_nothing_and_comes_back(cluster, compose, 
         # `docker kill` is a stop the restart policy respects: the user starts it again, and the
         # shards it held are replicated onto it
         cluster["up"]("--scale", "worker=3")
-        _wait(lambda: not client.cluster().under_replicated, "every shard replicated again", timeout=60)
+        wait_for(lambda: not client.cluster().under_replicated, timeout=60, what="every shard replicated again")
         assert sum(s.state == "up" for s in client.cluster().servers) == 2
         cluster["checkpoint"] = job.checkpoint()  # into the checkpoints volume
         cluster["trained"] = model
