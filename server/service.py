@@ -312,7 +312,13 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         self.limits.check_name(f"{what}: model name", request.model)
         self.limits.check_name(f"{what}: table name", request.table)
         self._owned(context, what)(request.model)
-        return self.store.model(request.model).table(request.table, what)
+        table = self.store.model(request.model).table(request.table, what)
+        limit = self.store.max_bytes
+        if limit is not None and (held := self.store.nbytes + self.store.table_bytes()) > limit:
+            raise ResourceExhausted(f"{what}: this shard holds {held} bytes, over its limit {limit} "
+                                    f"{self.limits.hint('max_bytes')}; sparse tables grow with every new id: "
+                                    f"set evict_after or admit_after on the table, or add servers")
+        return table
 
     def PullRows(self, request, context):
         what = f"pull rows of '{request.model}/{request.table}'"
@@ -403,6 +409,9 @@ class SchedulerLink:
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
+            dropped = self.store.evict_tables()  # sparse tables' rows untouched for their evict_after steps
+            if dropped:
+                log.info("evicted %d sparse table rows", dropped)
             models = self.store.models()
             req = scheduler_pb2.HeartbeatRequest(server_id=self.server_id,
                                                  bytes=sum(m.nbytes for m in models),

@@ -174,6 +174,14 @@ class ShardStore:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.models())
 
+    def table_bytes(self) -> int:
+        """Bytes the sparse tables of every model hold (rows, their optimizer state, the index)."""
+        return sum(t.stats()["bytes"] for m in self.models() for t in m.tables.values())
+
+    def evict_tables(self) -> int:
+        """Drop every table's rows untouched for its evict_after steps; returns rows dropped."""
+        return sum(t.evict() for m in self.models() for t in m.tables.values())
+
     def create(self, name: str, slices: list[SliceRequest], config: OptimizerConfig | dict,
                replace: bool = False, tables: list[TableSpec] = ()) -> int:
         """Allocate and initialise a model's slices; returns bytes allocated."""

@@ -183,3 +183,33 @@ def test_status_shows_rows_and_bytes_per_table(cluster, client):
     assert [(t["table"], t["rows"]) for t in shown] == [("emb", 1000)]
     assert shown[0]["bytes"] >= 1000 * WIDTH * 4
     client.delete_model("shown")
+
+
+def test_rows_untouched_for_evict_after_steps_are_dropped_by_the_server(client):
+    from conftest import wait_for
+    model = client.create_model("ev", {"emb": ps.SparseTable(WIDTH, evict_after=2)}, replace=True)
+    old = np.array([1], np.int64)
+    shard = int(sharding.row_shards(old, 2)[0])
+    new = next(np.array([i], np.int64) for i in range(2, 100) if sharding.row_shards(np.array([i]), 2)[0] == shard)
+    model.push_rows("emb", old, np.ones((1, WIDTH), np.float32))
+    for _ in range(3):  # the table's clock moves on; `old` is not touched
+        model.push_rows("emb", new, np.ones((1, WIDTH), np.float32))
+    address = model.shards[shard]
+    rows = lambda: {t.name: t.rows for m in client.stats(address).models if m.model == "ev" for t in m.tables}["emb"]
+    wait_for(lambda: rows() == 1, timeout=30, what="the untouched row evicted (by the server's heartbeat loop)")
+    np.testing.assert_array_equal(model.pull_rows("emb", old), np.zeros((1, WIDTH), np.float32))  # initial again
+    client.delete_model("ev")
+
+
+def test_a_shard_over_its_memory_limit_refuses_new_rows_naming_the_limit():
+    with ps.LocalCluster(servers=1, server_args=["--max-bytes", "200KiB"]) as c, c.client() as client:
+        model = client.create_model("big", {"emb": ps.SparseTable(64)}, optimizer={"name": "sgd", "lr": 1.0})
+        pushed = 0
+        with pytest.raises(ps.ResourceExhausted, match="over its limit 204800 .*sparse tables grow with every new id"):
+            for i in range(100):
+                ids = np.arange(i * 100, (i + 1) * 100, dtype=np.int64)
+                model.push_rows("emb", ids, np.ones((100, 64), np.float32))
+                pushed += 100
+        assert 0 < pushed < 10_000
+        held = {t.name: t.rows for m in client.stats(model.shards[0]).models for t in m.tables}["emb"]
+        assert held == pushed  # the refused push stored nothing
