@@ -422,12 +422,13 @@ class Model:
         g = to_little_endian(np.ascontiguousarray(g, numpy_dtype(t.dtype) if t.dtype else np.float32))
         groups = sharding.split_rows(ids, len(self.shards))
         with self._push_lock:  # this client's seqs reach each table in order
-            batches = [(shard, pos[start:start + per_message], self.client.next_seq())
-                       for shard, pos in enumerate(groups) for start in range(0, len(pos), per_message)]
+            batches = {shard: [(pos[start:start + per_message], self.client.next_seq())
+                               for start in range(0, len(pos), per_message)]
+                       for shard, pos in enumerate(groups) if len(pos)}
 
             def one(shard):
                 stub, applied = self.client.server(self.shards[shard]), 0
-                for _, part, seq in (b for b in batches if b[0] == shard):
+                for part, seq in batches[shard]:
                     rows = g[part]
                     resp = self.client.call(stub.PushRows, server_pb2.PushRowsRequest(
                         model=self.name, table=table, client_id=self.client.client_id, seq=seq,
@@ -436,7 +437,7 @@ class Model:
                                                 data=rows.tobytes())), what, self.shards[shard])
                     applied += resp.applied
                 return applied
-            return sum(self.client.map(one, sorted({(b[0],) for b in batches})))
+            return sum(self.client.map(one, [(shard,) for shard in batches]))
 
     def _restore(self, loaded: tuple) -> None:
         """Install a checkpoint's slices on the primaries (before they have backups)."""

@@ -307,6 +307,13 @@ def owns(who: Identity | None, owner: str) -> bool:
     return who is None or who.role != USER or who.name == owner
 
 
+def check_owner(who: Identity | None, owner: str, what: str) -> None:
+    """Raise PermissionDenied unless ``who`` may act on something ``owner`` made."""
+    from ps.errors import PermissionDenied
+    if not owns(who, owner):
+        raise PermissionDenied(f"{what}: it belongs to another user ('{owner}'), not to '{who.name}'")
+
+
 def owner_for(who: Identity | None, requested: str = "") -> str:
     """The owner of what ``who`` makes: a user makes its own things; a member or admin may make one on a
     user's behalf (the scheduler creating a job's model). Raises PermissionDenied otherwise."""

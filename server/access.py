@@ -57,8 +57,7 @@ class ModelGuard:
             owner = self._owners.get(model)
         if owner is None:
             owner = self._map(model, what).owner
-        if owner != who.name:
-            raise PermissionDenied(f"{what}: model '{model}' belongs to another user ('{owner}'), not to '{who.name}'")
+        security.check_owner(who, owner, f"{what}: model '{model}'")
 
     def _mine(self, m: scheduler_pb2.ShardMap) -> set[int]:
         return {i for i, r in enumerate(m.replicas) if self.address in r.servers}
@@ -69,8 +68,7 @@ class ModelGuard:
         if who is None:
             return
         m = self._map(model, what)
-        if m.owner != who.name:
-            raise PermissionDenied(f"{what}: model '{model}' belongs to another user ('{m.owner}'), not to '{who.name}'")
+        security.check_owner(who, m.owner, f"{what}: model '{model}'")
         mine = self._mine(m)
         planned = {(s.tensor, s.offset, s.length) for s in m.slices if s.shard in mine}
         tensors = {t.name: (tuple(t.shape), t.dtype) for t in m.tensors}
@@ -90,8 +88,7 @@ class ModelGuard:
         if demote:
             raise PermissionDenied(f"{what}: only the scheduler demotes a primary")
         m = self._map(model, what)
-        if m.owner != who.name:
-            raise PermissionDenied(f"{what}: model '{model}' belongs to another user ('{m.owner}'), not to '{who.name}'")
+        security.check_owner(who, m.owner, f"{what}: model '{model}'")
         allowed = {a for i in self._mine(m) for a in m.replicas[i].servers}
         for b in backups:
             if b not in allowed:

@@ -41,7 +41,8 @@ def _decode(chunk, model: str, what: str) -> np.ndarray:
 class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     """gRPC front of a ShardStore."""
 
-    def __init__(self, store: ShardStore, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES, limits: Limits | None = None):
+    def __init__(self, store: ShardStore, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES, limits: Limits | None = None,
+                 data_policy: DataPolicy = DataPolicy()):
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.limits = limits or store.limits
@@ -51,7 +52,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         #: which models a user may touch (with auth on); set once the scheduler link exists
         self.guard: ModelGuard | None = None
         #: where Checkpoint may write
-        self.data_policy = DataPolicy()
+        self.data_policy = data_policy
 
     def _user(self, context):
         """The caller, when it is a user whose access to each model is checked (else None)."""
@@ -67,6 +68,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
         def check(model: str) -> None:
             if model not in seen:
+                self.limits.check_name(f"{what}: model name", model)  # before the scheduler is asked about it
                 self.guard.check(who, model, what)
                 seen.add(model)
         return check
@@ -241,7 +243,6 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         owned = self._owned(context, "push to")
         try:
             for req in request_iterator:
-                self._names("push to", req)
                 owned(req.model)
                 _, ok = self._apply(req, waits)
                 applied += ok
@@ -256,7 +257,6 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         owned = self._owned(context, "push_pull to")
         try:
             for req in request_iterator:
-                self._names("push_pull to", req)
                 owned(req.model)
                 sl, ok = self._apply(req, waits)
                 c = req.chunk
@@ -368,8 +368,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                             max_version=max((s.version for s in slices), default=0),
                             min_version=min((s.version for s in slices), default=0),
                             optimizer=m.optimizer.config.name, backup_slices=len(held) - len(slices),
-                            tables=[server_pb2.TableStats(name=n, rows=st["rows"], bytes=st["bytes"])
-                                    for n, st in ((n, t.stats()) for n, t in m.tables.items())])
+                            tables=[server_pb2.TableStats(name=n, rows=(st := t.stats())["rows"], bytes=st["bytes"])
+                                    for n, t in m.tables.items()])
         resp.bytes = total
         return resp
 
@@ -443,8 +443,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     store = ShardStore(limits=limits)
     window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window)] if flow_window else []
     server = rpc.make_server(threads, max_message_bytes, window)
-    servicer = ParameterServerServicer(store)
-    servicer.data_policy = data_policy
+    servicer = ParameterServerServicer(store, data_policy=data_policy)
     wire.add_shard_servicer(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE_NAME])
     bound = rpc.bind(server, host, port)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ps import security
-from ps.errors import PermissionDenied, ResourceExhausted
+from ps.errors import ResourceExhausted
 from ps.scheduler.jobs import TERMINAL
-from ps.security import QUOTAS, Identity
+from ps.security import QUOTAS
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,6 @@ class Quotas:
         limits = {q: getattr(self, q) for q in QUOTAS}
         limits.update(who.quotas)
         return {q: v for q, v in limits.items() if v}
-
-
-def check_owner(who: Identity | None, owner: str, what: str) -> None:
-    """Raise PermissionDenied unless ``who`` may act on something ``owner`` made."""
-    if not security.owns(who, owner):
-        raise PermissionDenied(f"{what}: it belongs to another user ('{owner}'), not to '{who.name}'")
 
 
 def param_bytes(tensors) -> int:

@@ -184,7 +184,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         job = self.jobs.jobs.get(job_id)
         if job is not None:
             try:
-                access.check_owner(security.caller(context), job.owner, f"{what} '{job_id}'")
+                security.check_owner(security.caller(context), job.owner, f"{what} '{job_id}'")
             except PSError as e:
                 abort(context, e)
 
@@ -192,7 +192,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         """Raise PermissionDenied unless ``who`` may act on ``model`` (when it exists)."""
         m = self.cluster.maps.get(model)
         if m is not None:
-            access.check_owner(who, m.owner, f"{what} '{model}'")
+            security.check_owner(who, m.owner, f"{what} '{model}'")
 
     def close_client(self) -> None:
         """Close the scheduler's own client: calls it has in flight (a repair, a drain, a relay to a
@@ -278,7 +278,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetShardMap(self, request, context):
         try:
             m = self.cluster.shard_map(request.model)
-            access.check_owner(security.caller(context), m.owner, f"get shard map of '{request.model}'")
+            security.check_owner(security.caller(context), m.owner, f"get shard map of '{request.model}'")
             return shard_map_to_proto(m)
         except PSError as e:
             await context.abort(e.code, str(e))
@@ -324,7 +324,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             try:
                 self._check_checkpoint_url(request.resume_from, "resume_from")
                 manifest = checkpoint.read_manifest(request.resume_from)
-                access.check_owner(who, manifest.get("owner", ""), f"resume from {request.resume_from}: the job")
+                security.check_owner(who, manifest.get("owner", ""), f"resume from {request.resume_from}: the job")
                 if "spec_json" not in manifest or "prep" not in manifest or "params" not in manifest:
                     raise InvalidArgument(f"resume from {request.resume_from}: a checkpoint of a model, not of a job "
                                           f"(its manifest has no spec): use Client.restore_model")
@@ -449,7 +449,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job '{request.job_id}' not found")
         try:
-            access.check_owner(security.caller(context), job.owner, f"watch job '{request.job_id}'")
+            security.check_owner(security.caller(context), job.owner, f"watch job '{request.job_id}'")
         except PSError as e:
             await context.abort(e.code, str(e))
         if self.followers >= self.retention.followers:
