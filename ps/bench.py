@@ -334,13 +334,34 @@ def local_train_main(spec_json: str) -> None:
     print(json.dumps({k: r[k] for k in ("samples_per_s", "test_accuracy", "samples", "seconds")}))
 
 
-def train(epochs: int = 6, echo: Callable[[str], None] = print) -> dict:
+def _cluster_train(spec, workers: int) -> dict:
+    """Train ``spec`` on a fresh local cluster (2 servers); its metrics, samples/s in steady state."""
+    from ps.client import Client
+    from ps.histogram import summary
+    from ps.local import LocalCluster
+    with LocalCluster(servers=2, workers=workers) as cluster, Client(cluster.address) as client:
+        job = client.submit(spec)
+        # Steady state: samples between the first and the last finished train task, so the
+        # first task's data loading and the start-up are not counted (nor are they for the
+        # single process, whose clock runs only around its training steps).
+        marks = [(e.time, e.metrics.samples) for e in job.events() if e.kind == "task" and e.metrics.samples]
+        metrics = job.wait(progress=False).metrics
+        info = job.info().metrics
+    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    metrics["samples_per_s"] = (s1 - s0) / (t1 - t0) if t1 > t0 else metrics["samples_per_s"]
+    metrics["staleness_updates_mean"], metrics["staleness_updates_max"] = summary(info.staleness_updates)
+    metrics["staleness_clocks_max"] = summary(info.staleness_clocks)[1]
+    return metrics
+
+
+def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tuple[str, ...] = ("asp",),
+          staleness: int = 3) -> dict:
     """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
-    single-process NumPy loop training the same model (all with one BLAS thread per process)."""
+    single-process NumPy loop training the same model (all with one BLAS thread per process);
+    with ``consistency``, 2 workers under each of those modes, side by side."""
+    import dataclasses
     import json
     import subprocess
-    from ps.client import Client
-    from ps.local import LocalCluster
     spec = train_spec(epochs)
     echo(f"model: MLP 256-512-512-10, batch 2048, Adam, {epochs} epochs; data: 60,000 synthetic examples "
          f"(70% train); one BLAS thread per process")
@@ -349,29 +370,29 @@ def train(epochs: int = 6, echo: Callable[[str], None] = print) -> dict:
     single = json.loads(out.stdout.strip().splitlines()[-1])
     echo(f"single process (no servers): {single['samples_per_s']:.0f} samples/s, "
          f"test accuracy {single['test_accuracy']:.4f}")
-    rates = {}
-    for workers in (1, 2):
-        with LocalCluster(servers=2, workers=workers) as cluster, Client(cluster.address) as client:
-            job = client.submit(spec)
-            # Steady state: samples between the first and the last finished train task, so the
-            # first task's data loading and the start-up are not counted (nor are they for the
-            # single process, whose clock runs only around its training steps).
-            marks = [(e.time, e.metrics.samples) for e in job.events() if e.kind == "task" and e.metrics.samples]
-            metrics = job.wait(progress=False).metrics
-        (t0, s0), (t1, s1) = marks[0], marks[-1]
-        metrics["samples_per_s"] = (s1 - s0) / (t1 - t0)
-        rates[workers] = metrics
-        echo(f"{workers} worker{'s' if workers > 1 else ''} + 2 servers: {metrics['samples_per_s']:.0f} samples/s, "
-             f"test accuracy {metrics['test_accuracy']:.4f}")
-    one_vs_single = rates[1]["samples_per_s"] / single["samples_per_s"]
-    two_vs_one = rates[2]["samples_per_s"] / rates[1]["samples_per_s"]
-    echo(f"1 worker / single process: {one_vs_single:.2f}; 2 workers / 1 worker: {two_vs_one:.2f}")
-    return {"single_samples_per_s": round(single["samples_per_s"], 1),
-            "one_worker_samples_per_s": round(rates[1]["samples_per_s"], 1),
-            "two_workers_samples_per_s": round(rates[2]["samples_per_s"], 1),
-            "one_worker_to_single_ratio": round(one_vs_single, 3), "two_to_one_worker_ratio": round(two_vs_one, 3),
-            "single_test_accuracy": single["test_accuracy"], "one_worker_test_accuracy": rates[1]["test_accuracy"],
-            "two_workers_test_accuracy": rates[2]["test_accuracy"], "cpu_count": os.cpu_count()}
+    result = {"single_samples_per_s": round(single["samples_per_s"], 1),
+              "single_test_accuracy": single["test_accuracy"], "cpu_count": os.cpu_count()}
+    one = _cluster_train(spec, 1)
+    echo(f"1 worker + 2 servers: {one['samples_per_s']:.0f} samples/s, test accuracy {one['test_accuracy']:.4f}")
+    result.update(one_worker_samples_per_s=round(one["samples_per_s"], 1), one_worker_test_accuracy=one["test_accuracy"],
+                  one_worker_to_single_ratio=round(one["samples_per_s"] / single["samples_per_s"], 3))
+    for mode in consistency:
+        two = _cluster_train(dataclasses.replace(spec, consistency=mode, staleness=staleness), 2)
+        label = f"{mode}" + (f" (s={staleness})" if mode == "ssp" else "")
+        echo(f"2 workers + 2 servers, {label}: {two['samples_per_s']:.0f} samples/s, test accuracy "
+             f"{two['test_accuracy']:.4f}; staleness in updates: mean {two['staleness_updates_mean']:.2f}, "
+             f"max {two['staleness_updates_max']}" + (f"; in clocks: max {two['staleness_clocks_max']}"
+                                                       if mode != "asp" else ""))
+        prefix = "two_workers" if mode == "asp" else f"{mode}_two_workers"
+        result.update({f"{prefix}_samples_per_s": round(two["samples_per_s"], 1),
+                       f"{prefix}_test_accuracy": two["test_accuracy"],
+                       f"{prefix}_staleness_updates_mean": round(two["staleness_updates_mean"], 3),
+                       f"{prefix}_to_one_worker_ratio": round(two["samples_per_s"] / one["samples_per_s"], 3)})
+    if "asp" in consistency:
+        result["two_to_one_worker_ratio"] = result["two_workers_to_one_worker_ratio"]
+        echo(f"1 worker / single process: {result['one_worker_to_single_ratio']:.2f}; "
+             f"2 workers (asp) / 1 worker: {result['two_to_one_worker_ratio']:.2f}")
+    return result
 
 
 def kernels(device: str = "gpu:0", batch: int = 1024, repeats: int = 30,

@@ -427,11 +427,14 @@ def bench_failover(as_json):
 
 @bench.command("train")
 @click.option("--epochs", default=6, show_default=True)
+@click.option("--consistency", multiple=True, type=click.Choice(["asp", "ssp", "bsp"]),
+              help="run 2 workers under this consistency model (repeatable; default: asp)")
+@click.option("--staleness", default=3, show_default=True, help="ssp's bound, in clocks")
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(epochs, as_json):
+def bench_train(epochs, consistency, staleness, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
     from ps.bench import train
-    result = train(epochs, echo=click.echo)
+    result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness)
     if as_json:
         emit_json(result)
 
@@ -461,6 +464,21 @@ def bench_scheduler(members, followers, seconds, task_seconds, as_json):
     result = scheduler(members, followers, seconds, task_seconds, echo=click.echo)
     if as_json:
         emit_json(result)
+
+
+@bench.command("rows")
+@click.option("--width", "widths", type=click.IntRange(min=1), multiple=True, default=(16, 64), show_default=True,
+              help="Sparse table row width (float32); repeat for several tables.")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1_000, 10_000, 100_000),
+              show_default=True, help="Ids per pull_rows + push_rows; repeat for several batch sizes.")
+@click.option("--servers", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--seconds", default=1.5, show_default=True, type=click.FloatRange(min=0),
+              help="Time spent on each measurement (ours and raw grpcio, per case).")
+@click.option("--json", "as_json", is_flag=True)
+def bench_rows(widths, batches, servers, seconds, as_json):
+    """Sparse-table rows/s of pull_rows + push_rows per width and batch against raw grpcio moving the same bytes."""
+    from ps.bench_rows import rows
+    rows(widths, batches, servers, seconds, as_json=as_json, echo=click.echo)
 
 
 @main.command()
@@ -693,7 +711,8 @@ def delete(job_id, scheduler_addr):
 
 
 @main.command()
-@click.option("--model", "model_kind", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
+@click.option("--model", "model_kind", type=click.Choice(["mlp", "cnn", "text"]), default="mlp", show_default=True,
+              help="mlp / cnn: digits; text: hashed-word softmax regression on the bundled fortunes (10 topics)")
 @click.option("--scheduler", "scheduler_addr", default=None, envvar="PS_SCHEDULER",
               help="Submit to this cluster instead of starting a local one [env PS_SCHEDULER].")
 @click.option("--servers", default=2, show_default=True, help="Local cluster: server shards.")
@@ -708,7 +727,8 @@ def delete(job_id, scheduler_addr):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 @security_options()
 def demo(model_kind, scheduler_addr, servers, workers, device, epochs, seed, lease_timeout, logdir, save, as_json):
-    """Train on the bundled 8x8 digits (7:3 split) and print the test accuracy."""
+    """Train on bundled data (8x8 digits, or fortunes texts for --model text; 7:3 split) and print the
+    test accuracy."""
     import contextlib
     import time
 
@@ -726,16 +746,20 @@ def demo(model_kind, scheduler_addr, servers, workers, device, epochs, seed, lea
                        f"{'' if device == 'cpu' else ' on ' + device}", err=as_json)
         client = stack.enter_context(_client(scheduler_addr) if cluster is None else cluster.client(connect_timeout=10))
         job = client.submit(spec)
-        click.echo(f"submitted {job.job_id}: {model_kind.upper()} on digits, {spec.epochs} epochs", err=as_json)
+        click.echo(f"submitted {job.job_id}: {model_kind.upper()} on {spec.data.uri.split(':')[-1]}, "
+                   f"{spec.epochs} epochs", err=as_json)
         model = _follow(job, progress=True, logdir=logdir)
         if save:
             model.save(save)
     m = model.metrics
-    click.echo(f"test accuracy {m['test_accuracy']:.4f} on the held-out 30% after {m['epoch']} epochs; "
-               f"{m['samples_per_s']:.0f} samples/s; {time.perf_counter() - start:.1f} s in all", err=as_json)
+    baseline = model.prep.get("majority_baseline")
+    click.echo(f"test accuracy {m['test_accuracy']:.4f} on the held-out 30% after {m['epoch']} epochs"
+               + (f" (always the most frequent class: {baseline:.4f})" if baseline is not None else "")
+               + f"; {m['samples_per_s']:.0f} samples/s; {time.perf_counter() - start:.1f} s in all", err=as_json)
     if as_json:
         emit_json({"model": model_kind, "device": device if cluster else None, "job_id": job.job_id,
-                   "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
+                   "test_accuracy": m["test_accuracy"], "majority_baseline": baseline,
+                   "test_loss": m["test_loss"], "train_loss": m["train_loss"], "epochs": m["epoch"],
                    "samples_per_s": m["samples_per_s"], "train_seconds": m["seconds"],
                    "seconds": time.perf_counter() - start})
 

@@ -582,10 +582,19 @@ class Model:
             log.warning("%s model '%s': the servers took %d chunk(s) of push %d (client %s) for retries of an "
                         "earlier push and did not apply them", what, self.name, first, seq, self.client.client_id)
 
-    def push(self, grads: Mapping[str, np.ndarray]) -> None:
-        """Apply gradients on the servers (asynchronously with respect to other clients)."""
+    def push(self, grads: Mapping[str, np.ndarray], seq: int | None = None) -> None:
+        """Apply gradients on the servers (asynchronously with respect to other clients).
+
+        ``seq``: this push's id for the servers' exactly-once check instead of the client's next one
+        (with the client's id, an update any process sends under that id and seq is applied once:
+        a bsp step's leader uses the step's number, so another that takes the step over cannot apply it
+        twice). Ids must grow from push to push."""
         with self._push_lock:
-            flat, seq, scale = self._next_seq(grads, "push to")
+            flat, next_seq, scale = self._next_seq(grads, "push to")
+            if seq is None:
+                seq = next_seq
+            elif isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
+                raise InvalidArgument(f"push to '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
 
             results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
                 self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat)).duplicates),
@@ -861,6 +870,8 @@ class Job:
                     writer.scalars(m.epoch, {"train/loss": m.train_loss, "test/loss": m.test_loss,
                                              "test/accuracy": m.test_accuracy,
                                              "train/samples_per_s": m.samples_per_s})
+                    writer.staleness(m.epoch, {"staleness/updates": m.staleness_updates,
+                                               "staleness/clocks": m.staleness_clocks})
         finally:
             bar.close()
             if writer is not None:

@@ -1,13 +1,18 @@
-"""The built-in demo jobs: an MLP and a small CNN on the bundled 8x8 digits (7:3 split)."""
+"""The built-in demo jobs: an MLP and a small CNN on the bundled 8x8 digits, and a hashed-feature
+softmax regression (``sparse_linear``: one sparse-table row per hash bucket) on the bundled fortunes
+texts (10 topics), each on a 7:3 split."""
 
 from __future__ import annotations
 
 from ps.spec import DataSpec, JobSpec
 
+MODELS = ("mlp", "cnn", "text")
+
 
 def demo_spec(model: str = "mlp", epochs: int | None = None, seed: int = 0, workers: int = 2,
               lease_timeout_s: float = 30.0) -> JobSpec:
-    """The demo job for ``model`` ('mlp' or 'cnn')."""
+    """The demo job for ``model`` ('mlp', 'cnn' or 'text')."""
+    optimizer = {"name": "adam", "lr": 0.002}
     if model == "mlp":
         layers = [{"type": "dense", "units": 128, "activation": "relu"},
                   {"type": "dense", "units": 10}]
@@ -22,8 +27,14 @@ def demo_spec(model: str = "mlp", epochs: int | None = None, seed: int = 0, work
                   {"type": "dense", "units": 10}]
         data = DataSpec(uri="builtin:digits", reshape=[1, 8, 8], test_fraction=0.3, scale="minmax")
         default_epochs = 30
+    elif model == "text":
+        layers = [{"type": "sparse_linear", "units": 10}]
+        data = DataSpec(uri="builtin:fortunes", test_fraction=0.3, scale="none",
+                        text={"hash_bits": 18, "ngrams": 1, "max_tokens": 256})
+        optimizer = {"name": "adagrad", "lr": 0.2}
+        default_epochs = 10
     else:
-        raise ValueError(f"unknown demo model '{model}': expected mlp or cnn")
-    return JobSpec(name=f"digits-{model}", model=layers, data=data, loss="softmax_cross_entropy",
-                   optimizer={"name": "adam", "lr": 0.002}, batch_size=32, epochs=epochs or default_epochs,
-                   workers=workers, seed=seed, lease_timeout_s=lease_timeout_s)
+        raise ValueError(f"unknown demo model '{model}': expected one of {', '.join(MODELS)}")
+    return JobSpec(name=f"{'fortunes' if model == 'text' else 'digits'}-{model}", model=layers, data=data,
+                   loss="softmax_cross_entropy", optimizer=optimizer, batch_size=32,
+                   epochs=epochs or default_epochs, workers=workers, seed=seed, lease_timeout_s=lease_timeout_s)

@@ -232,27 +232,36 @@ class Limits:
             raise InvalidArgument(f"{what}: max_chunk_bytes {value} exceeds the limit {self.max_chunk_bytes} "
                                   f"(the message limit less 64 KiB) {self.hint('max_message_bytes')}")
 
-    def check_synthetic(self, what: str, n: int, features: int, classes: int | None = None) -> None:
-        """A synthetic: generator's size: n x features (and features x classes) values at most."""
-        for label, value in (("n x features", n * features),
-                             ("features x classes", None if classes is None else features * classes)):
+    def check_synthetic(self, what: str, n: int, features: int, classes: int | None = None, *,
+                        ids: int | None = None, width: str = "features") -> None:
+        """A synthetic: generator's size: n x features (for ``synthetic:ctr``, ``width="fields"``:
+        n x fields), features x classes and ``ids`` (ctr's teacher weights), each
+        max_synthetic_values at most."""
+        for label, value in ((f"n x {width}", n * features),
+                             ("features x classes", None if classes is None else features * classes),
+                             ("ids", ids)):
             if value is not None and value > self.max_synthetic_values:
                 raise ResourceExhausted(f"{what}: {label} = {value} exceeds the limit {self.max_synthetic_values} "
                                         f"{self.hint('max_synthetic_values')}")
 
     def check_synthetic_uri(self, what: str, uri: str) -> None:
-        """``check_synthetic`` for a ``synthetic:KIND?n=...&features=...&classes=...`` URI (the
-        generator's defaults for what it leaves out); other faults are the generator's to report."""
+        """``check_synthetic`` for a ``synthetic:KIND?n=...&features=...&classes=...`` URI, or a
+        ``synthetic:ctr?n=...&fields=...&ids=...`` one (the generator's defaults for what it
+        leaves out); other faults are the generator's to report."""
         from urllib.parse import parse_qsl
         kind, _, query = uri.partition(":")[2].partition("?")
         given = {}
         for key, value in parse_qsl(query, keep_blank_values=True):
-            if key in ("n", "features", "classes"):
+            if key in ("n", "features", "classes", "fields", "ids"):
                 try:
                     given[key] = int(float(value)) if "e" in value.lower() else int(value)
                 except (ValueError, OverflowError):
                     raise InvalidArgument(f"{what}: parameter '{key}' must be a whole number, "
                                           f"got '{value[:40]}'") from None
+        if kind == "ctr":
+            size = {**SYNTHETIC_CTR_DEFAULTS, **given}
+            self.check_synthetic(what, size["n"], size["fields"], ids=size["ids"], width="fields")
+            return
         self.check_synthetic(what, given.get("n", SYNTHETIC_DEFAULTS["n"]),
                              given.get("features", SYNTHETIC_DEFAULTS["features"]),
                              given.get("classes", SYNTHETIC_DEFAULTS["classes"]) if kind == "classification" else None)
@@ -260,6 +269,8 @@ class Limits:
 
 #: ps.worker.datasets.synthetic's defaults (a spec may leave them out of its URI)
 SYNTHETIC_DEFAULTS = {"n": 10_000, "features": 20, "classes": 2}
+#: ps.worker.datasets.ctr's defaults (``synthetic:ctr``)
+SYNTHETIC_CTR_DEFAULTS = {"n": 10_000, "fields": 8, "ids": 100_000}
 
 
 def parse_size(text: str) -> int:
@@ -583,3 +594,16 @@ def check_complete_task(svc, req, lim: Limits) -> None:
             raise InvalidArgument(f"{what}: {name} must be >= 0, got {v}")
     if not (math.isfinite(req.seconds) and req.seconds >= 0):
         raise InvalidArgument(f"{what}: seconds must be a finite number >= 0, got {req.seconds}")
+    from ps.histogram import BUCKETS
+    staleness = list(_field(req, "staleness", ()))
+    if len(staleness) > BUCKETS or any(v < 0 for v in staleness):
+        raise InvalidArgument(f"{what}: staleness must be at most {BUCKETS} counts >= 0, got "
+                              f"{len(staleness)} value(s), the lowest {min(staleness, default=0)}")
+
+
+def check_clock(svc, req, lim: Limits) -> None:
+    lim.check_name("clock: worker_id", req.worker_id)
+    lim.check_name("clock: task_id", req.task_id)
+    lim.check_name("clock: lease_id", req.lease_id)
+    if req.steps < 0:
+        raise InvalidArgument(f"clock of {req.task_id}: steps must be >= 0, got {req.steps}")

@@ -42,7 +42,7 @@ PERMISSIONS: dict[str, dict[str, frozenset]] = {
     "ps.v1.Scheduler": {
         "RegisterServer": _MEMBERS, "Heartbeat": _MEMBERS, "ReportReplicaLost": _MEMBERS,
         "RegisterWorker": _MEMBERS, "WorkerHeartbeat": _MEMBERS, "DeregisterWorker": _MEMBERS,
-        "LeaseTask": _MEMBERS, "CompleteTask": _MEMBERS,
+        "LeaseTask": _MEMBERS, "CompleteTask": _MEMBERS, "Clock": _MEMBERS,
         "GetCluster": _ANYONE, "GetShardMap": _ANYONE, "PlanModel": _ANYONE, "DropModel": _ANYONE,
         "DrainServer": frozenset((ADMIN,)),
         "SubmitJob": _PEOPLE, "GetJob": _PEOPLE, "ListJobs": _PEOPLE, "CancelJob": _PEOPLE,

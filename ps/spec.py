@@ -17,7 +17,14 @@ from typing import Any
 
 LOSSES = ("softmax_cross_entropy", "binary_cross_entropy", "mse")
 SCALERS = ("standard", "minmax", "none")
-CONSISTENCY = ("asp",)
+CONSISTENCY = ("asp", "ssp", "bsp")
+DTYPES = ("float32", "float64")
+MAX_STALENESS = 1000
+
+
+def accumulator(job_id: str) -> str:
+    """The model a "bsp" job's workers sum each step's gradients into (beside the job's own, ``job_id``)."""
+    return f"{job_id}.acc"
 
 
 class SpecError(ValueError):
@@ -32,6 +39,33 @@ def _check_fields(cls, d: dict, where: str) -> None:
         raise SpecError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
 
 
+#: spec.data.text: each key's default (ps.worker.text reads text with these)
+TEXT_DEFAULTS: dict[str, Any] = {"column": None, "ngrams": 1, "hash_bits": 20, "max_tokens": 256}
+#: the whole numbers each spec.data.text key may take, both ends included
+TEXT_RANGES = {"ngrams": (1, 5), "hash_bits": (1, 30), "max_tokens": (1, 1 << 16)}
+
+
+def text_options(value: dict | None, where: str = "spec.data.text") -> dict[str, Any]:
+    """``value`` (a spec's data.text) checked and completed with TEXT_DEFAULTS; raises SpecError
+    naming the key, e.g. ``spec.data.text.hash_bits: expected an integer in [1, 30], got 40``."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected an object with keys {', '.join(TEXT_DEFAULTS)}, got {value!r}")
+    unknown = sorted(set(value) - set(TEXT_DEFAULTS))
+    if unknown:
+        raise SpecError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(TEXT_DEFAULTS)})")
+    out = {**TEXT_DEFAULTS, **value}
+    column = out["column"]
+    if column is not None and (isinstance(column, bool) or not isinstance(column, (str, int))):
+        raise SpecError(f"{where}.column: expected a column name or index, got {column!r}")
+    for key, (lo, hi) in TEXT_RANGES.items():
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise SpecError(f"{where}.{key}: expected an integer in [{lo}, {hi}], got {v!r}")
+    return out
+
+
 @dataclass
 class DataSpec:
     """Where the examples come from and how they are prepared."""
@@ -44,6 +78,8 @@ class DataSpec:
     scale: str = "standard"            # standard | minmax | none, fitted on the training split
     one_hot: bool = False              # one-hot labels (for an MSE loss on classes)
     shards: int = 0                    # training-split parts per epoch (tasks); 0: 2 per wanted worker
+    # text data (hashed token ids, ps.worker.text): column, ngrams, hash_bits, max_tokens; see TEXT_DEFAULTS
+    text: dict | None = None
 
 
 @dataclass
@@ -60,7 +96,9 @@ class JobSpec:
     workers: int = 2
     seed: int = 0
     name: str = "job"
-    consistency: str = "asp"
+    consistency: str = "asp"  # asp (no waiting) | ssp (at most `staleness` clocks ahead of the slowest) | bsp
+    staleness: int = 3        # ssp's bound s, in clocks (training steps); 0 steps in lockstep
+    dtype: str = "float32"    # the parameters' dtype: float32 | float64
     lease_timeout_s: float = 30.0
     metrics: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
     keep_params: bool = False  # keep the parameters on the servers after success (else freed after retention)
@@ -182,6 +220,8 @@ class JobSpec:
                 for v in d.reshape)):
             raise SpecError(f"spec.data.reshape: expected at most {lim.max_dims} positive ints "
                             f"{lim.hint('max_dims')}, got {d.reshape!r}")
+        if d.text is not None:
+            text_options(d.text, "spec.data.text")
         if d.uri.startswith("synthetic:"):
             try:
                 lim.check_synthetic_uri("spec.data.uri", d.uri)
@@ -190,7 +230,17 @@ class JobSpec:
         if self.loss not in LOSSES:
             raise SpecError(f"spec.loss: unknown loss '{self.loss}': expected one of {', '.join(LOSSES)}")
         if self.consistency not in CONSISTENCY:
-            raise SpecError(f"spec.consistency: '{self.consistency}' is not supported (supported: asp)")
+            raise SpecError(f"spec.consistency: '{self.consistency}' is not supported (supported: "
+                            f"{', '.join(CONSISTENCY)})")
+        kind_of("staleness", self.staleness, int, f"an integer in [0, {MAX_STALENESS}]")
+        if not 0 <= self.staleness <= MAX_STALENESS:
+            raise SpecError(f"spec.staleness: expected an integer in [0, {MAX_STALENESS}], got {self.staleness}")
+        if self.consistency != "asp" and d.shards not in (0, self.workers):
+            raise SpecError(f"spec.data.shards: a {self.consistency} job gives each of its {self.workers} workers "
+                            f"one fixed shard per epoch: expected 0 or {self.workers}, got {d.shards}")
+        kind_of("dtype", self.dtype, str, "a string")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"spec.dtype: expected one of {', '.join(DTYPES)}, got '{self.dtype}'")
         if not isinstance(self.model, list) or not self.model:
             raise SpecError("spec.model: expected a non-empty list of layers")
         if self.data.scale not in SCALERS:

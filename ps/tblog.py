@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import struct
+
+import numpy as np
 from pathlib import Path
 
 
@@ -19,6 +21,21 @@ class EventWriter:
         for tag, v in values.items():
             if v is not None and math.isfinite(v):
                 self._w.add_scalar(tag, v, step)
+        self._w.flush()
+
+    def staleness(self, step: int, histograms: dict[str, list[int]]) -> None:
+        """Staleness histograms (counts by value, ps.histogram): each as a TensorBoard histogram and
+        its mean and max as scalars (``tag/mean``, ``tag/max``)."""
+        from ps.histogram import summary
+        for tag, counts in histograms.items():
+            counts = list(counts)
+            if not sum(counts):
+                continue
+            mean, top = summary(counts)
+            values = [i for i, n in enumerate(counts) for _ in range(min(n, 10_000))]
+            self._w.add_histogram(tag, np.asarray(values, np.float64), step, bins=np.arange(len(counts) + 1) - 0.5)
+            self._w.add_scalar(f"{tag}/mean", mean, step)
+            self._w.add_scalar(f"{tag}/max", top, step)
         self._w.flush()
 
     def close(self) -> None:

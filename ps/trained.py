@@ -18,8 +18,11 @@ WEIGHTS, META = "model.safetensors", "model.json"
 
 
 def scale(prep: dict, x: np.ndarray) -> np.ndarray:
-    """Apply the job's scaler (fitted on the flattened training split) to raw examples."""
+    """Apply the job's scaler (fitted on the flattened training split) to raw examples; ids (integer
+    examples, for a model whose first layer reads them) pass unchanged."""
     from ps.worker.preprocess import Scaler
+    if np.issubdtype(np.asarray(x).dtype, np.integer):
+        return np.asarray(x, np.int64)
     flat = np.asarray(x, np.float32).reshape(len(x), -1)
     return np.asarray(Scaler.from_dict(prep["scaler"]).transform(flat), np.float32).reshape(x.shape)
 

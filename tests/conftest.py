@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+
+import fsspec
+import numpy as np
 
 import pytest
 
@@ -70,3 +74,39 @@ def wait_for_tasks(job, done: int) -> None:
         if ev.tasks_done >= done:
             return
     pytest.fail(f"job {job.job_id} ended before {done} tasks were done")
+
+
+@pytest.fixture
+def mem():
+    """A fresh memory:// folder, removed afterwards; returns a function naming a file in it."""
+    root = f"memory://test-{uuid.uuid4().hex}"
+    yield lambda name: f"{root}/{name}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def put(uri: str, data: bytes | str) -> str:
+    with fsspec.open(uri, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return uri
+
+
+def numeric_grad(f, a: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar ``f()`` wrt every element of ``a`` (perturbed in place)."""
+    g = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        old = a[idx]
+        a[idx] = old + eps
+        plus = f()
+        a[idx] = old - eps
+        minus = f()
+        a[idx] = old
+        g[idx] = (plus - minus) / (2 * eps)
+    return g
+
+
+def rel_error(analytic, numeric) -> float:
+    analytic, numeric = np.asarray(analytic, np.float64), np.asarray(numeric, np.float64)
+    scale = max(np.abs(analytic).max(initial=0), np.abs(numeric).max(initial=0), 1e-12)
+    return float(np.abs(analytic - numeric).max(initial=0) / scale)

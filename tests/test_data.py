@@ -6,10 +6,8 @@ import gzip
 import io
 import json
 import struct
-import uuid
 from importlib import resources
 
-import fsspec
 import numpy as np
 import pytest
 from hypothesis import given
@@ -20,20 +18,7 @@ from ps.worker.datasets import load_builtin, synthetic
 from ps.worker.preprocess import Scaler, batches, one_hot, shard_ranges, train_test_split
 
 
-@pytest.fixture
-def mem():
-    """A fresh memory:// folder, removed afterwards; returns a function naming a file in it."""
-    root = f"memory://test-data-{uuid.uuid4().hex}"
-    yield lambda name: f"{root}/{name}"
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-
-
-def put(uri: str, data: bytes | str) -> str:
-    with fsspec.open(uri, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return uri
+from conftest import put
 
 
 def idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -287,7 +272,7 @@ def test_digits_as_images_and_through_a_builtin_uri():
     flat = read_dataset("builtin:digits")
     np.testing.assert_array_equal(images.x.reshape(1797, 64), flat.x)
     assert read_dataset("builtin:digits?image=1").x.shape == (1797, 1, 8, 8)
-    with pytest.raises(ValueError, match="unknown built-in dataset 'mnist' \\(available: digits\\)"):
+    with pytest.raises(ValueError, match="unknown built-in dataset 'mnist' \\(available: digits, fortunes\\)"):
         read_dataset("builtin:mnist")
 
 

@@ -13,28 +13,10 @@ from ps.worker.losses import LOSSES, binary_cross_entropy, get_loss, mse, softma
 from ps.worker.model import Sequential, validate_loss_for_output
 from ps.worker.xp import asarray, get_xp, make_rng, pinned_to_host, to_numpy
 
+from conftest import numeric_grad, rel_error
+
 EPS = 1e-6
 TOL = 1e-6
-
-
-def numeric_grad(f, a: np.ndarray, eps: float = EPS) -> np.ndarray:
-    """Central differences of the scalar ``f()`` wrt every element of ``a`` (perturbed in place)."""
-    g = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + eps
-        plus = f()
-        a[idx] = old - eps
-        minus = f()
-        a[idx] = old
-        g[idx] = (plus - minus) / (2 * eps)
-    return g
-
-
-def rel_error(analytic, numeric) -> float:
-    analytic, numeric = np.asarray(analytic, np.float64), np.asarray(numeric, np.float64)
-    scale = max(np.abs(analytic).max(initial=0), np.abs(numeric).max(initial=0), 1e-12)
-    return float(np.abs(analytic - numeric).max(initial=0) / scale)
 
 
 def check_layer(layer, input_shape, batch=2, seed=0):

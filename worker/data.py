@@ -1,7 +1,7 @@
-"""Dataset readers: npz, CSV, LIBSVM/svmlight, IDX (MNIST) and Parquet, read through fsspec so
-any fsspec URL works (local paths, ``file://``, ``s3://``, ``memory://``); ``builtin:`` and
-``synthetic:`` URIs go to :mod:`ps.worker.datasets`. Plus a small per-process cache so a
-worker reads each dataset once.
+"""Dataset readers: npz, CSV, LIBSVM/svmlight, IDX (MNIST), Parquet and labelled text (hashed
+token ids, :mod:`ps.worker.text`), read through fsspec so any fsspec URL works (local paths,
+``file://``, ``s3://``, ``memory://``); ``builtin:`` and ``synthetic:`` URIs go to
+:mod:`ps.worker.datasets`. Plus a small per-process cache so a worker reads each dataset once.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ import fsspec
 import numpy as np
 
 from ps.data_policy import DataPolicy
+from ps.spec import TEXT_DEFAULTS, text_options
 from ps.worker.dataset import Dataset
+from ps.worker.text import parse_lines, text_dataset
 
-FORMATS = ("npz", "csv", "tsv", "libsvm", "svmlight", "idx", "parquet")
+FORMATS = ("npz", "csv", "tsv", "libsvm", "svmlight", "idx", "parquet", "text")
 
 _EXTENSIONS = {
     "npz": "npz", "csv": "csv", "tsv": "tsv", "libsvm": "libsvm", "svm": "libsvm",
-    "svmlight": "svmlight", "idx": "idx", "parquet": "parquet", "pq": "parquet",
+    "svmlight": "svmlight", "idx": "idx", "parquet": "parquet", "pq": "parquet", "txt": "text",
 }
 _COMPRESSIONS = ("gz", "bz2", "xz", "zst", "lz4")
 
@@ -46,7 +48,7 @@ def get_policy() -> DataPolicy:
 
 def read_dataset(uri: str, format: str | None = None, *, label: str | int | None = None,
                  features: list | None = None, n_features: int | None = None,
-                 zero_based: bool = False, policy: DataPolicy | None = None) -> Dataset:
+                 zero_based: bool = False, text: dict | None = None, policy: DataPolicy | None = None) -> Dataset:
     """Read a dataset from ``uri``; ``format`` is inferred from the extension when None.
 
     ``label``: CSV/Parquet label column (name or index, default the last column), npz key of the
@@ -55,14 +57,35 @@ def read_dataset(uri: str, format: str | None = None, *, label: str | int | None
     index base (1-based by default). ``policy``: where data may be read from (default
     ``get_policy()``); a location outside it raises ps.errors.PermissionDenied before anything
     is opened (a synthetic: size over its bound, ResourceExhausted).
+
+    ``text``: spec.data.text options (``column``, ``ngrams``, ``hash_bits``, ``max_tokens``) for
+    labelled text, which ``read_text`` turns into int64 (n, L) hashed token ids
+    padded with -1. Text is read when the format is ``text`` (inferred from ``.txt``), or when
+    ``text`` is given (even ``{}``) and the format, given or inferred, is csv, tsv or parquet
+    (or the file name tells none); other formats refuse ``text``. Without ``column`` a text
+    file holds one ``label<TAB>text`` a line (``.tsv`` included); with it, a table's column
+    ``column`` holds the text and ``label`` names the label column. A text ``builtin:`` dataset
+    (``builtin:fortunes``) applies ``text`` too.
     """
     uri = str(uri)
     policy = get_policy() if policy is None else policy
     policy.check(uri, "data.uri")
     if uri.startswith(("builtin:", "synthetic:")):
         from ps.worker.datasets import open_uri
-        return open_uri(uri)
-    fmt = (format or infer_format(uri)).lower()
+        return open_uri(uri, text=text)
+    if format or text is None:
+        fmt = (format or infer_format(uri)).lower()
+    else:  # text options: the extension may still say csv, tsv or parquet (a table's text column)
+        try:
+            fmt = infer_format(uri)
+        except ValueError:
+            fmt = "text"
+    if fmt == "text" or (text is not None and fmt in ("csv", "tsv", "parquet")):
+        table = fmt if fmt != "text" else None
+        return read_text(uri, label=label, table=table, policy=policy, **text_options(text, "data.text"))
+    if text is not None:
+        raise ValueError(f"{uri}: text options apply to text data (format text, csv, tsv or parquet), "
+                         f"not to format '{fmt}'")
     if fmt == "npz":
         return _read_npz(uri, label, features)
     if fmt in ("csv", "tsv"):
@@ -195,7 +218,8 @@ def _column(header: list[str], spec, uri: str, what: str) -> int:
     raise ValueError(f"{uri}: no {what} column '{spec}' (columns: {', '.join(header)})")
 
 
-def _read_csv(uri: str, label, features, delimiter: str = ",") -> Dataset:
+def _csv_rows(uri: str, delimiter: str = ",") -> tuple[list[str], list[list[str]], list[int]]:
+    """A CSV/TSV file's header, its data rows (cells as text) and each row's line number."""
     raw = _read_bytes(uri)
     try:
         text = raw.decode("utf-8-sig")
@@ -220,6 +244,42 @@ def _read_csv(uri: str, label, features, delimiter: str = ",") -> Dataset:
         raise ValueError(f"{uri}: empty file, expected a header row")
     if not rows:
         raise ValueError(f"{uri}: a header but no data rows")
+    return header, rows, lines
+
+
+def _numbers(cells, lines: list[int], uri: str, name: str) -> np.ndarray:
+    """Text cells as float64; the first that is not a number is named with its line."""
+    col = np.asarray(cells, dtype=object)
+    try:
+        return col.astype(np.float64)
+    except ValueError:
+        pass
+    for r, cell in enumerate(col):  # find the culprit to name it
+        try:
+            float(cell)
+        except ValueError:
+            raise ValueError(f"{uri} line {lines[r]}: could not parse '{cell}' in column '{name}' "
+                             f"as a number") from None
+    raise AssertionError("unreachable")
+
+
+def _label_values(cells, lines: list[int], uri: str, name: str) -> tuple[np.ndarray, list[str] | None]:
+    """Labels read as text: (y, classes). Numbers are ``_labels``' (class ids or targets,
+    classes None); text is class names, y indexing them sorted."""
+    col = np.asarray(cells, dtype=object)
+    try:
+        return _labels(col.astype(np.float64)), None
+    except ValueError:
+        pass
+    if any(_is_number(c) for c in col):  # a few text cells among numbers: a typo, not class names
+        _numbers(col, lines, uri, name)
+    classes = sorted({c.strip() for c in col})
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup[c.strip()] for c in col], dtype=np.int64), classes
+
+
+def _read_csv(uri: str, label, features, delimiter: str = ",") -> Dataset:
+    header, rows, lines = _csv_rows(uri, delimiter)
     li = _column(header, -1 if label is None else label, uri, "label")
     if features is None:
         fi = [i for i in range(len(header)) if i != li]
@@ -228,33 +288,8 @@ def _read_csv(uri: str, label, features, delimiter: str = ",") -> Dataset:
     if not fi:
         raise ValueError(f"{uri}: no feature columns besides the label '{header[li]}'")
     table = np.array(rows, dtype=object)
-
-    def numbers(j: int) -> np.ndarray:
-        col = table[:, j]
-        try:
-            return col.astype(np.float64)
-        except ValueError:
-            pass
-        for r, cell in enumerate(col):  # find the culprit to name it
-            try:
-                float(cell)
-            except ValueError:
-                raise ValueError(f"{uri} line {lines[r]}: could not parse '{cell}' in column '{header[j]}' "
-                                 f"as a number") from None
-        raise AssertionError("unreachable")
-
-    x = np.stack([numbers(j) for j in fi], axis=1).astype(np.float32)
-    col = table[:, li]
-    classes = None
-    try:
-        y = _labels(col.astype(np.float64))
-    except ValueError:
-        parsed = [_is_number(c) for c in col]
-        if any(parsed):  # a few text cells among numbers: a typo, not class names
-            numbers(li)
-        classes = sorted({c.strip() for c in col})
-        lookup = {c: i for i, c in enumerate(classes)}
-        y = np.array([lookup[c.strip()] for c in col], dtype=np.int64)
+    x = np.stack([_numbers(table[:, j], lines, uri, header[j]) for j in fi], axis=1).astype(np.float32)
+    y, classes = _label_values(table[:, li], lines, uri, header[li])
     return Dataset(x, y, [header[j] for j in fi], classes)
 
 
@@ -354,7 +389,8 @@ def _read_idx(uri: str, label, policy: DataPolicy) -> Dataset:
     return Dataset(x.reshape(len(x), -1).astype(np.float32), _labels(y), None)
 
 
-def _read_parquet(uri: str, label, features) -> Dataset:
+def _parquet_table(uri: str):
+    """A Parquet file as a pyarrow Table, and its column names."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -368,38 +404,116 @@ def _read_parquet(uri: str, label, features) -> Dataset:
     header = list(table.column_names)
     if not header:
         raise ValueError(f"{uri}: no columns")
+    return table, header
+
+
+def _parquet_values(table, j: int, uri: str, want: str = "number") -> np.ndarray:
+    """Column ``j`` as numpy: numbers (lists of one length become rows); ``want="label"``
+    also takes strings, ``want="text"`` only strings."""
+    import pyarrow as pa
+    col = table.column(j)
+    name = table.column_names[j]
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"{uri} row {row}: missing value in column '{name}'")
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        if want in ("label", "text"):
+            return col.to_numpy(zero_copy_only=False).astype(str)
+    elif want == "text":
+        raise ValueError(f"{uri}: column '{name}' has type {t}, expected text (strings)")
+    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        cells = col.to_pylist()
+        if len({len(c) for c in cells}) > 1:
+            raise ValueError(f"{uri}: column '{name}' holds lists of different lengths")
+        return np.asarray(cells, dtype=np.float64)
+    elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return col.to_numpy(zero_copy_only=False)
+    raise ValueError(f"{uri}: column '{name}' has type {t}, expected numbers")
+
+
+def _parquet_labels(yv: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """(y, classes) of a label column: strings are class names (y indexes them sorted)."""
+    if yv.dtype.kind in "US":
+        classes = sorted(set(yv.tolist()))
+        lookup = {c: i for i, c in enumerate(classes)}
+        return np.array([lookup[c] for c in yv.tolist()], dtype=np.int64), classes
+    return _labels(yv), None
+
+
+def _read_parquet(uri: str, label, features) -> Dataset:
+    table, header = _parquet_table(uri)
     li = _column(header, -1 if label is None else label, uri, "label")
     fi = [i for i in range(len(header)) if i != li] if features is None else \
         [_column(header, f, uri, "feature") for f in features]
     if not fi:
         raise ValueError(f"{uri}: no feature columns besides the label '{header[li]}'")
-
-    def values(j: int, text_ok: bool = False) -> np.ndarray:
-        col = table.column(j)
-        name = header[j]
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ValueError(f"{uri} row {row}: missing value in column '{name}'")
-        t = col.type
-        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-            cells = col.to_pylist()
-            if len({len(c) for c in cells}) > 1:
-                raise ValueError(f"{uri}: column '{name}' holds lists of different lengths")
-            return np.asarray(cells, dtype=np.float64)
-        if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
-            return col.to_numpy(zero_copy_only=False)
-        if text_ok and (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            return col.to_numpy(zero_copy_only=False).astype(str)
-        raise ValueError(f"{uri}: column '{name}' has type {t}, expected numbers")
-
     n = table.num_rows
-    x = np.concatenate([values(j).reshape(n, -1) for j in fi], axis=1).astype(np.float32)
-    yv = values(li, text_ok=True)
-    classes = None
-    if yv.dtype.kind in "US":
-        classes = sorted(set(yv.tolist()))
-        lookup = {c: i for i, c in enumerate(classes)}
-        y = np.array([lookup[c] for c in yv.tolist()], dtype=np.int64)
-    else:
-        y = _labels(yv)
+    x = np.concatenate([_parquet_values(table, j, uri).reshape(n, -1) for j in fi], axis=1).astype(np.float32)
+    y, classes = _parquet_labels(_parquet_values(table, li, uri, want="label"))
     return Dataset(x, y, [header[j] for j in fi], classes)
+
+
+def read_text(uri: str, *, column: str | int | None = None, label: str | int | None = None,
+              ngrams: int = TEXT_DEFAULTS["ngrams"], hash_bits: int = TEXT_DEFAULTS["hash_bits"],
+              max_tokens: int = TEXT_DEFAULTS["max_tokens"], table: str | None = None, policy=None) -> Dataset:
+    """Labelled text at ``uri`` (any fsspec URL; ``.gz`` and the like decompressed) as a Dataset:
+    x int64 (n, L) hashed ids (``ps.worker.text.encode``), y the labels, ``classes`` their names.
+
+    ``column`` None: the lines layout, ``label<TAB>text`` a line. ``column`` given: a table with
+    a header row (CSV, TSV or Parquet: ``table``, else the file name's extension, else CSV) whose
+    column ``column`` (name or index) holds the text and ``label`` the label (default: the last
+    column, or the first when the last is the text). Labels that are all whole numbers are the
+    class ids themselves (``classes`` None), other numbers float32 targets, anything else class
+    names: y indexes ``classes``, sorted. ``ngrams``/``hash_bits``/``max_tokens``: as
+    spec.data.text (``ps.spec.TEXT_DEFAULTS``). ``policy``: as ``read_dataset``.
+    """
+    options = text_options({"column": column, "ngrams": ngrams, "hash_bits": hash_bits, "max_tokens": max_tokens},
+                           "text")
+    (get_policy() if policy is None else policy).check(uri, "data.uri")
+    if column is None:
+        if label is not None:
+            raise ValueError(f"{uri}: label={label!r} names a table's label column, and there is no table: "
+                             f"without a text column (data.text.column) each line is 'label<TAB>text'")
+        raw = _read_bytes(uri)
+        try:
+            body = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{uri}: not UTF-8 text ({e})") from None
+        labels, texts, lines = parse_lines(body, uri)
+        y, classes = _label_values(labels, lines, uri, "label")
+        return text_dataset(texts, y, classes, options)
+    kind = (table or _text_table_kind(uri)).lower()
+    if kind == "parquet":
+        tab, header = _parquet_table(uri)
+        ti = _column(header, column, uri, "text")
+        li = _text_label_index(header, label, ti, uri)
+        texts = _parquet_values(tab, ti, uri, want="text").tolist()
+        yv = _parquet_values(tab, li, uri, want="label")
+        y, classes = _parquet_labels(yv)
+        return text_dataset(texts, y, classes, options)
+    if kind not in ("csv", "tsv"):
+        raise ValueError(f"{uri}: a text column is read from csv, tsv or parquet tables, not '{kind}'")
+    header, rows, lines = _csv_rows(uri, "\t" if kind == "tsv" else ",")
+    ti = _column(header, column, uri, "text")
+    li = _text_label_index(header, label, ti, uri)
+    y, classes = _label_values([r[li] for r in rows], lines, uri, header[li])
+    return text_dataset([r[ti] for r in rows], y, classes, options)
+
+
+def _text_table_kind(uri: str) -> str:
+    try:
+        kind = infer_format(uri)
+    except ValueError:
+        return "csv"
+    return kind if kind in ("csv", "tsv", "parquet") else "csv"
+
+
+def _text_label_index(header: list[str], label, text_index: int, uri: str) -> int:
+    if label is None:
+        li = len(header) - 1 if text_index != len(header) - 1 else 0
+    else:
+        li = _column(header, label, uri, "label")
+    if li == text_index:
+        raise ValueError(f"{uri}: the label column '{header[li]}' is the text column; name another with label=")
+    return li

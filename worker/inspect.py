@@ -23,7 +23,7 @@ def load_data(spec: JobSpec):
     key = json.dumps(dataclasses.asdict(d), sort_keys=True)
 
     def load():
-        ds = read_dataset(d.uri, d.format, label=d.label)
+        ds = read_dataset(d.uri, d.format, label=d.label, text=d.text)
         if d.reshape:
             want = int(np.prod(d.reshape))
             if int(np.prod(ds.x.shape[1:])) != want:
@@ -61,6 +61,22 @@ def prepare(spec: JobSpec) -> dict:
         raise SpecError(f"spec.data: '{spec.data.uri}' has {n} example(s); need at least 2")
     input_shape = tuple(int(s) for s in ds.x.shape[1:])
     model = build_model(spec, input_shape)
+    ids = np.issubdtype(ds.x.dtype, np.integer)
+    if model.reads_ids and not ids:
+        raise SpecError(f"spec.model: layer 0 ({model.layers[0].type}) reads ids, but '{spec.data.uri}' holds "
+                        f"{ds.x.dtype} features (text data and synthetic:ctr hold ids)")
+    if ids and not model.reads_ids:
+        raise SpecError(f"spec.model: '{spec.data.uri}' holds ids (int64): the first layer must read them "
+                        f"(embedding or sparse_linear), not {model.layers[0].type}")
+    if model.reads_ids and spec.consistency == "bsp":
+        raise SpecError("spec.consistency: bsp does not cover sparse tables yet (their rows are pushed as "
+                        "they are computed): use asp or ssp")
+    if model.reads_ids and spec.replicas > 1:
+        raise SpecError(f"spec.replicas: sparse tables are held once for now (a server's death loses its rows): "
+                        f"expected 0 or 1, got {spec.replicas}")
+    if model.reads_ids and (spec.checkpoint_every_epochs or spec.checkpoint_every_s):
+        raise SpecError("spec.checkpoint_every_epochs/checkpoint_every_s: checkpoints do not hold sparse tables "
+                        "yet, and one without them would not resume this job")
     out = tuple(model.output_shape)
     units = int(np.prod(out))
     y = ds.y
@@ -80,18 +96,29 @@ def prepare(spec: JobSpec) -> dict:
     elif spec.loss == "mse" and y.ndim == 1 and units != 1:
         raise SpecError(f"spec.loss: mse on scalar targets needs 1 output, the model has {units}")
     train_idx, test_idx = train_test_split(n, spec.data.test_fraction, spec.seed)
-    scaler = Scaler(spec.data.scale).fit(ds.x[train_idx].reshape(len(train_idx), -1))
-    shards = spec.data.shards or 2 * spec.workers
+    # ids are not features: never scaled
+    scaler = Scaler("none" if ids else spec.data.scale).fit(ds.x[train_idx].reshape(len(train_idx), -1))
+    # asp: 2 tasks per worker balance uneven workers; ssp/bsp: one fixed shard per worker (its clock member)
+    shards = spec.data.shards or (2 * spec.workers if spec.consistency == "asp" else spec.workers)
     shards = max(1, min(shards, math.ceil(len(train_idx) / spec.batch_size)))
+    tables = {name: t.spec(name).to_dict() for name, t in model.tables(spec.seed, np.dtype(spec.dtype)).items()}
     return {"input_shape": list(input_shape), "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-            "shards": int(shards), "scaler": scaler.to_dict(), "output_shape": list(out)}
+            "shards": int(shards), "scaler": scaler.to_dict(), "output_shape": list(out), "tables": tables,
+            "majority_baseline": _majority(y[test_idx]) if spec.loss != "mse" else None}
+
+
+def _majority(y: np.ndarray) -> float:
+    """The test accuracy of always answering the most frequent class of ``y``."""
+    _, counts = np.unique(y, return_counts=True)
+    return float(counts.max() / len(y)) if len(y) else 0.0
 
 
 def inspect(spec: JobSpec) -> dict:
     """The inspect task's result: {"prep": prepare(spec), "params": {name: Init fields}}."""
     prep = prepare(spec)
     model = build_model(spec, tuple(prep["input_shape"]))
-    params = {name: dataclasses.asdict(init) for name, init in model.initializers(spec.seed).items()}
+    params = {name: dataclasses.asdict(init)
+              for name, init in model.initializers(spec.seed, np.dtype(spec.dtype)).items()}
     for fields in params.values():
         fields.pop("extra", None)
         fields["shape"] = list(fields["shape"])

@@ -448,6 +448,45 @@ def col2im(xp, cols, x_shape, kh: int, kw: int, stride=1, pad=0):
     return dx
 
 
+# ---------------------------------------------------------------- sparse rows: distinct ids, lookups, sums by row
+
+def unique_ids(xp, x):
+    """(ids, local) for integer ids ``x`` of any shape, -1 meaning "no id here": ``ids`` the distinct
+    ids of ``x`` other than -1, sorted (1-D int64), and ``local`` ``x`` as positions in ``ids`` (int64,
+    the shape of ``x``, -1 kept), so that ``ids[local] == x`` wherever ``x != -1``."""
+    flat = x.reshape(-1)
+    valid = flat != -1
+    ids, inverse = xp.unique(flat[valid], return_inverse=True)
+    local = xp.full(flat.shape, -1, np.int64)
+    local[valid] = inverse.reshape(-1)
+    return ids.astype(np.int64, copy=False), local.reshape(x.shape)
+
+
+def take_rows(xp, rows, index):
+    """``rows[index]`` for ``rows`` (u, width) and positions ``index`` (any shape) in [-1, u), with a
+    row of zeros where ``index`` is -1: shape (*index.shape, width)."""
+    padded = xp.concatenate([rows, xp.zeros((1, rows.shape[1]), rows.dtype)])
+    return xp.take(padded, index, axis=0)  # -1 takes the last row: the zeros just appended
+
+
+def scatter_add_rows(xp, index, values, n_rows: int):
+    """Sums of the rows of ``values`` (k, width) by ``index`` (k,), positions in [-1, n_rows): row j
+    of the (n_rows, width) result adds every ``values[i]`` with ``index[i] == j``; -1 adds nothing.
+
+    NumPy sums each element in float64 (one ``bincount``, several times faster than ``np.add.at``);
+    CuPy adds with atomics (``cupy.add.at``), in no fixed order: float32 sums may differ in the last bits.
+    """
+    width = values.shape[1]
+    rows = xp.where(index == -1, n_rows, index)  # -1 lands in a spare last row, dropped below
+    if is_cupy(xp):
+        out = xp.zeros((n_rows + 1, width), values.dtype)
+        xp.add.at(out, rows, values)  # CuPy's add.at is one kernel of atomic adds (cupyx.scatter_add's successor)
+        return out[:n_rows]
+    keys = (rows[:, None] * width + np.arange(width)).reshape(-1)  # element (row, column) as one bin
+    sums = np.bincount(keys, weights=values.reshape(-1), minlength=(n_rows + 1) * width)
+    return sums[:n_rows * width].reshape(n_rows, width).astype(values.dtype, copy=False)
+
+
 # ---------------------------------------------------------------- every CUDA source
 
 @functools.cache

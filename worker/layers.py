@@ -3,12 +3,18 @@ returns (grad wrt the input, grads wrt the layer's parameters).
 
 Shapes exclude the batch axis; images are NCHW. Parameter names are local to a layer ("w",
 "b"); the model prefixes them. Errors carry no layer index: the model adds it.
+
+A layer that reads ids (``reads_ids``: embedding, sparse_linear) looks rows up in a sparse table
+(``tables``). The worker pulls only the rows its batch needs, so such a layer gets those rows
+(u, width) in ``params`` under the table's name and, as input, each id's position among them (-1
+for an empty slot); its backward returns the gradient wrt those rows under the same name.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 from ps.worker import kernels
 from ps.worker.kernels import col2im, conv_output_hw, im2col
@@ -34,12 +40,23 @@ def _fmt(shape) -> str:
     return str(tuple(shape))
 
 
+@dataclass(frozen=True)
+class Table:
+    """A sparse table a layer reads: rows of ``width`` values keyed by id, each starting as ``init``
+    ("zeros", or "normal" with mean 0 and standard deviation ``std``)."""
+
+    width: int
+    init: str = "zeros"
+    std: float = 0.0
+
+
 class Layer:
     """Base: a parameter-free layer that passes its input through unchanged."""
 
     type = ""
     fields: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
+    reads_ids = False  # input is ids (as positions of pulled rows), not features: only a first layer can be
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Layer":
@@ -59,6 +76,11 @@ class Layer:
 
     def initializers(self) -> dict[str, str]:
         """The ps.initializers kind of each parameter."""
+        return {}
+
+    def tables(self) -> dict[str, Table]:
+        """This layer's sparse tables by local name: their pulled rows come in ``params`` and their
+        gradients go out of ``backward`` like parameters', but they are not in ``param_shapes``."""
         return {}
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -348,5 +370,119 @@ class AvgPool2D(_Pool2D):
         return self._unwindows(xp, dwin, x_shape), {}
 
 
+def _check_ids(kind: str, input_shape) -> int:
+    if len(input_shape) != 1:
+        raise ValueError(f"{kind} expects ids of shape (slots,), got {_fmt(input_shape)}")
+    return int(input_shape[0])
+
+
+def _bag_forward(xp, rows, local, mean: bool):
+    """Per example, the sum (or with ``mean`` the average) of the rows at its positions ``local`` (n, L),
+    -1 adding nothing; an example with no ids gives zeros. Returns (output (n, width), cache)."""
+    y = kernels.take_rows(xp, rows, local).sum(axis=1)
+    scale = None
+    if mean:
+        counts = (local != -1).sum(axis=1)
+        scale = (1 / xp.maximum(counts, 1)).astype(rows.dtype)
+        y *= scale[:, None]
+    return y, (local, rows.shape[0], scale)
+
+
+def _bag_backward(xp, cache, grad_y):
+    """The gradient wrt the rows of ``_bag_forward``: each example's output gradient (scaled for a
+    mean) added to the row of each of its ids, once per occurrence."""
+    local, n_rows, scale = cache
+    if scale is not None:
+        grad_y = grad_y * scale[:, None]
+    n, slots = local.shape
+    per_slot = xp.broadcast_to(grad_y[:, None, :], (n, slots, grad_y.shape[1]))
+    return kernels.scatter_add_rows(xp, local.reshape(-1), per_slot.reshape(n * slots, -1), n_rows)
+
+
+EMBEDDING_COMBINES = ("concat", "sum", "mean")
+
+
+class Embedding(Layer):
+    """Rows of a sparse table of ``width`` looked up by id; input (slots,) ids, -1 for an empty slot.
+
+    combine: "concat" puts the slots' rows side by side, (slots * width,), zeros for an empty slot;
+    "sum" adds them and "mean" averages them over the example's ids, (width,), zeros for an example
+    with none. A repeated id counts each time. Rows start normal(0, init_std).
+    """
+
+    type = "embedding"
+    fields = ("width", "combine", "init_std")
+    required = ("width",)
+    reads_ids = True
+
+    def __init__(self, width: int, combine: str = "mean", init_std: float = 0.01):
+        if not _is_int(width) or width <= 0:
+            raise ValueError(f"embedding field 'width': expected a positive int, got {width!r}")
+        if combine not in EMBEDDING_COMBINES:
+            raise ValueError(f"embedding field 'combine': expected one of {', '.join(EMBEDDING_COMBINES)}, "
+                             f"got {combine!r}")
+        if not _is_number(init_std) or not 0 <= init_std < math.inf:
+            raise ValueError(f"embedding field 'init_std': expected a finite number >= 0, got {init_std!r}")
+        self.width, self.combine, self.init_std = int(width), combine, float(init_std)
+
+    def tables(self):
+        # std 0 as "zeros": a ps.v1.Initializer's std of 0 reads as the default, 1.
+        return {"rows": Table(self.width, "normal", self.init_std) if self.init_std else Table(self.width)}
+
+    def output_shape(self, input_shape):
+        slots = _check_ids("embedding", input_shape)
+        return (slots * self.width,) if self.combine == "concat" else (self.width,)
+
+    def forward(self, xp, params, x, train, rng):
+        rows = params["rows"]
+        if self.combine == "concat":
+            return kernels.take_rows(xp, rows, x).reshape(x.shape[0], -1), (x, rows.shape[0])
+        return _bag_forward(xp, rows, x, mean=self.combine == "mean")
+
+    def backward(self, xp, params, cache, grad_y, need_input_grad=True):
+        if self.combine != "concat":
+            return None, {"rows": _bag_backward(xp, cache, grad_y)}
+        local, n_rows = cache
+        per_slot = grad_y.reshape(local.size, self.width)
+        return None, {"rows": kernels.scatter_add_rows(xp, local.reshape(-1), per_slot, n_rows)}
+
+
+class SparseLinear(Layer):
+    """Linear (logistic, softmax) regression over hashed features: (units,) = the sum of the rows of
+    the example's ids (input (slots,), -1 for an empty slot, a repeated id counting each time) + b.
+    The table's rows (width ``units``) and b start at zeros."""
+
+    type = "sparse_linear"
+    fields = ("units",)
+    required = ("units",)
+    reads_ids = True
+
+    def __init__(self, units: int):
+        if not _is_int(units) or units <= 0:
+            raise ValueError(f"sparse_linear field 'units': expected a positive int, got {units!r}")
+        self.units = int(units)
+
+    def tables(self):
+        return {"rows": Table(self.units)}
+
+    def param_shapes(self, input_shape):
+        _check_ids("sparse_linear", input_shape)
+        return {"b": (self.units,)}
+
+    def initializers(self):
+        return {"b": "zeros"}
+
+    def output_shape(self, input_shape):
+        _check_ids("sparse_linear", input_shape)
+        return (self.units,)
+
+    def forward(self, xp, params, x, train, rng):
+        y, cache = _bag_forward(xp, params["rows"], x, mean=False)
+        return y + params["b"], cache
+
+    def backward(self, xp, params, cache, grad_y, need_input_grad=True):
+        return None, {"rows": _bag_backward(xp, cache, grad_y), "b": grad_y.sum(axis=0)}
+
+
 LAYERS: dict[str, type[Layer]] = {cls.type: cls for cls in (
-    Dense, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout, Conv2D, MaxPool2D, AvgPool2D, Flatten)}
+    Dense, ReLU, LeakyReLU, Sigmoid, Tanh, Dropout, Conv2D, MaxPool2D, AvgPool2D, Flatten, Embedding, SparseLinear)}

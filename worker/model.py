@@ -6,6 +6,14 @@
     loss, grads, n_correct = model.loss_and_grads(np, params, x, y, "softmax_cross_entropy")
 
 Global parameter names are "{index}.{type}.{local}", e.g. "0.dense.w", "2.conv2d.b".
+
+A model whose first layer reads ids (embedding, sparse_linear) also has a sparse table, named the
+same way ("0.embedding.rows"), that is no parameter: per batch the worker pulls only the rows it needs.
+
+    ids, local_x = model.gather(xp, x)                  # x: int64 (n, slots), -1 for an empty slot
+    params["0.embedding.rows"] = rows                   # pulled for ids, in their order: (len(ids), width)
+    loss, grads, n_correct = model.loss_and_grads(xp, params, local_x, y, "binary_cross_entropy")
+    # grads["0.embedding.rows"]: (len(ids), width), to push for ids
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ import copy
 
 import numpy as np
 
-from ps.worker.layers import LAYERS, Layer
+from ps.worker import kernels
+from ps.worker.layers import LAYERS, Layer, Table
 from ps.worker.losses import LOSSES, get_loss, validate_loss_for_output
-from ps.worker.xp import make_rng
+from ps.worker.xp import asarray, make_rng, to_numpy
 
 __all__ = ["Sequential", "validate_loss_for_output", "LOSSES"]
 
@@ -30,11 +39,14 @@ class Sequential:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.spec = copy.deepcopy(spec) if spec is not None else None
         self.loss = loss
-        self._names: list[dict[str, str]] = []      # per layer: local name -> global name
+        self._names: list[dict[str, str]] = []      # per layer: local name -> global name (tables too)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._inits: dict[str, str] = {}
+        self._tables: dict[str, Table] = {}         # sparse tables by global name
         shape = self.input_shape
         for i, layer in enumerate(self.layers):
+            if i > 0 and layer.reads_ids:
+                raise ValueError(f"layer {i}: {layer.type} must be the first layer: it reads ids")
             try:
                 local = layer.param_shapes(shape)
                 out = layer.output_shape(shape)
@@ -47,9 +59,13 @@ class Sequential:
                 names[k] = name
                 self._shapes[name] = tuple(int(d) for d in s)
                 self._inits[name] = kinds.get(k, "zeros")
+            for k, table in layer.tables().items():
+                names[k] = f"{i}.{layer.type}.{k}"
+                self._tables[names[k]] = table
             self._names.append(names)
             shape = tuple(int(d) for d in out)
         self.output_shape = shape
+        self.reads_ids = bool(self.layers) and self.layers[0].reads_ids
         if loss is not None:
             validate_loss_for_output(loss, self.output_shape)
 
@@ -97,6 +113,35 @@ class Sequential:
         return {name: Init(self._inits[name], shape, np.dtype(dtype).name, seed=int(seed))
                 for name, shape in self._shapes.items()}
 
+    def tables(self, seed: int = 0, dtype=np.float32) -> dict:
+        """The ``ps.SparseTable`` of every sparse table by global name (none for a model whose first
+        layer reads no ids): embedding rows start normal(0, init_std) from ``seed``, others at zeros."""
+        from ps.initializers import Init
+        from ps.sparse import SparseTable
+        dtype = np.dtype(dtype).name
+        return {name: SparseTable(t.width, Init(t.init, (t.width,), dtype, seed=int(seed), std=t.std), dtype=dtype)
+                for name, t in self._tables.items()}
+
+    def gather(self, xp, x):
+        """(ids, local_x) for a batch of id inputs ``x`` (integers (n, *input_shape), -1 for an empty slot):
+        ``ids`` the distinct ids other than -1, sorted (host int64, the rows to pull), and ``local_x`` ``x``
+        as positions in ``ids`` (an int64 ``xp`` array of the shape of ``x``, -1 kept), the input that
+        ``forward``, ``loss_and_grads`` and ``predict`` take."""
+        if not self.reads_ids:
+            raise ValueError(f"gather: the first layer ({self.layers[0].type}) reads features, not ids: "
+                             f"this model has no sparse table")
+        if not hasattr(x, "dtype"):
+            x = np.asarray(x)
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"gather: ids must be integers, got {x.dtype}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"gather: ids of shape {tuple(x.shape)}, expected (n, "
+                             f"{', '.join(map(str, self.input_shape))})")
+        if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"gather: id {int(x.max())} is outside the int64 range")
+        ids, local_x = kernels.unique_ids(xp, asarray(xp, x, np.int64))
+        return to_numpy(ids), local_x
+
     def init_params(self, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
         """Seeded initial parameters (NumPy), identical to what a server computes from ``initializers``."""
         from ps.initializers import full
@@ -111,12 +156,20 @@ class Sequential:
         return x, caches
 
     def forward(self, xp, params: dict, x, train: bool = False, rng_seed: int = 0):
-        """Model outputs (logits for the classification losses) for a batch ``x``."""
+        """Model outputs (logits for the classification losses) for a batch ``x``.
+
+        For a model that reads ids, ``x`` is ``local_x`` of ``gather`` and ``params`` holds, under each
+        table's name, the rows of ``gather``'s ids in their order: (len(ids), width).
+        """
         rng = make_rng(xp, rng_seed) if train else None
         return self._forward(xp, params, x, train, rng)[0]
 
     def loss_and_grads(self, xp, params: dict, x, y, loss: str, train: bool = True, rng_seed: int = 0):
-        """(mean loss as a float, grads by global name in the dtype of each parameter, n_correct or None)."""
+        """(mean loss as a float, grads by global name in the dtype of each parameter, n_correct or None).
+
+        Inputs as for ``forward``; grads hold every parameter, then each table's rows: (len(ids), width),
+        the gradients of a repeated id summed.
+        """
         loss_fn = get_loss(loss)
         rng = make_rng(xp, rng_seed) if train else None
         out, caches = self._forward(xp, params, x, train, rng)
@@ -129,12 +182,13 @@ class Sequential:
             grad, local_grads = layer.backward(xp, local, caches[i], grad, need_input_grad=i > 0)
             for k, g in local_grads.items():
                 grads[names[k]] = g.astype(params[names[k]].dtype, copy=False)
-        return value, {name: grads[name] for name in self._shapes}, n_correct
+        return value, {name: grads[name] for name in (*self._shapes, *self._tables)}, n_correct
 
     def predict(self, xp, params: dict, x, loss: str | None = None):
         """Class ids (softmax cross-entropy), 0/1 (binary cross-entropy) or values (MSE).
 
         Without ``loss`` (here or at ``from_spec``): class ids for more than one output, values for one.
+        Inputs as for ``forward``.
         """
         loss = loss or self.loss
         out = self.forward(xp, params, x, train=False)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ps.client import Client, Model
 from ps.errors import PSError
+from ps.histogram import bump
 from ps.spec import SpecError
 from ps.v1 import scheduler_pb2
 
@@ -27,6 +28,8 @@ log = logging.getLogger("ps.worker")
 LEASE_WAIT_S = 5.0
 #: a failed task's message, as reported to the scheduler, is cut to this many characters
 MAX_ERROR_CHARS = 2000
+#: an ssp/bsp task's clock call waits this long at the scheduler before asking again
+CLOCK_WAIT_S = 5.0
 
 
 class TaskAbandoned(Exception):
@@ -48,6 +51,8 @@ class JobContext:
     #: push_pull writes fresh weights into these two sets in turn (fresh arrays every step cost
     #: their page faults): the set being written is never the one the next batch computes with
     bufs: list = None
+    #: bsp: (the accumulator, the step leaders' client and its handle on the parameters)
+    bsp: tuple | None = None
 
     def __post_init__(self):
         self.bufs = [{k: np.empty(s.shape, s.dtype) for k, s in self.handle.specs.items()} for _ in range(2)]
@@ -247,6 +252,9 @@ class Worker:
         if self.jobs:  # keep one job's data and buffers: workers move on with the queue
             from ps.worker.xp import release_pinned
             release_pinned()
+            for old in self.jobs.values():
+                if old.bsp is not None:
+                    old.bsp[1].close()
         self.jobs = {task.job_id: ctx}
         return ctx
 
@@ -258,38 +266,142 @@ class Worker:
             raise TaskAbandoned("its job was cancelled")
 
     def _train(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
+        """One train task: the batches of its shard of the training split, each a gradient pushed
+        as the job's consistency says (``_steps_asp``, ``_steps_ssp``, ``_steps_bsp``)."""
         from ps.worker.preprocess import batches, shard_ranges
-        from ps.worker.xp import pinned_to_host
         xp, spec = self.xp, ctx.spec
         lo, hi = shard_ranges(len(ctx.x_train), task.shards)[task.shard]
-        params = self._to_device(ctx.handle.pull())
-        bufs = ctx.bufs
-        pending: Future | None = None
-        loss_sum, samples = 0.0, 0
-        pushes_before, duplicates_before = ctx.handle.pushes, ctx.handle.duplicates
         seed = spec.seed * 1_000_003 + task.shard
-        for i, idx in enumerate(batches(hi - lo, spec.batch_size, seed, task.epoch)):
+        pushes_before, duplicates_before = ctx.handle.pushes, ctx.handle.duplicates
+        sums = {"loss_sum": 0.0, "samples": 0, "staleness": []}
+
+        def gradients(i: int, idx: np.ndarray, params: dict) -> dict:
+            """Batch ``i``'s gradients (host arrays), counting its loss and samples."""
+            from ps.worker.xp import pinned_to_host
             self._check(task)
             rows = xp.asarray(idx + lo)
-            loss, grads, _ = ctx.model.loss_and_grads(xp, params, ctx.x_train[rows], ctx.y_train[rows], spec.loss,
+            x, params = self._rows_for(ctx, ctx.x_train[rows], params)
+            loss, grads, _ = ctx.model.loss_and_grads(xp, params, x, ctx.y_train[rows], spec.loss,
                                                       train=True, rng_seed=seed + 7919 * (task.epoch + 1) + i)
+            if ctx.model.reads_ids:  # the rows' gradients go to their tables now; the rest as the mode says
+                ids = params["__ids__"]
+                for name in ctx.model.tables():
+                    g = grads.pop(name)
+                    if len(ids):
+                        ctx.handle.push_rows(name, ids, np.asarray(g) if xp is np else xp.asnumpy(g))
             host = pinned_to_host(xp, grads)
-            host = {k: np.array(v) for k, v in host.items()} if xp is not np else host
-            if pending is not None:
-                # Overlap: this batch was computed while the previous push_pull was in flight.
-                params = self._to_device(pending.result())
-            pending = self._pusher.submit(ctx.handle.push_pull, host, out=bufs[i % 2])
-            n = len(idx)
-            loss_sum += float(loss) * n
-            samples += n
-        if pending is not None:
-            pending.result()
+            sums["loss_sum"] += float(loss) * len(idx)
+            sums["samples"] += len(idx)
+            return {k: np.array(v) for k, v in host.items()} if xp is not np else host
+
+        steps = getattr(self, f"_steps_{spec.consistency}")
+        steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients, sums["staleness"])
         # What the servers acknowledged for this task (the handle counts across tasks of the job).
-        steps, duplicates = ctx.handle.pushes - pushes_before, ctx.handle.duplicates - duplicates_before
+        n, duplicates = ctx.handle.pushes - pushes_before, ctx.handle.duplicates - duplicates_before
         if duplicates:
             log.warning("task %s: the servers skipped %d gradient chunk(s) as already applied", task.task_id,
                         duplicates)
-        return {"samples": samples, "steps": steps, "loss_sum": loss_sum, "duplicates": duplicates}
+        return {"samples": sums["samples"], "steps": n, "loss_sum": sums["loss_sum"], "duplicates": duplicates,
+                "staleness": sums["staleness"]}
+
+    def _rows_for(self, ctx: JobContext, x, params: dict):
+        """For a model whose first layer reads ids: (the batch as positions in its distinct ids, ``params``
+        with the rows of those ids pulled from each table, and the ids under "__ids__"); else unchanged."""
+        if not ctx.model.reads_ids:
+            return x, params
+        ids, local = ctx.model.gather(self.xp, x)
+        params = dict(params, __ids__=ids)
+        for name, table in ctx.model.tables().items():
+            rows = ctx.handle.pull_rows(name, ids) if len(ids) else np.zeros((0, table.width), np.dtype(table.dtype))
+            params[name] = self.xp.asarray(rows)
+        return local, params
+
+    def _steps_asp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
+        """No waiting: each batch is computed while the previous push_pull is in flight."""
+        handle, bufs = ctx.handle, ctx.bufs
+        params = self._to_device(handle.pull())
+        version = handle.version  # of the weights the next gradient is computed on
+        pending: tuple[Future, int] | None = None  # the push_pull in flight, and the version its gradient saw
+        for i, idx in enumerate(batches):
+            host = gradients(i, idx, params)
+            computed_on = version
+            if pending is not None:
+                # Overlap: this batch was computed while the previous push_pull was in flight.
+                params = self._to_device(self._pushed(handle, pending, staleness))
+                version = handle.version
+            pending = (self._pusher.submit(handle.push_pull, host, out=bufs[i % 2]), computed_on)
+        if pending is not None:
+            self._pushed(handle, pending, staleness)
+
+    @staticmethod
+    def _pushed(handle: Model, pending: tuple[Future, int], staleness: list) -> dict:
+        """A push_pull's weights, counting the updates applied between the weights its gradient was
+        computed on and its own update (the handle's version is now that update's; with the overlap,
+        one of them is always this worker's previous push)."""
+        future, computed_on = pending
+        weights = future.result()
+        bump(staleness, handle.version - computed_on - 1)
+        return weights
+
+    def _steps_ssp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
+        """push_pull each gradient, then report the clock and wait while ``staleness`` clocks ahead of
+        the slowest (the weights then hold every update of the clocks the bound requires: the slowest
+        pushed those before it reported them)."""
+        handle = ctx.handle
+        params = self._to_device(handle.pull())
+        version = handle.version
+        for i, idx in enumerate(batches):
+            host = gradients(i, idx, params)
+            params = self._to_device(handle.push_pull(host, out=ctx.bufs[i % 2]))
+            bump(staleness, handle.version - version - 1)
+            version = handle.version
+            self._clock(task, i + 1)
+
+    def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
+        """Each step: add the gradient to the job's accumulator, wait at the barrier; the step's leader
+        pushes the mean of the accumulated gradients (once: its id is the step) and clears them; pull."""
+        from ps.spec import accumulator
+        if ctx.bsp is None:
+            leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
+            ctx.bsp = (self.client.model(accumulator(task.job_id)), leader, leader.model(task.job_id))
+        acc, _, apply_to = ctx.bsp
+        handle = ctx.handle
+        params = self._to_device(handle.pull(out=ctx.bufs[0]))
+        version = handle.version
+        for i, idx in enumerate(batches):
+            host = gradients(i, idx, params)
+            acc.push({k: np.negative(v) for k, v in host.items()})  # SGD with lr 1 on the accumulator: it adds
+            d = self._clock(task, i + 1)
+            if d.lead:
+                total = acc.pull()
+                apply_to.push({k: v / d.contributors for k, v in total.items()},
+                              seq=(task.epoch << 32) + d.step + 1)
+                acc.assign({k: np.zeros_like(v) for k, v in total.items()})
+                self._clock(task, i + 1, applied=True)
+            params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
+            bump(staleness, handle.version - version - 1)
+            version = handle.version
+        handle.pushes += apply_to.pushes  # this task's share of the job's updates: the steps it led
+        handle.duplicates += apply_to.duplicates
+        apply_to.pushes = apply_to.duplicates = 0
+
+    def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False) -> scheduler_pb2.ClockResponse:
+        """Report this task's clock and wait until it may go on (or must lead a bsp step). Gives up
+        after 4 lease timeouts (at least a minute), naming the task it was waiting for."""
+        start = time.monotonic()
+        limit = max(4 * task.lease_timeout_s, 60.0)
+        req = scheduler_pb2.ClockRequest(worker_id=self.worker_id, task_id=task.task_id, lease_id=task.lease_id,
+                                         steps=steps, applied=applied, wait_s=CLOCK_WAIT_S)
+        while True:
+            self._check(task)
+            resp = self.client.call(self.client.scheduler.Clock, req, "clock", timeout=CLOCK_WAIT_S + 30)
+            if resp.proceed or resp.lead:
+                return resp
+            waited = time.monotonic() - start
+            if waited > limit:
+                raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for "
+                                   f"{resp.waiting_for or 'the other members'}")
+            req.applied = False
 
     def _eval(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
         from ps.worker.losses import LOSSES
@@ -299,7 +411,8 @@ class Worker:
         loss_sum, correct, n = 0.0, 0, len(ctx.x_test)
         for start in range(0, n, 1024):
             self._check(task)
-            out = ctx.model.forward(xp, params, ctx.x_test[start:start + 1024], train=False)
+            x, batch_params = self._rows_for(ctx, ctx.x_test[start:start + 1024], params)
+            out = ctx.model.forward(xp, batch_params, x, train=False)
             loss, _, ok = loss_fn(xp, out, ctx.y_test[start:start + 1024])
             m = min(1024, n - start)
             loss_sum += float(loss) * m

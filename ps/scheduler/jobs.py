@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ps.errors import FailedPrecondition, NotFound
+from ps.histogram import bump, merge
+from ps.scheduler.clocks import Clocks, Decision
 from ps.scheduler.transitions import TransitionLog
 
 QUEUED, STARTING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -90,7 +92,23 @@ class Event:
 
 def _new_metrics() -> dict:
     return {"epoch": 0, "steps": 0, "samples": 0, "train_loss": math.nan, "test_loss": math.nan,
-            "test_accuracy": math.nan, "samples_per_s": 0.0, "seconds": 0.0, "duplicates": 0}
+            "test_accuracy": math.nan, "samples_per_s": 0.0, "seconds": 0.0, "duplicates": 0,
+            "staleness_updates": [], "staleness_clocks": []}
+
+
+def _copy_metrics(m: dict) -> dict:
+    """A snapshot of a job's metrics (its histograms are lists that go on counting)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in m.items()}
+
+
+def consistency(job: "Job") -> tuple[str, int]:
+    """(mode, staleness bound) from the job's spec: "asp" | "ssp" | "bsp"."""
+    cached = job.__dict__.get("_consistency")
+    if cached is None:
+        import json
+        spec = json.loads(job.spec_json)
+        cached = job.__dict__["_consistency"] = (spec.get("consistency", "asp"), int(spec.get("staleness", 0)))
+    return cached
 
 
 @dataclass
@@ -155,6 +173,7 @@ class Jobs:
         self._leased: dict[str, Task] = {}              # task id -> task, every task under lease
         self._by_worker: dict[str, set[str]] = {}       # worker id -> task ids it holds
         self._requests: dict[str, str] = {}             # submit request id -> job id
+        self.clocks = Clocks(self.transitions)          # ssp/bsp jobs' clocks (not saved: members join again)
         # Dirty tracking for flush(): what changed since the last write of the state.
         self._dirty: dict[str, set[str]] = {}           # job id -> its changed task ids (the job row changed too)
         self._dirty_spec: set[str] = set()              # jobs whose spec/prep/params changed
@@ -184,7 +203,7 @@ class Jobs:
             listener(key)
 
     def _event(self, job: Job, now: float, kind: str, message: str = "") -> None:
-        job.events.append(Event(job.next_event, self._wall(), kind, job.state, message, dict(job.metrics),
+        job.events.append(Event(job.next_event, self._wall(), kind, job.state, message, _copy_metrics(job.metrics),
                                 job.tasks_done, job.tasks_total))
         job.next_event += 1
         self._touch(job)
@@ -216,8 +235,8 @@ class Jobs:
         current epoch's tasks are all leased (asynchronous SGD needs no epoch barrier; the
         eval of an epoch still waits for that epoch's train tasks). At most one epoch ahead."""
         for job in self.jobs.values():
-            if job.state != RUNNING or job.queued_epochs >= job.epochs:
-                continue
+            if job.state != RUNNING or job.queued_epochs >= job.epochs or consistency(job)[0] != "asp":
+                continue  # ssp/bsp: an epoch's members share a clock; the next epoch waits for it
             last = job.queued_epochs - 1
             older_done = all(job.undone_in[e] == 0 for e in range(max(last, 0)))
             if older_done and job.pending_in[last] == 0:
@@ -360,6 +379,7 @@ class Jobs:
         leased) until their worker's next heartbeat tells it to abandon them."""
         self.queue = deque(t for t in self.queue if self._job_of(t) != job.job_id)
         job.tasks = {tid: t for tid, t in job.tasks.items() if t.state == LEASED}
+        self.clocks.drop_job(job.job_id)
         self._dirty_reset.add(job.job_id)
         self._touch(job)
 
@@ -424,7 +444,13 @@ class Jobs:
         return task_id.split("/", 1)[0]
 
     # -- tasks -------------------------------------------------------------------
-    def _unlease(self, t: Task) -> None:
+    def _unlease(self, t: Task, reason: str = "", now: float = 0.0) -> None:
+        shrunk = self.clocks.leave(t.task_id, reason or "its job ended", now)
+        if shrunk:
+            job = self.jobs.get(t.job_id)
+            if job is not None:
+                self._event(job, now, "warning", shrunk)  # a warning: followers see every one
+            self._notify(f"clock:{t.job_id}")
         self._leased.pop(t.task_id, None)
         held = self._by_worker.get(t.worker_id)
         if held is not None:
@@ -450,6 +476,11 @@ class Jobs:
                 task.attempts += 1
                 if task.kind == TRAIN:
                     job.pending_in[task.epoch] -= 1
+                    mode, staleness = consistency(job)
+                    if mode != "asp":
+                        self.clocks.join(job.job_id, task.epoch, tid, worker_id, mode, staleness, now,
+                                         expected=job.shards, grace=job.lease_timeout)
+                        self._notify(f"clock:{job.job_id}")
                 self._leased[tid] = task
                 self._by_worker.setdefault(worker_id, set()).add(tid)
                 self._touch(job, tid)
@@ -484,7 +515,7 @@ class Jobs:
                     continue  # the worker learns to abandon it at its next heartbeat
                 self.transitions.record(now, t.task_id, "leased -> pending",
                                         f"lease {t.lease_id} of {t.worker_id} expired")
-                self._unlease(t)
+                self._unlease(t, f"lease {t.lease_id} of {t.worker_id} expired", now)
                 t.state, t.worker_id, t.lease_id = PENDING, "", ""
                 if t.kind == TRAIN:
                     job.pending_in[t.epoch] += 1
@@ -505,14 +536,14 @@ class Jobs:
 
     def complete(self, task_id: str, lease_id: str, now: float, *, error: str = "", samples: int = 0,
                  steps: int = 0, loss_sum: float = 0.0, correct: int = 0, seconds: float = 0.0,
-                 duplicates: int = 0, result: dict | None = None) -> bool:
+                 duplicates: int = 0, result: dict | None = None, staleness: list[int] | tuple = ()) -> bool:
         """A worker's result. False when its lease is no longer valid (the result is dropped)."""
         with self.changed:
             job = self.jobs.get(self._job_of(task_id))
             task = job.tasks.get(task_id) if job else None
             if task is None or task.state != LEASED or task.lease_id != lease_id:
                 return False
-            self._unlease(task)
+            self._unlease(task, f"failed: {error}" if error else "done", now)
             self._touch(job, task_id)
             if job.state in TERMINAL:
                 job.tasks.pop(task_id, None)
@@ -533,6 +564,7 @@ class Jobs:
                 m["samples"] += samples
                 m["steps"] += steps
                 m["duplicates"] += duplicates
+                merge(m.setdefault("staleness_updates", []), staleness)
                 acc = job.epoch_loss.setdefault(task.epoch, [0.0, 0])
                 acc[0] += loss_sum
                 acc[1] += samples
@@ -554,6 +586,31 @@ class Jobs:
                 if task.epoch + 1 == job.epochs:
                     self._set_state(job, SUCCEEDED, now, f"test accuracy {m['test_accuracy']:.4f}")
             return True
+
+    def clock(self, task_id: str, lease_id: str, steps: int, now: float, applied: bool = False,
+              workers: int = 0) -> Decision:
+        """A train task of an ssp/bsp job reports its clock (see ``ps.scheduler.clocks``): may it go on?"""
+        with self.changed:
+            job = self.jobs.get(self._job_of(task_id))
+            task = job.tasks.get(task_id) if job else None
+            if task is None or task.state != LEASED or task.lease_id != lease_id:
+                raise FailedPrecondition(f"clock of {task_id}: lease {lease_id or '-'} is not held (it expired "
+                                         f"or the job ended)")
+            if task.task_id not in self.clocks.by_task:  # a scheduler restarted under a running task
+                mode, staleness = consistency(job)
+                self.clocks.join(job.job_id, task.epoch, task_id, task.worker_id, mode, staleness, now,
+                                 expected=job.shards, grace=job.lease_timeout)
+            before = self.clocks.clocks.get(self.clocks.by_task[task_id])
+            state = (before.step, len(before.arrived), before.leader, before.min_clock())
+            d = self.clocks.tick(task_id, steps, now, applied, workers)
+            if d.observed:
+                hist = job.metrics.setdefault("staleness_clocks", [])
+                for v in d.observed:
+                    bump(hist, v)
+                self._touch(job)
+            if state != (before.step, len(before.arrived), before.leader, before.min_clock()):
+                self._notify(f"clock:{job.job_id}")
+            return d
 
     def events_after(self, job_id: str, after: int) -> tuple[list[Event], bool]:
         """Events with seq > after (those still kept), and whether the job has ended."""

@@ -10,6 +10,7 @@ followers cannot take capacity from heartbeats, leases and shard-map calls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -23,7 +24,8 @@ from google.protobuf import json_format
 from ps import checkpoint, limits, rpc, security, sharding, sparse
 from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
-from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention
+from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention, consistency
+from ps.spec import accumulator
 from ps.data_policy import DataPolicy
 from ps.scheduler import access
 from ps.scheduler.checkpoints import Checkpointer, default_dir as default_checkpoint_dir
@@ -63,7 +65,8 @@ def metrics_to_proto(m: dict) -> scheduler_pb2.JobMetrics:
     return scheduler_pb2.JobMetrics(epoch=m["epoch"], steps=m["steps"], train_loss=m["train_loss"],
                                     test_loss=m["test_loss"], test_accuracy=m["test_accuracy"],
                                     samples_per_s=m["samples_per_s"], seconds=m["seconds"], samples=m["samples"],
-                                    duplicates=m["duplicates"])
+                                    duplicates=m["duplicates"], staleness_updates=m.get("staleness_updates", ()),
+                                    staleness_clocks=m.get("staleness_clocks", ()))
 
 
 def job_to_proto(job: Job, summary: bool = False) -> scheduler_pb2.JobInfo:
@@ -508,6 +511,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if job.params_freed:
             return True
         try:
+            if consistency(job)[0] == "bsp":
+                try:
+                    self.client().delete_model(accumulator(job.job_id))
+                except NotFound:
+                    pass  # freed before, or never created
             self.client().delete_model(job.job_id)
         except PSError as e:
             if self.cluster.maps.get(job.job_id) is None:
@@ -589,6 +597,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             shard=task.shard, shards=task.shards, spec_json=job.spec_json,
             prep_json="" if job.prep is None else json.dumps(job.prep), lease_timeout_s=job.lease_timeout))
 
+    @limits.entry_check(limits.check_clock)
+    async def Clock(self, request, context):
+        """An ssp/bsp train task's clock: answer as soon as it may go on (or lead a bsp step), else after
+        wait_s with who it is waiting for; the worker asks again until its own deadline."""
+        wait = request.wait_s
+        if not 0 <= wait <= self.retention.max_lease_wait_s:  # NaN too
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"clock: wait_s must be in [0, {self.retention.max_lease_wait_s:g}], got {wait}")
+        key = f"clock:{request.task_id.split('/', 1)[0]}"
+        deadline = self.clock() + wait
+        applied = request.applied
+        while True:
+            wake = self.waiters.event(key)
+            try:
+                d = self.jobs.clock(request.task_id, request.lease_id, request.steps, self.clock(), applied,
+                                    workers=len(self.cluster.workers))
+            except PSError as e:
+                await context.abort(e.code, str(e))
+            applied = False  # reported once; a poll again only waits for the next step
+            remaining = deadline - self.clock()
+            if d.proceed or d.lead or remaining <= 0 or self.closing:
+                break
+            try:
+                await asyncio.wait_for(wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return scheduler_pb2.ClockResponse(proceed=d.proceed, lead=d.lead, step=d.step, contributors=d.contributors,
+                                           members=d.members, waiting_for=d.waiting_for, staleness=d.staleness)
+
     @limits.entry_check(limits.check_complete_task)
     async def CompleteTask(self, request, context):
         result = None
@@ -605,7 +642,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         ok = self.jobs.complete(request.task_id, request.lease_id, self.clock(), error=request.error,
                                 samples=request.samples, steps=request.steps, loss_sum=request.loss_sum,
                                 correct=request.correct, seconds=request.seconds, duplicates=request.duplicates,
-                                result=result)
+                                result=result, staleness=request.staleness)
         if ok:
             try:
                 self.save()
@@ -652,12 +689,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         from ps.initializers import Init
         spec = json.loads(job.spec_json)
         replicas = min(spec.get("replicas", 0), len(self.cluster.up_servers(confirmed=True)))
+        inits = {name: Init(**fields) for name, fields in job.params.items()}
+        if spec.get("consistency") == "bsp":
+            # Where each step's gradients are summed before the step's leader applies their mean:
+            # SGD with lr 1 adds the negated gradients the workers push (ps.worker.runner).
+            zeros = {name: dataclasses.replace(init, kind="zeros") for name, init in inits.items()}
+            self.client().create_model(accumulator(job.job_id), zeros, optimizer={"name": "sgd", "lr": 1.0},
+                                       replace=True, replicas=replicas, owner=job.owner)
+        tables = {}
+        for name, fields in (job.prep or {}).get("tables", {}).items():
+            t = sparse.TableSpec.from_dict(fields)
+            tables[name] = sparse.SparseTable(t.width, t.init, t.dtype, t.admit_after, t.evict_after)
+        if tables:
+            replicas = 1  # sparse tables are not replicated yet
         if job.resume_from:
             self.client().restore_model(job.job_id, job.resume_from, replace=True, replicas=replicas, owner=job.owner)
             return
-        inits = {name: Init(**fields) for name, fields in job.params.items()}
-        self.client().create_model(job.job_id, inits, optimizer=spec["optimizer"], replace=True, replicas=replicas,
-                                   owner=job.owner)
+        self.client().create_model(job.job_id, {**inits, **tables}, optimizer=spec["optimizer"], replace=True,
+                                   replicas=replicas, owner=job.owner)
 
     def tidy(self) -> None:
         """Retention: drop old job records, free succeeded jobs' parameters when their time is up."""

@@ -262,7 +262,7 @@ class CheckpointJobResponse(_message.Message):
     def __init__(self, url: _Optional[str] = ..., bytes: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy", "samples_per_s", "seconds", "samples", "duplicates")
+    __slots__ = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy", "samples_per_s", "seconds", "samples", "duplicates", "staleness_updates", "staleness_clocks")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,8 @@ class JobMetrics(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_CLOCKS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     steps: int
     train_loss: float
@@ -281,7 +283,9 @@ class JobMetrics(_message.Message):
     seconds: float
     samples: int
     duplicates: int
-    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    staleness_updates: _containers.RepeatedScalarFieldContainer[int]
+    staleness_clocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[int] = ..., steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., samples: _Optional[int] = ..., duplicates: _Optional[int] = ..., staleness_updates: _Optional[_Iterable[int]] = ..., staleness_clocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("job_id", "name", "state", "error", "spec_json", "metrics", "submitted_at", "tasks_done", "tasks_total", "prep_json", "owner")
@@ -476,7 +480,7 @@ class LeaseTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class CompleteTaskRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds", "duplicates", "result_json")
+    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds", "duplicates", "result_json", "staleness")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -488,6 +492,7 @@ class CompleteTaskRequest(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     lease_id: str
@@ -499,7 +504,42 @@ class CompleteTaskRequest(_message.Message):
     seconds: float
     duplicates: int
     result_json: str
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ..., duplicates: _Optional[int] = ..., result_json: _Optional[str] = ...) -> None: ...
+    staleness: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ..., duplicates: _Optional[int] = ..., result_json: _Optional[str] = ..., staleness: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ClockRequest(_message.Message):
+    __slots__ = ("worker_id", "task_id", "lease_id", "steps", "applied", "wait_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    task_id: str
+    lease_id: str
+    steps: int
+    applied: bool
+    wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., steps: _Optional[int] = ..., applied: _Optional[bool] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class ClockResponse(_message.Message):
+    __slots__ = ("proceed", "lead", "step", "contributors", "members", "waiting_for", "staleness")
+    PROCEED_FIELD_NUMBER: _ClassVar[int]
+    LEAD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    proceed: bool
+    lead: bool
+    step: int
+    contributors: int
+    members: int
+    waiting_for: str
+    staleness: int
+    def __init__(self, proceed: _Optional[bool] = ..., lead: _Optional[bool] = ..., step: _Optional[int] = ..., contributors: _Optional[int] = ..., members: _Optional[int] = ..., waiting_for: _Optional[str] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class CompleteTaskResponse(_message.Message):
     __slots__ = ("accepted",)

@@ -140,6 +140,11 @@ class SchedulerStub:
                 request_serializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
                 _registered_method=True)
+        self.Clock = channel.unary_unary(
+                '/ps.v1.Scheduler/Clock',
+                request_serializer=ps_dot_v1_dot_scheduler__pb2.ClockRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_scheduler__pb2.ClockResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -280,6 +285,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Clock(self, request, context):
+        """A train task of an "ssp" or "bsp" job reports its clock and waits (long poll) until it may go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -387,6 +399,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.CompleteTask,
                     request_deserializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.FromString,
                     response_serializer=ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.SerializeToString,
+            ),
+            'Clock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clock,
+                    request_deserializer=ps_dot_v1_dot_scheduler__pb2.ClockRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_scheduler__pb2.ClockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -956,6 +973,33 @@ class Scheduler:
             '/ps.v1.Scheduler/CompleteTask',
             ps_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
             ps_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.Scheduler/Clock',
+            ps_dot_v1_dot_scheduler__pb2.ClockRequest.SerializeToString,
+            ps_dot_v1_dot_scheduler__pb2.ClockResponse.FromString,
             options,
             channel_credentials,
             insecure,
