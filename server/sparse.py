@@ -30,7 +30,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Mapping
-from itertools import repeat
 
 import numpy as np
 
@@ -38,6 +37,7 @@ from ps.errors import InvalidArgument
 from ps.optimizer_config import OptimizerConfig
 from ps.sharding import SPLITMIX64_GAMMA, mix64, splitmix64
 # the table's spec is plain data clients and the scheduler share: it lives in ps.sparse
+from ps.server.id_index import IdIndex
 from ps.sparse import DTYPES, MAX_WIDTH, ROW_INIT_KINDS, RowInit, TableSpec, _integer, _number  # noqa: F401
 
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "adam", "ftrl")
@@ -351,7 +351,7 @@ class SparseTable:
 
     def _clear(self) -> None:
         w = self.spec.width
-        self._index: dict[int, int] = {}             # id -> row
+        self._index = IdIndex()                       # id -> row
         self._ids = np.zeros(0, np.int64)             # row -> id; rows [0, _n) are in use
         self._w = np.zeros((0, w), self.dtype)
         self._state = {k: np.zeros((0, w), self.dtype) for k in self.optimizer.state_names}
@@ -468,7 +468,7 @@ class SparseTable:
         self._ids[n:n + m] = keys
         self._row_steps[n:n + m] = 0
         self._touched[n:n + m] = step
-        self._index.update(zip(keys.tolist(), range(n, n + m)))
+        self._index.insert(keys, np.arange(n, n + m, dtype=np.int64))
         self._n = n + m
         self._counts["admitted"] += m
         return np.arange(n, n + m, dtype=np.int64)
@@ -492,8 +492,8 @@ class SparseTable:
         self._ids, self._w, self._row_steps, self._touched, self._state = ids, w, rs, tc, state
 
     def _lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each id, -1 where not stored: one dict lookup per distinct id."""
-        return np.fromiter(map(self._index.get, keys.tolist(), repeat(-1)), np.int64, len(keys))
+        """Row of each id, -1 where not stored."""
+        return self._index.lookup(keys)
 
     # -- eviction ----------------------------------------------------------------------------
     def evict(self) -> int:
@@ -516,11 +516,10 @@ class SparseTable:
             live_tail[dead[dead >= keep] - keep] = False
             holes = dead[dead < keep]
             movers = np.flatnonzero(live_tail) + keep  # as many as holes
-            for x in self._ids[dead].tolist():
-                del self._index[x]
+            self._index.delete(self._ids[dead])
             for a in (self._ids, self._w, self._row_steps, self._touched, *self._state.values()):
                 a[holes] = a[movers]
-            self._index.update(zip(self._ids[holes].tolist(), holes.tolist()))
+            self._index.move(self._ids[holes], holes)
             self._n = keep
             self._counts["evicted"] += len(dead)
             if len(self._ids) > 4 * max(keep, self._GROW_MIN):  # give memory back after a big eviction
@@ -529,14 +528,14 @@ class SparseTable:
 
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict:
-        """rows stored; bytes held (row and state arrays as allocated, plus an estimate of the
-        id index: the dict's table and ~60 bytes of int objects per id, and of pending sightings);
+        """rows stored; bytes held (row and state arrays and the id index as allocated, plus an
+        estimate of pending sightings);
         admitted (rows ever created), pending (ids seen but not admitted), evicted, step (pushes
         applied), duplicates (pushes refused as replays), pulls, clients (exactly-once records)."""
         with self._lock:
             arrays = self._ids.nbytes + self._w.nbytes + self._row_steps.nbytes + self._touched.nbytes \
                 + sum(a.nbytes for a in self._state.values())
-            index = sys.getsizeof(self._index) + 60 * len(self._index)
+            index = self._index.nbytes
             pending = sys.getsizeof(self._pending) + 150 * len(self._pending)
             return {"rows": self._n, "bytes": arrays + index + pending, "admitted": self._counts["admitted"],
                     "pending": len(self._pending), "evicted": self._counts["evicted"], "step": self._step,
@@ -597,9 +596,10 @@ class SparseTable:
             if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype:
                 got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
                 raise InvalidArgument(f"{what}: '{k}' is {got}, expected {np.dtype(dtype)}{list(shape)}")
-        index = dict(zip(arrays["ids"].tolist(), range(n)))
-        if len(index) != n:
-            raise InvalidArgument(f"{what}: 'ids' holds {n - len(index)} repeated id(s)")
+        distinct = len(np.unique(arrays["ids"]))
+        if distinct != n:
+            raise InvalidArgument(f"{what}: 'ids' holds {n - distinct} repeated id(s)")
+        index = IdIndex.of(arrays["ids"], np.arange(n, dtype=np.int64))
         try:
             step = _integer(f"{what}: step", meta.get("step"), 0, 1 << 62)
             applied = {str(c): _integer(f"{what}: seq of client {c!r}", s, 0, (1 << 64) - 1)

