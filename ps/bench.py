@@ -141,15 +141,20 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     n = size // 4
     echo(f"model: {n:,} float32 params ({size / 2**20:.0f} MiB) over {servers} servers, optimizer {optimizer}")
     with LocalCluster(servers=servers) as cluster, Client(cluster.address) as client, \
+            Client(cluster.address, local=False) as streaming, \
             EchoCeiling(size, servers, client.chunk_bytes) as ceiling_run, contextlib.ExitStack() as stack:
         model = client.create_model("bench", {"w": np.zeros(n, np.float32)},
                                     optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
+        over_grpc = streaming.model("bench")  # the same model, every byte through gRPC (as from another host)
         secured = None
         if tls:
             secure = stack.enter_context(LocalCluster(servers=servers, tls=True, auth=True))
             secure_client = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token))
             secured = secure_client.create_model("bench", {"w": np.zeros(n, np.float32)},
                                                  optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
+            secure_streaming = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token,
+                                                          local=False))
+            secured_grpc = secure_streaming.model("bench")
         single = None
         if replicas > 1:  # the same model with one replica, measured in the same rounds
             single = client.create_model("bench-r1", {"w": np.zeros(n, np.float32)},
@@ -158,25 +163,31 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         out = {"w": np.empty(n, np.float32)}  # reused, as a worker reuses its weight buffers
         # Alternate the measurements and keep the best of each, so that a busy moment on
         # a shared machine does not land on one side of a ratio only.
-        per_call = per_echo = per_single = per_tls = float("inf")
+        per_call = per_grpc = per_echo = per_single = per_tls = per_tls_grpc = float("inf")
         for _ in range(ROUNDS):
             per_call = min(per_call, _timed(lambda: model.push_pull(grad, out=out), seconds / ROUNDS))
+            per_grpc = min(per_grpc, _timed(lambda: over_grpc.push_pull(grad, out=out), seconds / ROUNDS))
             per_echo = min(per_echo, _timed(ceiling_run.once, seconds / ROUNDS))
             if single is not None:
                 per_single = min(per_single, _timed(lambda: single.push_pull(grad, out=out), seconds / ROUNDS))
             if secured is not None:
                 per_tls = min(per_tls, _timed(lambda: secured.push_pull(grad, out=out), seconds / ROUNDS))
+                per_tls_grpc = min(per_tls_grpc, _timed(lambda: secured_grpc.push_pull(grad, out=out),
+                                                        seconds / ROUNDS))
         rss = [_rss_bytes(p.popen.pid) for p in cluster.servers]
         peak = [_rss_bytes(p.popen.pid, "VmHWM") for p in cluster.servers]
         held = [sum(m.params for m in client.stats(a).models) for a in model.shards]
         chunk = client.chunk_bytes
     pushpull_gbps = 2 * size / per_call / 1e9
+    grpc_gbps = 2 * size / per_grpc / 1e9
     ceiling = ceiling_run.bytes_per_call / per_echo / 1e9
     echo(f"push_pull: {pushpull_gbps:.2f} GB/s ({per_call * 1e3:.0f} ms per push_pull of {size / 2**20:.0f} MiB "
-         f"gradient + {size / 2**20:.0f} MiB weights)")
+         f"gradient + {size / 2**20:.0f} MiB weights; shared memory with servers on this host)")
+    echo(f"push_pull streamed over gRPC (as from another host): {grpc_gbps:.2f} GB/s")
     echo(f"raw grpcio echo, {chunk / 2**20:g} MiB messages, {servers} server processes: {ceiling:.2f} GB/s")
     ratio = pushpull_gbps / ceiling
-    echo(f"ratio: {ratio:.2f}" + (f" with {replicas} replicas per slice" if replicas > 1 else ""))
+    echo(f"ratio: {ratio:.2f} (streamed: {grpc_gbps / ceiling:.2f}; shared memory / streamed: "
+         f"{pushpull_gbps / grpc_gbps:.2f})" + (f" with {replicas} replicas per slice" if replicas > 1 else ""))
     extra = {}
     if single is not None:
         extra = {"replicas": replicas, "replicas_1_gbps": round(2 * size / per_single / 1e9, 3),
@@ -184,9 +195,12 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         echo(f"one replica: {extra['replicas_1_gbps']:.2f} GB/s; {replicas} replicas reach "
              f"{extra['replicated_to_single_ratio']:.2f} of it")
     if secured is not None:
-        extra.update(tls_gbps=round(2 * size / per_tls / 1e9, 3), tls_to_plaintext_ratio=round(per_call / per_tls, 3))
+        extra.update(tls_gbps=round(2 * size / per_tls / 1e9, 3), tls_to_plaintext_ratio=round(per_call / per_tls, 3),
+                     tls_grpc_gbps=round(2 * size / per_tls_grpc / 1e9, 3),
+                     tls_grpc_to_plaintext_grpc_ratio=round(per_grpc / per_tls_grpc, 3))
         echo(f"mutual TLS + tokens: {extra['tls_gbps']:.2f} GB/s = {extra['tls_to_plaintext_ratio']:.2f} "
-             f"of plaintext")
+             f"of plaintext (bulk bytes through shared memory); streamed over gRPC: {extra['tls_grpc_gbps']:.2f} "
+             f"GB/s = {extra['tls_grpc_to_plaintext_grpc_ratio']:.2f} of plaintext streamed")
     per_param = {"sgd": 12, "adam": 28}
     rates = {name: update_rate(name) for name in ("sgd", "adam")}
     server_path = {name: server_update_rate(name) for name in ("sgd", "adam")}
@@ -201,6 +215,8 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     return {
         "size_bytes": size, "servers": servers, "optimizer": optimizer, "chunk_bytes": chunk,
         "pushpull_gbps": round(pushpull_gbps, 3), "grpc_ceiling_gbps": round(ceiling, 3), "ratio": round(ratio, 3),
+        "pushpull_grpc_gbps": round(grpc_gbps, 3), "grpc_ratio": round(grpc_gbps / ceiling, 3),
+        "local_to_grpc_ratio": round(pushpull_gbps / grpc_gbps, 3),
         "sgd_params_per_s": round(server_path["sgd"]),
         "sgd_to_limit_ratio": round(server_path["sgd"] / rates["sgd"]["limit_params_per_s"], 3),
         "adam_params_per_s": round(server_path["adam"]),

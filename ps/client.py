@@ -62,10 +62,12 @@ class Client:
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  connect_timeout: float = 10.0, client_id: str | None = None,
                  inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0,
-                 tls=None, token: str | None = None):
+                 tls=None, token: str | None = None, local: bool | None = None):
         """``tls``: a ``ps.security.TLS``, a directory ``paramserver certs`` wrote (its user certificate
         and CA), or False for none; ``token``: the bearer token to send. Either left None comes from
-        the PS_TLS_* / PS_TOKEN_FILE variables (or the command's flags)."""
+        the PS_TLS_* / PS_TOKEN_FILE variables (or the command's flags). ``local``: push_pull to a
+        server on this host through shared memory (``ps.shm``; default on, PS_LOCAL=0 turns it off);
+        a server elsewhere is found out on the first call and reached over gRPC from then on."""
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
@@ -93,6 +95,11 @@ class Client:
         # (a later seq must never reach a slice before an earlier one).
         self._seqs = itertools.count(1)
         self._push_locks: dict[str, threading.Lock] = {}
+        import os
+        self.local = (os.environ.get("PS_LOCAL", "1") != "0") if local is None else bool(local)
+        #: shared-memory segments by (model, shard, layout), and the servers that cannot open them
+        self._segments: dict[tuple, tuple] = {}
+        self._remote: set[str] = set()
 
     def __enter__(self) -> "Client":
         return self
@@ -102,6 +109,10 @@ class Client:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        with self._lock:
+            segments, self._segments = list(self._segments.values()), {}
+        for segment, _ in segments:
+            segment.close()
         for ch, _ in self._servers.values():
             ch.close()
         self._channel.close()
@@ -348,6 +359,65 @@ class Model:
     def _slices_of(self, shard: int, names: Iterable[str] | None = None) -> list[sharding.Slice]:
         wanted = None if names is None else set(names)
         return [s for s in self.slices if s.shard == shard and (wanted is None or s.tensor in wanted)]
+
+    def _segment(self, shard: int):
+        """This client's shared-memory segment for ``shard``'s slices of the model, and each slice's
+        byte offset in it (created on first use, shared by the client's handles on the model)."""
+        from ps import shm
+        slices = tuple(self._slices_of(shard))
+        key = (self.name, shard, slices)
+        with self.client._lock:
+            found = self.client._segments.get(key)
+        if found is not None:
+            return found
+        at, layout = 0, {}
+        for s in slices:
+            item = self.specs[s.tensor].itemsize
+            at = -(-at // 64) * 64  # each range cache-line aligned
+            layout[s] = at
+            at += s.length * item
+        found = (shm.Segment(at), layout)
+        with self.client._lock:
+            self.client._segments[key] = found
+        return found
+
+    def _local(self, stub, shard: int, flat: dict[str, np.ndarray] | None, seq: int, scale: float,
+               out: dict[str, np.ndarray] | None):
+        """push (and with ``out``, pull) ``shard``'s part through shared memory, or with ``flat`` None
+        only pull ``out``'s tensors; None when its server cannot open the segment (another host): the
+        caller streams over gRPC, now and from then on. Returns (duplicate ranges, version)."""
+        from ps import shm
+        address = self.shards[shard]
+        segment, layout = self._segment(shard)
+        ranges = []
+        for s in self._slices_of(shard, out if flat is None else flat):
+            at = layout[s]
+            dtype = np.dtype(self.specs[s.tensor].dtype)
+            if flat is not None:
+                np.copyto(segment.array(dtype, at, s.length), flat[s.tensor][s.offset:s.offset + s.length])
+            ranges.append(server_pb2.LocalRange(tensor=s.tensor, offset=s.offset, length=s.length, at=at,
+                                                dtype=dtype_code(dtype)))
+        try:
+            resp = stub.PushPullLocal(server_pb2.LocalPushPullRequest(
+                model=self.name, client_id=self.client.client_id, seq=seq, grad_scale=scale, segment=segment.name,
+                ranges=ranges, pull=out is not None, only_pull=flat is None),
+                timeout=self._stream_timeout(out if flat is None else flat))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and (e.details() or "").startswith(shm.UNREACHABLE):
+                with self.client._lock:
+                    self.client._remote.add(address)
+                log.info("server %s cannot open this client's shared memory: gRPC from now on", address)
+                return None
+            raise
+        if out is not None:
+            flats = {k: v.reshape(-1) for k, v in out.items()}
+            for r in ranges:
+                dst = flats[r.tensor]
+                np.copyto(dst[r.offset:r.offset + r.length], segment.array(dst.dtype, r.at, r.length))
+        return resp.duplicates, resp.version
+
+    def _goes_local(self, shard: int) -> bool:
+        return self.client.local and self.shards[shard] not in self.client._remote
 
     def _chunks(self, shard: int, names=None) -> Iterator[tuple[sharding.Slice, int, int]]:
         for s in self._slices_of(shard, names):
@@ -596,9 +666,15 @@ class Model:
             elif isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
                 raise InvalidArgument(f"push to '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
 
-            results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: stub.Push(
-                self._push_requests(shard, flat, seq, scale), timeout=self._stream_timeout(flat)).duplicates),
-                flat)
+            def one(stub, shard):
+                if self._goes_local(shard):
+                    done = self._local(stub, shard, flat, seq, scale, None)
+                    if done is not None:
+                        return done[0]
+                return stub.Push(self._push_requests(shard, flat, seq, scale),
+                                 timeout=self._stream_timeout(flat)).duplicates
+
+            results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: one(stub, shard)), flat)
             self._acknowledged(seq, results, "push to")
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
@@ -635,6 +711,11 @@ class Model:
             versions = []
 
             def one(stub, shard):
+                if self._goes_local(shard):
+                    done = self._local(stub, shard, flat, seq, scale, out)
+                    if done is not None:
+                        versions.append(done[1])
+                        return done[0]
                 credits = _Credits(self.client.inflight_chunks)
                 try:
                     responses = stub.PushPull(self._push_requests(shard, flat, seq, scale, credits),
@@ -664,6 +745,14 @@ class Model:
         versions = []
 
         def one(shard):
+            if self._goes_local(shard):
+                def local(stub):
+                    done = self._local(stub, shard, None, 0, 1.0, out)
+                    if done is not None:
+                        versions.append(done[1])
+                    return done
+                if self._stream(shard, "pull from", local)[0] is not None:
+                    return
             req = server_pb2.PullRequest(model=self.name, max_chunk_bytes=self.client.chunk_bytes,
                                          ranges=[server_pb2.Range(tensor=s.tensor, offset=s.offset,
                                                                   length=s.length)

@@ -14,7 +14,7 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from ps import checkpoint, initializers, rpc, security, sharding, sparse, wire
+from ps import checkpoint, initializers, rpc, security, sharding, shm, sparse, wire
 from ps import limits as ps_limits
 from ps.data_policy import DataPolicy
 from ps.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted,
@@ -53,6 +53,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         self.guard: ModelGuard | None = None
         #: where Checkpoint may write
         self.data_policy = data_policy
+        #: shared-memory segments of clients on this host (PushPullLocal)
+        self.segments = shm.Attached()
 
     def _user(self, context):
         """The caller, when it is a user whose access to each model is checked (else None)."""
@@ -269,6 +271,46 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             self._replicated(waits, "push_pull")
         except PSError as e:
             abort(context, e)
+
+    def PushPullLocal(self, request, context):
+        """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""
+        what = "push_pull (local) to"
+        lim = self.limits
+        try:
+            lim.check_name(f"{what}: model name", request.model)
+            if not request.only_pull:
+                lim.check_name(f"{what}: client_id", request.client_id)
+            lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices", InvalidArgument)
+            lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
+            self._owned(context, what)(request.model)
+            segment = self.segments.get(request.segment, what)
+            applied = dup = 0
+            versions = []
+            waits = []
+            for r in request.ranges:
+                where = f"{what} '{request.model}/{r.tensor}' [{r.offset}, {r.offset + r.length})"
+                dtype = numpy_dtype(r.dtype)
+                if request.only_pull:
+                    sl = self.store.model(request.model).locate(r.tensor, r.offset, r.length, "pull (local) from")
+                    if numpy_dtype(r.dtype) != sl.param.dtype:
+                        raise InvalidArgument(f"{where}: dtype {dtype} but the tensor holds {sl.param.dtype}")
+                else:
+                    # a copy: the client's process can write the segment while it is validated and applied
+                    grad = shm.view(segment, dtype, r.at, r.length, where).copy()
+                    sl, ok = self.store.push(request.model, request.client_id, request.seq, r.tensor, r.offset, grad,
+                                             request.grad_scale or 1.0, waits=waits)
+                    applied += ok
+                    dup += not ok
+                if request.pull or request.only_pull:
+                    out = shm.view(segment, dtype, r.at, r.length, where)
+                    versions.append(self.store.read_slice(sl, r.offset, r.length,
+                                                          lambda v, version: (np.copyto(out, v), version)[1]))
+            self._replicated(waits, "push_pull")
+        except CodecError as e:
+            abort(context, InvalidArgument(f"{what}: {e}"))
+        except PSError as e:
+            abort(context, e)
+        return server_pb2.LocalPushPullResponse(applied=applied, duplicates=dup, version=min(versions, default=0))
 
     def Pull(self, request, context) -> Iterator[bytes]:
         max_chunk = request.max_chunk_bytes or self.chunk_bytes

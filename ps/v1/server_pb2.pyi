@@ -8,6 +8,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LocalRange(_message.Message):
+    __slots__ = ("tensor", "offset", "length", "at", "dtype")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    offset: int
+    length: int
+    at: int
+    dtype: _tensor_pb2.DType
+    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., at: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+
+class LocalPushPullRequest(_message.Message):
+    __slots__ = ("model", "client_id", "seq", "grad_scale", "segment", "ranges", "pull", "only_pull")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    ONLY_PULL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    client_id: str
+    seq: int
+    grad_scale: float
+    segment: str
+    ranges: _containers.RepeatedCompositeFieldContainer[LocalRange]
+    pull: bool
+    only_pull: bool
+    def __init__(self, model: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., grad_scale: _Optional[float] = ..., segment: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[LocalRange, _Mapping]]] = ..., pull: _Optional[bool] = ..., only_pull: _Optional[bool] = ...) -> None: ...
+
+class LocalPushPullResponse(_message.Message):
+    __slots__ = ("applied", "duplicates", "version")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    duplicates: int
+    version: int
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
 class Initializer(_message.Message):
     __slots__ = ("kind", "value", "mean", "std", "low", "high", "seed")
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -94,6 +94,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.PushRowsRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.PushRowsResponse.FromString,
                 _registered_method=True)
+        self.PushPullLocal = channel.unary_unary(
+                '/ps.v1.ParameterServer/PushPullLocal',
+                request_serializer=ps_dot_v1_dot_server__pb2.LocalPushPullRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.LocalPushPullResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -186,6 +191,17 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPullLocal(self, request, context):
+        """Same-host fast path: the gradient ranges lie in a shared-memory segment the client created
+        (POSIX shm, /dev/shm/<segment>); the server applies them as PushPull would, and with pull set
+        writes the fresh weights of the same ranges back into the segment. Only control crosses gRPC.
+        A server that cannot open the segment (another host or IPC namespace, another user) answers
+        FAILED_PRECONDITION starting "local segment": the client then streams over gRPC instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +264,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushRows,
                     request_deserializer=ps_dot_v1_dot_server__pb2.PushRowsRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.PushRowsResponse.SerializeToString,
+            ),
+            'PushPullLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullLocal,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.LocalPushPullRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.LocalPushPullResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +595,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/PushRows',
             ps_dot_v1_dot_server__pb2.PushRowsRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.PushRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/PushPullLocal',
+            ps_dot_v1_dot_server__pb2.LocalPushPullRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.LocalPushPullResponse.FromString,
             options,
             channel_credentials,
             insecure,
