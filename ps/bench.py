@@ -17,6 +17,7 @@ import numpy as np
 from ps import rpc
 
 ECHO_METHOD = "/ps.bench.Echo/Stream"
+ECHO_UNARY = "/ps.bench.Echo/Unary"
 #: pushpull alternates its two measurements this many times (best of each)
 ROUNDS = 3
 
@@ -33,7 +34,8 @@ def echo_server_main(argv: list[str] | None = None) -> None:
     ns = p.parse_args(argv)
     server = rpc.make_server(8)
     handler = grpc.method_handlers_generic_handler("ps.bench.Echo", {
-        "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream)})
+        "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream),
+        "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
     server.add_generic_rpc_handlers((handler,))
     port = rpc.bind(server, "127.0.0.1", 0)
     server.start()
@@ -130,9 +132,13 @@ def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = r
 
 
 def pushpull(size: int, servers: int, optimizer: str, seconds: float,
-             echo: Callable[[str], None] = print, replicas: int = 1, tls: bool = False) -> dict:
+             echo: Callable[[str], None] = print, replicas: int = 1, tls: bool = False, peer: str = "",
+             clients: int = 1) -> dict:
     """`paramserver bench pushpull`: the figures, as a dict. ``tls``: the same model on a second
-    cluster with mutual TLS and tokens, measured in the same rounds."""
+    cluster with mutual TLS and tokens, measured in the same rounds. ``peer="torch-rpc"``: a
+    torch.distributed.rpc parameter server of as many shards (``ps.bench_torch_rpc``), SGD, the same
+    sizes, measured in the same rounds. ``clients``: that many clients push_pull at once (threads of
+    this process, a Client each; the torch peer likewise), and the figures are their total."""
     import contextlib
 
     from ps.client import Client
@@ -155,19 +161,53 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
             secure_streaming = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token,
                                                           local=False))
             secured_grpc = secure_streaming.model("bench")
+        torch_ps = None
+        if peer == "torch-rpc":
+            import torch
+
+            from ps.bench_torch_rpc import TorchRpcPS
+            torch_ps = stack.enter_context(TorchRpcPS(size, servers))
+            torch_grad = torch.full((n,), 1e-3, dtype=torch.float32)
+
+            def theirs():
+                if clients == 1:
+                    torch_ps.push_pull(torch_grad)
+                    return
+                done = [together.submit(torch_ps.push_pull, torch_grad) for _ in range(clients - 1)]
+                torch_ps.push_pull(torch_grad)
+                for f in done:
+                    f.result()
+        elif peer:
+            raise ValueError(f"unknown peer {peer!r}: expected torch-rpc")
         single = None
         if replicas > 1:  # the same model with one replica, measured in the same rounds
             single = client.create_model("bench-r1", {"w": np.zeros(n, np.float32)},
                                          optimizer={"name": optimizer, "lr": 1e-4}, replicas=1)
         grad = {"w": np.full(n, 1e-3, np.float32)}
         out = {"w": np.empty(n, np.float32)}  # reused, as a worker reuses its weight buffers
+        together = ThreadPoolExecutor(clients) if clients > 1 else None
+        if together is not None:
+            stack.callback(together.shutdown)
+            others = [stack.enter_context(Client(cluster.address)).model("bench") for _ in range(clients - 1)]
+            outs = [{"w": np.empty(n, np.float32)} for _ in others]
+
+            def ours():
+                done = [together.submit(m.push_pull, grad, out=o) for m, o in zip(others, outs)]
+                model.push_pull(grad, out=out)
+                for f in done:
+                    f.result()
+        else:
+            def ours():
+                model.push_pull(grad, out=out)
         # Alternate the measurements and keep the best of each, so that a busy moment on
         # a shared machine does not land on one side of a ratio only.
-        per_call = per_grpc = per_echo = per_single = per_tls = per_tls_grpc = float("inf")
+        per_call = per_grpc = per_echo = per_single = per_tls = per_tls_grpc = per_torch = float("inf")
         for _ in range(ROUNDS):
-            per_call = min(per_call, _timed(lambda: model.push_pull(grad, out=out), seconds / ROUNDS))
+            per_call = min(per_call, _timed(ours, seconds / ROUNDS))
             per_grpc = min(per_grpc, _timed(lambda: over_grpc.push_pull(grad, out=out), seconds / ROUNDS))
             per_echo = min(per_echo, _timed(ceiling_run.once, seconds / ROUNDS))
+            if torch_ps is not None:
+                per_torch = min(per_torch, _timed(theirs, seconds / ROUNDS))
             if single is not None:
                 per_single = min(per_single, _timed(lambda: single.push_pull(grad, out=out), seconds / ROUNDS))
             if secured is not None:
@@ -178,7 +218,7 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         peak = [_rss_bytes(p.popen.pid, "VmHWM") for p in cluster.servers]
         held = [sum(m.params for m in client.stats(a).models) for a in model.shards]
         chunk = client.chunk_bytes
-    pushpull_gbps = 2 * size / per_call / 1e9
+    pushpull_gbps = 2 * size * clients / per_call / 1e9
     grpc_gbps = 2 * size / per_grpc / 1e9
     ceiling = ceiling_run.bytes_per_call / per_echo / 1e9
     echo(f"push_pull: {pushpull_gbps:.2f} GB/s ({per_call * 1e3:.0f} ms per push_pull of {size / 2**20:.0f} MiB "
@@ -201,6 +241,14 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         echo(f"mutual TLS + tokens: {extra['tls_gbps']:.2f} GB/s = {extra['tls_to_plaintext_ratio']:.2f} "
              f"of plaintext (bulk bytes through shared memory); streamed over gRPC: {extra['tls_grpc_gbps']:.2f} "
              f"GB/s = {extra['tls_grpc_to_plaintext_grpc_ratio']:.2f} of plaintext streamed")
+    if torch_ps is not None:
+        extra.update(torch_rpc_gbps=round(2 * size * clients / per_torch / 1e9, 3),
+                     vs_torch_rpc=round(per_torch / per_call, 3), clients=clients)
+        if clients == 1:
+            extra["grpc_vs_torch_rpc"] = round(per_torch / per_grpc, 3)
+        echo(f"torch.distributed.rpc parameter server ({servers} shards, TensorPipe): {extra['torch_rpc_gbps']:.2f} "
+             f"GB/s; ours / torch: {extra['vs_torch_rpc']:.2f}"
+             + (f" (streamed: {extra['grpc_vs_torch_rpc']:.2f})" if clients == 1 else f", {clients} clients each"))
     per_param = {"sgd": 12, "adam": 28}
     rates = {name: update_rate(name) for name in ("sgd", "adam")}
     server_path = {name: server_update_rate(name) for name in ("sgd", "adam")}

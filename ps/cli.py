@@ -406,11 +406,19 @@ def bench() -> None:
 @click.option("--replicas", default=1, show_default=True,
               help="Servers holding each slice; above 1, the same model with one replica is measured beside it.")
 @click.option("--tls", is_flag=True, help="Also measure a cluster with mutual TLS and tokens, in the same rounds.")
+@click.option("--peer", type=click.Choice(["torch-rpc"]), default=None,
+              help="Also measure a torch.distributed.rpc parameter server (needs torch), in the same rounds.")
+@click.option("--clients", default=1, show_default=True, help="clients push_pulling at once (ours and the peer)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pushpull(size, servers, optimizer, seconds, replicas, tls, as_json):
+def bench_pushpull(size, servers, optimizer, seconds, replicas, tls, peer, clients, as_json):
     """push_pull throughput against a raw grpcio echo ceiling, and the optimizer's update rate."""
     from ps.bench import pushpull
-    result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas, tls=tls)
+    try:
+        result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas, tls=tls,
+                          peer=peer or "", clients=clients)
+    except ImportError as e:
+        click.echo(f"bench pushpull --peer {peer}: {e}: pip install torch (CPU is enough)", err=True)
+        sys.exit(2)
     if as_json:
         emit_json(result)
 
@@ -435,6 +443,18 @@ def bench_train(epochs, consistency, staleness, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
     from ps.bench import train
     result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness)
+    if as_json:
+        emit_json(result)
+
+
+@bench.command("latency")
+@click.option("--size", type=Bytes(), default="1KiB", show_default=True, help="push_pull payload (float32)")
+@click.option("--seconds", default=6.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_latency(size, seconds, as_json):
+    """Round trip of a small push_pull against a raw grpcio unary echo (p50 / p99, microseconds)."""
+    from ps.bench_latency import latency
+    result = latency(size, seconds, echo=click.echo)
     if as_json:
         emit_json(result)
 
