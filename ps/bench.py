@@ -109,6 +109,30 @@ class EchoCeiling:
         self.close()
 
 
+def torch_update_rates(n: int = 16_000_000, repeats: int = 5) -> dict[str, float] | None:
+    """params/s of torch's fused Adam and foreach SGD on n float32 params, one thread (None without
+    torch): what ``adam_vs_torch_fused`` and ``sgd_vs_torch_foreach`` compare ours with."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        p = torch.from_numpy(rng.standard_normal(n, dtype=np.float32)).requires_grad_()
+        p.grad = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+        rates = {}
+        for name, opt in (("adam", torch.optim.Adam([p], lr=1e-3, fused=True)),
+                          ("sgd", torch.optim.SGD([p], lr=1e-3, foreach=True))):
+            opt.step()
+            best = min(_timed(opt.step, 0.0, 1) for _ in range(repeats))
+            rates[name] = n / best
+        return rates
+    finally:
+        torch.set_num_threads(threads)
+
+
 def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = rpc.DEFAULT_CHUNK_BYTES,
                        repeats: int = 3) -> float:
     """params/s of pushes through the shard store (decode view, validation, finite check, update),
@@ -257,6 +281,17 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
         echo(f"{name} update on the server path: {server_path[name] / 1e6:.0f} M params/s = "
              f"{server_path[name] / limit:.2f} of the memory-bound limit {limit / 1e6:.0f} M params/s "
              f"(2 x copyto bytes/s / {per_param[name]} bytes per param)")
+    theirs = torch_update_rates()
+    if theirs is not None:
+        extra.update(adam_vs_torch_fused=round(rates["adam"]["params_per_s"] / theirs["adam"], 3),
+                     sgd_vs_torch_foreach=round(rates["sgd"]["params_per_s"] / theirs["sgd"], 3),
+                     torch_fused_adam_params_per_s=round(theirs["adam"]),
+                     torch_foreach_sgd_params_per_s=round(theirs["sgd"]))
+        from ps.server import jit
+        echo(f"optimizers alone, one thread ({'compiled' if jit.enabled() else 'NumPy'}): adam "
+             f"{rates['adam']['params_per_s'] / 1e6:.0f} M params/s = {extra['adam_vs_torch_fused']:.2f} of torch's "
+             f"fused Adam ({theirs['adam'] / 1e6:.0f}); sgd {rates['sgd']['params_per_s'] / 1e6:.0f} = "
+             f"{extra['sgd_vs_torch_foreach']:.2f} of torch's foreach SGD ({theirs['sgd'] / 1e6:.0f})")
     bound = [3.3 * 4 * p + 100 * 2**20 for p in held]
     echo("server RSS, peak over the run (now): " + ", ".join(
         f"{p / 2**20:.0f} MiB ({r / 2**20:.0f} MiB), bound {b / 2**20:.0f} MiB" for p, r, b in zip(peak, rss, bound)))

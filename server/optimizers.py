@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ps.optimizer_config import OptimizerConfig, lr_at
+from ps.server import jit
 
 
 # Bytes per array per block. Measured on a 2-core EPYC (1 MiB L2, 32 MiB L3), float32 Adam on
@@ -88,8 +89,13 @@ class Optimizer:
         clip = self.config.clip_value
         scale = float(grad_scale)
         prep = scale != 1.0 or clip is not None or self.l2 != 0.0
-        run = self._block_fn(step)
         states = [state[k] for k in self.state_names]
+        if not prep and jit.enabled():
+            whole = self._jit_fn(step, dtype.type)
+            if whole is not None:  # one compiled pass over the whole range
+                whole(param, grad, states)
+                return
+        run = self._block_fn(step)
         with _scratch(dtype, 3, min(block, n)) as (g0, x, y):
             for a in range(0, n, block):
                 p = param[a:a + block]
@@ -122,9 +128,18 @@ class Optimizer:
         """A function (param, grad, states, x, y) updating one block; x, y are scratch."""
         raise NotImplementedError
 
+    def _jit_fn(self, step: int, t):
+        """A compiled function (param, grad, states) doing the whole update (``ps.server.jit``), for
+        scalars of type ``t``; None where there is none (the blocked NumPy passes run)."""
+        return None
+
 
 class SGD(Optimizer):
     """Plain SGD: param -= lr * grad. No state."""
+
+    def _jit_fn(self, step, t):
+        neg_lr = t(-lr_at(self.config, step))
+        return lambda p, g, states: jit.sgd(p, g, neg_lr)
 
     def _block_fn(self, step):
         neg_lr = -lr_at(self.config, step)
@@ -257,16 +272,24 @@ class Adam(Optimizer):
         super().__init__(config)
         self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if config.amsgrad else ())
 
-    def _block_fn(self, step):
+    def _scalars(self, step):
+        """(s, eps, w1, b2, w2, decay or None): the update's scalars for update number ``step``."""
         c = self.config
         lr = lr_at(c, step)
         bc1 = 1 - c.beta1 ** step
         bc2_sqrt = math.sqrt(1 - c.beta2 ** step)
-        s = -lr * bc2_sqrt / bc1
-        eps = c.eps * bc2_sqrt
-        w1, b2, w2 = 1.0 - c.beta1, c.beta2, 1.0 - c.beta2
         decay = 1.0 - lr * c.weight_decay if c.name == "adamw" and c.weight_decay else None
-        amsgrad = c.amsgrad
+        return -lr * bc2_sqrt / bc1, c.eps * bc2_sqrt, 1.0 - c.beta1, c.beta2, 1.0 - c.beta2, decay
+
+    def _jit_fn(self, step, t):
+        if self.config.amsgrad:
+            return None
+        s, eps, w1, b2, w2, decay = (t(1.0 if v is None else v) for v in self._scalars(step))
+        return lambda p, g, states: jit.adam(p, g, states[0], states[1], s, eps, w1, b2, w2, decay)
+
+    def _block_fn(self, step):
+        s, eps, w1, b2, w2, decay = self._scalars(step)
+        amsgrad = self.config.amsgrad
         mul, add, sub, square, sqrt, div, maximum = (np.multiply, np.add, np.subtract, np.square, np.sqrt,
                                                      np.divide, np.maximum)
 

@@ -300,3 +300,29 @@ def test_update_rate_reports_the_rate_against_the_copy_limit():
     assert r["optimizer"] == "adam" and r["params_per_s"] > 0
     assert r["limit_params_per_s"] == pytest.approx(2 * r["copyto_bytes_per_s"] / 28)
     assert r["to_limit_ratio"] == pytest.approx(r["params_per_s"] / r["limit_params_per_s"])
+
+
+@pytest.mark.parametrize("config", [{"name": "sgd", "lr": 0.1}, {"name": "adam", "lr": 0.01},
+                                    {"name": "adamw", "lr": 0.01, "weight_decay": 0.1}], ids=["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_updates_match_the_numpy_passes(monkeypatch, config, dtype):
+    """ps.server.jit (numba, in the test extra) against the blocked NumPy reference, 5 updates."""
+    from ps.server import jit
+    assert jit.numba is not None, "numba is part of the test extra"
+    grads = random_grads(300_001, dtype, 5, seed=3)
+    results = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("PS_JIT", on)
+        opt = make_optimizer(config)
+        param = np.linspace(-1, 1, 300_001).astype(dtype)
+        state = opt.init_state(param.size, dtype)
+        for step, g in enumerate(grads, 1):
+            opt.apply(param, g, state, step)
+        results[on] = (param, state)
+    # a fused multiply-add rounds once where two ufuncs round twice: a few ulps of the largest value
+    ulps = lambda a: 4 * np.finfo(dtype).eps * np.abs(a).max()  # noqa: E731
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=tol, atol=ulps(results["0"][0]))
+    for k in results["0"][1]:
+        ref = results["0"][1][k]
+        np.testing.assert_allclose(results["1"][1][k], ref, rtol=tol, atol=ulps(ref))
