@@ -158,3 +158,28 @@ def test_gpu_device_selects_cupy_and_pinned_copies_round_trip(cp):
     again = pinned_to_host(cp, {"0.dense.w": first["0.dense.w"] * 2})
     assert again["0.dense.w"].ctypes.data == address  # the pinned buffer is reused
     np.testing.assert_array_equal(again["0.dense.w"], 2 * np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
+def test_pinned_copies_of_two_slots_do_not_overwrite_each_other_and_weights_go_back_async(cp):
+    from ps.worker.xp import empty_host
+    a = {"w": cp.arange(1000, dtype=cp.float32)}
+    one = pinned_to_host(cp, a, slot=0)
+    two = pinned_to_host(cp, {"w": a["w"] * 3}, slot=1)
+    assert one["w"].ctypes.data != two["w"].ctypes.data
+    np.testing.assert_array_equal(one["w"], np.arange(1000, dtype=np.float32))  # slot 0 kept its step
+    np.testing.assert_array_equal(two["w"], 3 * np.arange(1000, dtype=np.float32))
+    host = empty_host(cp, (1000,), np.float32)
+    assert type(empty_host(np, (3,), np.float32)) is np.ndarray
+    host[:] = np.arange(1000, dtype=np.float32) * 5
+    dev = cp.asarray(host)  # from page-locked memory: queued on the current stream
+    np.testing.assert_array_equal(cp.asnumpy(dev), host)
+
+
+def test_a_model_without_dropout_builds_no_generator_for_a_step(cp, monkeypatch):
+    from ps.worker import model as model_module
+    built = []
+    monkeypatch.setattr(model_module, "make_rng", lambda xp, seed: built.append(seed))
+    m = Sequential.from_spec([{"type": "dense", "units": 4}], input_shape=(3,))
+    params = {k: cp.asarray(v) for k, v in m.init_params(0).items()}
+    m.loss_and_grads(cp, params, cp.ones((2, 3), cp.float32), cp.zeros(2, cp.int64), "softmax_cross_entropy")
+    assert built == []

@@ -400,3 +400,16 @@ def test_numpy_helpers_pass_arrays_through():
     assert pinned_to_host(np, a) is a
     assert to_numpy([1, 2]).tolist() == [1, 2]
     assert asarray(np, [1, 2], np.float32).dtype == np.float32
+
+
+def test_only_a_model_with_dropout_draws_a_generator_per_step(monkeypatch):
+    from ps.worker import model as model_module
+    built = []
+    monkeypatch.setattr(model_module, "make_rng", lambda xp, seed: built.append(seed) or make_rng(xp, seed))
+    plain = Sequential.from_spec([{"type": "dense", "units": 4}], input_shape=(3,))
+    drop = Sequential.from_spec([{"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 4}], input_shape=(3,))
+    x, y = np.ones((2, 3), np.float32), np.zeros(2, np.int64)
+    plain.loss_and_grads(np, plain.init_params(0), x, y, "softmax_cross_entropy", rng_seed=7)
+    assert built == [] and not plain.random
+    drop.loss_and_grads(np, drop.init_params(0), x, y, "softmax_cross_entropy", rng_seed=7)
+    assert built == [7] and drop.random

@@ -265,6 +265,12 @@ def _softmax_xent_ref(xp, logits, labels):
     return loss, d, n_correct
 
 
+def _to_host_pair(xp, total, count) -> tuple[float, int]:
+    """A device sum and count read back together: one host synchronisation, not two."""
+    both = xp.stack([total.astype(np.float64), count.astype(np.float64)]).get()
+    return float(both[0]), int(both[1])
+
+
 def softmax_xent(xp, logits, labels):
     """Mean softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,).
 
@@ -284,7 +290,8 @@ def softmax_xent(xp, logits, labels):
         _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(
             ((n + threads - 1) // threads,), (threads,),
             (logits, labels, np.int64(n), np.int64(c), logits.dtype.type(1.0 / n), d, losses, correct))
-    return float(losses.sum()) / max(n, 1), d, int(correct.sum())
+    loss_sum, n_correct = _to_host_pair(xp, losses.sum(), correct.sum())
+    return loss_sum / max(n, 1), d, n_correct
 
 
 # ---------------------------------------------------------------- binary cross-entropy with logits
@@ -320,7 +327,8 @@ def bce_logits(xp, logits, targets):
         z, t = _contiguous(xp, logits), _contiguous(xp, targets)
         loss, d, ok = xp.empty(z.shape, z.dtype), xp.empty(z.shape, z.dtype), xp.empty(z.shape, np.int32)
         _launch(f"ps_bce_logits_{suffix}", z.size, (z, t, z.dtype.type(1.0 / size), loss, d, ok))
-        return float(loss.sum()) / size, d, int(ok.sum())
+        loss_sum, n_correct = _to_host_pair(xp, loss.sum(), ok.sum())
+        return loss_sum / size, d, n_correct
     e = xp.exp(-xp.abs(logits))
     loss = float((xp.maximum(logits, 0) - logits * targets + xp.log1p(e)).sum()) / size
     s = xp.where(logits >= 0, 1 / (1 + e), e / (1 + e))

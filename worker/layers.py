@@ -193,6 +193,7 @@ class Dropout(Layer):
     rest by 1 / (1 - rate); identity at evaluation."""
 
     type = "dropout"
+    random = True
     fields = ("rate",)
     required = ("rate",)
 

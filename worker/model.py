@@ -66,6 +66,8 @@ class Sequential:
             shape = tuple(int(d) for d in out)
         self.output_shape = shape
         self.reads_ids = bool(self.layers) and self.layers[0].reads_ids
+        #: whether training draws random numbers (dropout): only then is a generator built for a step
+        self.random = any(getattr(layer, "random", False) for layer in self.layers)
         if loss is not None:
             validate_loss_for_output(loss, self.output_shape)
 
@@ -161,7 +163,7 @@ class Sequential:
         For a model that reads ids, ``x`` is ``local_x`` of ``gather`` and ``params`` holds, under each
         table's name, the rows of ``gather``'s ids in their order: (len(ids), width).
         """
-        rng = make_rng(xp, rng_seed) if train else None
+        rng = make_rng(xp, rng_seed) if train and self.random else None
         return self._forward(xp, params, x, train, rng)[0]
 
     def loss_and_grads(self, xp, params: dict, x, y, loss: str, train: bool = True, rng_seed: int = 0):
@@ -171,7 +173,7 @@ class Sequential:
         the gradients of a repeated id summed.
         """
         loss_fn = get_loss(loss)
-        rng = make_rng(xp, rng_seed) if train else None
+        rng = make_rng(xp, rng_seed) if train and self.random else None
         out, caches = self._forward(xp, params, x, train, rng)
         value, grad, n_correct = loss_fn(xp, out, y)
         grads = {}

@@ -53,9 +53,12 @@ class JobContext:
     bufs: list = None
     #: bsp: (the accumulator, the step leaders' client and its handle on the parameters)
     bsp: tuple | None = None
+    xp: object = np  # the array module (page-locked weight buffers with CuPy)
 
     def __post_init__(self):
-        self.bufs = [{k: np.empty(s.shape, s.dtype) for k, s in self.handle.specs.items()} for _ in range(2)]
+        from ps.worker.xp import empty_host
+        self.bufs = [{k: empty_host(self.xp, s.shape, s.dtype) for k, s in self.handle.specs.items()}
+                     for _ in range(2)]
 
 
 class Worker:
@@ -248,7 +251,7 @@ class Worker:
         xp = self.xp
         ctx = JobContext(spec, prep, model, self.client.model(task.job_id),
                          xp.asarray(x[train_idx]), xp.asarray(y[train_idx]),
-                         xp.asarray(x[test_idx]), xp.asarray(y[test_idx]))
+                         xp.asarray(x[test_idx]), xp.asarray(y[test_idx]), xp=xp)
         if self.jobs:  # keep one job's data and buffers: workers move on with the queue
             from ps.worker.xp import release_pinned
             release_pinned()
@@ -289,10 +292,12 @@ class Worker:
                     g = grads.pop(name)
                     if len(ids):
                         ctx.handle.push_rows(name, ids, np.asarray(g) if xp is np else xp.asnumpy(g))
-            host = pinned_to_host(xp, grads)
+            # the step's copies land in page-locked buffers of their own slot (a push_pull may still be
+            # reading the previous step's): handed to the push as they are, no second copy
+            host = pinned_to_host(xp, grads, slot=i % 2)
             sums["loss_sum"] += float(loss) * len(idx)
             sums["samples"] += len(idx)
-            return {k: np.array(v) for k, v in host.items()} if xp is not np else host
+            return host
 
         steps = getattr(self, f"_steps_{spec.consistency}")
         steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients, sums["staleness"])

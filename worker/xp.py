@@ -76,20 +76,46 @@ def release_pinned() -> None:
         _pinned.clear()
 
 
-def pinned_to_host(xp, arrays: dict) -> dict:
+def pinned_to_host(xp, arrays: dict, slot: int = 0) -> dict:
     """Copy a dict of device arrays to host NumPy arrays through reused page-locked buffers.
 
-    The returned arrays are views into buffers that the next call overwrites: copy them if
-    they must outlive it. On NumPy the arrays are returned as they are.
+    The copies are queued on a copy stream after the work queued so far on the current stream,
+    and waited for once, together. The returned arrays are views into buffers of ``slot`` that the
+    next call with the same slot overwrites: a caller that hands a step's copies to another thread
+    alternates slots. On NumPy the arrays are returned as they are.
     """
     if not is_cupy(xp):
         return arrays
     out = {}
     with _pinned_lock:
+        stream = _copy_stream(xp)
+        stream.wait_event(xp.cuda.get_current_stream().record())
         for name, a in arrays.items():
             a = xp.ascontiguousarray(a)
-            buf = _pinned_buffer(name, a.nbytes)
+            buf = _pinned_buffer(f"{slot}/{name}", a.nbytes)
             host = buf[:a.nbytes].view(a.dtype).reshape(a.shape)
-            a.get(out=host)  # pinned destination: a DMA copy, no staging through pageable memory
+            xp.asnumpy(a, stream=stream, out=host, blocking=False)  # pinned: a DMA copy, no staging
             out[name] = host
+        stream.synchronize()
     return out
+
+
+def empty_host(xp, shape, dtype) -> np.ndarray:
+    """A host array to receive what goes to the device next: page-locked with CuPy, so that
+    ``xp.asarray`` of it is an asynchronous DMA on the current stream; plain NumPy otherwise."""
+    if not is_cupy(xp):
+        return np.empty(shape, dtype)
+    import cupyx
+    return cupyx.empty_pinned(shape, dtype)
+
+
+_copy_streams: dict[int, object] = {}
+
+
+def _copy_stream(xp):
+    """This device's stream for device-to-host copies (non-blocking: it never waits on the default one)."""
+    dev = xp.cuda.Device().id
+    stream = _copy_streams.get(dev)
+    if stream is None:
+        stream = _copy_streams[dev] = xp.cuda.Stream(non_blocking=True)
+    return stream
