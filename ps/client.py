@@ -688,8 +688,17 @@ class Model:
                     done = self._local(stub, shard, flat, seq, scale, None)
                     if done is not None:
                         return done[0]
-                return stub.Push(self._push_requests(shard, flat, seq, scale),
-                                 timeout=self._stream_timeout(flat)).duplicates
+                # one acknowledgement per chunk: at most inflight_chunks ahead of the shard's replies
+                credits = _Credits(self.client.inflight_chunks)
+                try:
+                    dup = 0
+                    for ack in stub.PushAcked(self._push_requests(shard, flat, seq, scale, credits),
+                                              timeout=self._stream_timeout(flat)):
+                        dup += ack.duplicate
+                        credits.give()
+                    return dup
+                finally:
+                    credits.close()
 
             results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: one(stub, shard)), flat)
             self._acknowledged(seq, results, "push to")

@@ -313,7 +313,7 @@ def _serialize(msg) -> bytes:
 
 
 # -- stubs and servicer registration -----------------------------------------------------------
-_FAST_REQUESTS = {"Push", "PushPull"}
+_FAST_REQUESTS = {"Push", "PushPull", "PushAcked"}
 _FAST_RESPONSES = {"Pull", "PushPull"}
 
 
@@ -327,6 +327,8 @@ class ShardStub(server_pb2_grpc.ParameterServerStub):
                                          response_deserializer=server_pb2.PushResponse.FromString)
         self.PushPull = channel.stream_stream(f"/{SERVICE}/PushPull", request_serializer=_serialize,
                                               response_deserializer=decode_pull_response)
+        self.PushAcked = channel.stream_stream(f"/{SERVICE}/PushAcked", request_serializer=_serialize,
+                                               response_deserializer=server_pb2.PushAck.FromString)
         self.Pull = channel.unary_stream(f"/{SERVICE}/Pull", request_serializer=_serialize,
                                          response_deserializer=decode_pull_response)
 

@@ -254,6 +254,19 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
         return server_pb2.PushResponse(applied=applied, duplicates=dup)
 
+    def PushAcked(self, request_iterator, context) -> Iterator[server_pb2.PushAck]:
+        waits = []
+        owned = self._owned(context, "push to")
+        try:
+            for req in request_iterator:
+                owned(req.model)
+                _, ok = self._apply(req, waits)
+                del req  # its buffer goes now
+                yield server_pb2.PushAck(duplicate=not ok)
+            self._replicated(waits, "push")
+        except PSError as e:
+            abort(context, e)
+
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         waits = []
         owned = self._owned(context, "push_pull to")

@@ -291,6 +291,9 @@ class HoldingShard:
             def PushPull(self, request_iterator, context):
                 return outer.push_pull(super().PushPull, request_iterator, context)
 
+            def PushAcked(self, request_iterator, context):
+                return outer.push_pull(super().PushAcked, request_iterator, context)
+
         self.server = rpc.make_server(4)
         ps.wire.add_shard_servicer(Servicer(store), self.server)
         self.address = f"127.0.0.1:{rpc.bind(self.server, '127.0.0.1', 0)}"
@@ -316,8 +319,9 @@ class HoldingShard:
         yield from real(iter(q.get, None), context)
 
 
+@pytest.mark.parametrize("op", ["push_pull", "push"])
 @pytest.mark.parametrize("inflight", [1, 3])
-def test_push_pull_sends_at_most_inflight_chunks_ahead_of_the_replies(cluster, inflight):
+def test_push_and_push_pull_send_at_most_inflight_chunks_ahead_of_the_replies(cluster, inflight, op):
     from ps.client import Model
     from ps.optimizer_config import OptimizerConfig
     from ps.server.shard import ShardStore, SliceRequest
@@ -334,7 +338,12 @@ def test_push_pull_sends_at_most_inflight_chunks_ahead_of_the_replies(cluster, i
                                                                              dtype=dtype_code("float32"))],
                                           slices=[scheduler_pb2.SliceAssignment(tensor="w", offset=0, length=n)])
             grad = np.arange(n, dtype=np.float32)
-            fresh = Model(client, smap).push_pull({"w": grad})
+            model = Model(client, smap)
+            if op == "push":
+                model.push({"w": grad})
+                fresh = model.pull()
+            else:
+                fresh = model.push_pull({"w": grad})
         assert shard.before_first_reply == inflight
         np.testing.assert_array_equal(fresh["w"], -grad)
         assert shard.seen == n * 4 // chunk

@@ -190,6 +190,12 @@ class PushRequest(_message.Message):
     chunk: _tensor_pb2.Chunk
     def __init__(self, model: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., grad_scale: _Optional[float] = ..., chunk: _Optional[_Union[_tensor_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
+class PushAck(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+
 class PushResponse(_message.Message):
     __slots__ = ("applied", "duplicates")
     APPLIED_FIELD_NUMBER: _ClassVar[int]

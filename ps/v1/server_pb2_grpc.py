@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.PushRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.PushResponse.FromString,
                 _registered_method=True)
+        self.PushAcked = channel.stream_stream(
+                '/ps.v1.ParameterServer/PushAcked',
+                request_serializer=ps_dot_v1_dot_server__pb2.PushRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.PushAck.FromString,
+                _registered_method=True)
         self.Pull = channel.unary_stream(
                 '/ps.v1.ParameterServer/Pull',
                 request_serializer=ps_dot_v1_dot_server__pb2.PullRequest.SerializeToString,
@@ -120,6 +125,15 @@ class ParameterServerServicer:
 
     def Push(self, request_iterator, context):
         """Apply gradients now (asynchronous SGD). Each chunk is validated before any of it is applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushAcked(self, request_iterator, context):
+        """Push with an acknowledgement per chunk, so the client keeps a bounded number of chunks in flight
+        (as with PushPull) and no shard has to buffer more than those; the stream's OK status (after
+        the backups have the update) is what makes the push count.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +233,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=ps_dot_v1_dot_server__pb2.PushRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.PushResponse.SerializeToString,
+            ),
+            'PushAcked': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushAcked,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.PushRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.PushAck.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
@@ -352,6 +371,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Push',
             ps_dot_v1_dot_server__pb2.PushRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushAcked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ps.v1.ParameterServer/PushAcked',
+            ps_dot_v1_dot_server__pb2.PushRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,
