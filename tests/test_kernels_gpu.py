@@ -77,6 +77,26 @@ def test_softmax_xent_kernel_matches_numpy(cp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [256, 1000, 5003])
+def test_the_block_per_row_softmax_xent_kernel_for_wide_outputs_matches_numpy(cp, dtype, classes):
+    assert classes >= kernels.WIDE_CLASSES
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 4, (70, classes)).astype(dtype)
+    logits[0, 7] = logits[0, 9] = 1e4  # a tie for the max: the first index counts, as on the CPU
+    labels = rng.integers(0, classes, 70)
+    labels[0] = 7
+    loss, d, n_correct = kernels.softmax_xent(cp, cp.asarray(logits), cp.asarray(labels))
+    ref_loss, ref_d, ref_correct = kernels.softmax_xent(np, logits, labels)
+    assert loss == pytest.approx(ref_loss, rel=1e-5 if dtype == np.float32 else 1e-12)
+    same(d, ref_d, dtype)
+    assert n_correct == ref_correct and n_correct >= 1
+    bad = labels.copy()
+    bad[3] = classes  # out of range: the row's loss is NaN, nothing read out of bounds
+    loss_bad, d_bad, _ = kernels.softmax_xent(cp, cp.asarray(logits), cp.asarray(bad))
+    assert np.isnan(loss_bad) and np.isnan(to_numpy(d_bad)[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(129, 1), (129,)])
 def test_bce_logits_kernel_matches_numpy(cp, shape, dtype):
     rng = np.random.default_rng(3)

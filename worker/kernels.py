@@ -239,12 +239,72 @@ extern "C" __global__ void ps_softmax_xent_REAL(const REAL* logits, const long l
 """
 
 
-def _softmax_xent_source(dtype: str) -> str:
+_SOFTMAX_XENT_ROWS_CODE = r"""
+extern "C" __global__ void ps_softmax_xent_rows_REAL(const REAL* logits, const long long* labels, const long long n,
+                                                     const long long c, const REAL inv_n, REAL* dlogits,
+                                                     REAL* losses, int* correct) {
+    // One block of 256 threads per row, striding over the classes (wide outputs): block reductions for
+    // the max (first index on ties, as the one-thread kernel) and the sum of exponentials.
+    __shared__ REAL sv[256];
+    __shared__ long long si[256];
+    const long long i = blockIdx.x;
+    if (i >= n) return;
+    const int t = threadIdx.x;
+    const REAL* row = logits + i * c;
+    REAL* drow = dlogits + i * c;
+    long long arg = t < c ? t : 0;
+    REAL m = row[arg];
+    for (long long j = t + blockDim.x; j < c; j += blockDim.x) {
+        if (row[j] > m) { m = row[j]; arg = j; }
+    }
+    sv[t] = m;
+    si[t] = arg;
+    __syncthreads();
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (t < h && (sv[t + h] > sv[t] || (sv[t + h] == sv[t] && si[t + h] < si[t]))) {
+            sv[t] = sv[t + h];
+            si[t] = si[t + h];
+        }
+        __syncthreads();
+    }
+    m = sv[0];
+    arg = si[0];
+    __syncthreads();
+    REAL s = 0;
+    for (long long j = t; j < c; j += blockDim.x) s += EXP(row[j] - m);
+    sv[t] = s;
+    __syncthreads();
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (t < h) sv[t] += sv[t + h];
+        __syncthreads();
+    }
+    s = sv[0];
+    const long long y = labels[i];
+    if (y < 0 || y >= c) {  // out-of-range label: poison the loss instead of reading out of bounds
+        for (long long j = t; j < c; j += blockDim.x) drow[j] = NAN_VALUE;
+        if (t == 0) { losses[i] = NAN_VALUE; correct[i] = 0; }
+        return;
+    }
+    const REAL inv_s = (REAL)1 / s;
+    for (long long j = t; j < c; j += blockDim.x) {
+        drow[j] = (EXP(row[j] - m) * inv_s - (j == y ? (REAL)1 : (REAL)0)) * inv_n;
+    }
+    if (t == 0) {
+        losses[i] = LOG(s) + m - row[y];
+        correct[i] = arg == y ? 1 : 0;
+    }
+}
+"""
+#: from this many classes on, a row gets a block of threads instead of one thread
+WIDE_CLASSES = 256
+
+
+def _softmax_xent_source(dtype: str, code: str = _SOFTMAX_XENT_CODE, name: str = "ps_softmax_xent") -> str:
     if dtype == "float32":
         real, exp, log, nan = "float", "expf", "logf", "__int_as_float(0x7fc00000)"
     else:
         real, exp, log, nan = "double", "exp", "log", "__longlong_as_double(0x7ff8000000000000LL)"
-    return (_SOFTMAX_XENT_CODE.replace("ps_softmax_xent_REAL", f"ps_softmax_xent_{dtype}")
+    return (code.replace(f"{name}_REAL", f"{name}_{dtype}")
             .replace("NAN_VALUE", nan).replace("REAL", real).replace("EXP", exp).replace("LOG", log).lstrip("\n"))
 
 
@@ -285,11 +345,13 @@ def softmax_xent(xp, logits, labels):
     d = xp.empty_like(logits)
     losses = xp.empty(n, logits.dtype)
     correct = xp.empty(n, np.int32)
-    if n:
+    args = (logits, labels, np.int64(n), np.int64(c), logits.dtype.type(1.0 / n), d, losses, correct)
+    if n and c >= WIDE_CLASSES:  # a block per row: its threads share the classes
+        _raw_kernel(f"ps_softmax_xent_rows_{_KERNEL_SUFFIX[logits.dtype]}")((n,), (256,), args)
+    elif n:
         threads = 128
-        _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(
-            ((n + threads - 1) // threads,), (threads,),
-            (logits, labels, np.int64(n), np.int64(c), logits.dtype.type(1.0 / n), d, losses, correct))
+        _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(((n + threads - 1) // threads,), (threads,),
+                                                                         args)
     loss_sum, n_correct = _to_host_pair(xp, losses.sum(), correct.sum())
     return loss_sum / max(n, 1), d, n_correct
 
@@ -506,6 +568,8 @@ def _sources() -> dict[str, str]:
                 out[_act_forward_name(act, with_bias, dtype)] = _act_forward_source(act, with_bias, dtype)
             out[_act_backward_name(act, dtype)] = _act_backward_source(act, dtype)
         out[f"ps_softmax_xent_{dtype}"] = _softmax_xent_source(dtype)
+        out[f"ps_softmax_xent_rows_{dtype}"] = _softmax_xent_source(dtype, _SOFTMAX_XENT_ROWS_CODE,
+                                                                   "ps_softmax_xent_rows")
         out[f"ps_bce_logits_{dtype}"] = _bce_source(dtype)
         out[f"ps_im2col_{dtype}"] = _im2col_source(dtype)
         out[f"ps_col2im_{dtype}"] = _col2im_source(dtype)
