@@ -11,9 +11,11 @@ out of it before validating them (so a client cannot change them between the che
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from multiprocessing import shared_memory
@@ -29,11 +31,49 @@ UNREACHABLE = "local segment"
 _CREATED: set[str] = set()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a number beyond any pid, as in names of another kind, counts
+    as alive: such a segment is left alone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's; or no pid at all
+        return True
+    return True
+
+
+_reaped = False
+
+
+def reap() -> int:
+    """Unlink segments left by clients that died without their resource tracker (a process group
+    killed at once): a name's first 8 hex digits are its creator's pid. Returns how many."""
+    n = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    for name in names:
+        if NAME.fullmatch(name) and not _alive(int(name[3:11], 16)):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
 class Segment:
-    """A segment this process created: ``array(dtype, at, count)`` views its bytes."""
+    """A segment this process created: ``array(dtype, at, count)`` views its bytes. Named ``ps-``,
+    the creator's pid as 8 hex digits, then 24 random ones (see ``reap``)."""
 
     def __init__(self, size: int):
-        self.name = f"ps-{uuid.uuid4().hex}"
+        global _reaped
+        if not _reaped:  # once a process: what dead clients left behind
+            _reaped = True
+            reap()
+        self.name = f"ps-{os.getpid() & 0xFFFFFFFF:08x}{uuid.uuid4().hex[:24]}"
         self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=max(int(size), 1))
         self.size = self._shm.size
         _CREATED.add(self.name)
@@ -65,16 +105,35 @@ def _attach(name: str) -> shared_memory.SharedMemory:
 
 
 class Attached:
-    """The segments a server has opened, the most recently used kept open (``keep`` of them)."""
+    """The segments a server has opened, the most recently used kept open (``keep`` of them). A
+    segment its client has unlinked (it closed or died) is unmapped at the next sweep, at most a
+    second later on the next request: a mapping would keep the dead client's memory alive."""
 
-    def __init__(self, keep: int = 256):
+    def __init__(self, keep: int = 64, sweep_s: float = 1.0):
         self.keep = keep
+        self.sweep_s = sweep_s
         self._open: OrderedDict[str, shared_memory.SharedMemory] = OrderedDict()
         self._lock = threading.Lock()
+        self._swept = time.monotonic()
+
+    def sweep(self) -> int:
+        """Unmap segments whose name is gone from /dev/shm; returns how many."""
+        with self._lock:
+            gone = [n for n in self._open if not os.path.exists(f"/dev/shm/{n}")]
+            shms = [self._open.pop(n) for n in gone]
+            self._swept = time.monotonic()
+        for shm in shms:
+            _close(shm)
+        return len(shms)
+
+    def __len__(self) -> int:
+        return len(self._open)
 
     def get(self, name: str, what: str) -> shared_memory.SharedMemory:
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise InvalidArgument(f"{what}: segment must be 'ps-' and 32 hex digits, got {name[:80]!r}")
+        if time.monotonic() - self._swept > self.sweep_s:
+            self.sweep()
         with self._lock:
             shm = self._open.get(name)
             if shm is not None:

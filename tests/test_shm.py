@@ -92,3 +92,43 @@ def test_a_bad_local_request_is_refused_and_changes_nothing(cluster, change, cod
         assert {st.max_version for st in model.stats()} == {0}  # nothing applied
         np.testing.assert_array_equal(model.pull()["w"], 0)
         model.delete()
+
+
+def test_a_server_unmaps_the_segments_of_clients_that_are_gone():
+    from ps import shm
+    attached = shm.Attached(keep=4, sweep_s=3600)
+    kept, gone = shm.Segment(4096), shm.Segment(4096)
+    try:
+        for seg in (kept, gone):
+            attached.get(seg.name, "test")
+        assert len(attached) == 2
+        gone.close()  # the client closed (or died: its resource tracker unlinks it)
+        assert attached.sweep() == 1 and len(attached) == 1
+        assert attached.get(kept.name, "test") is not None  # the live one stays mapped
+        more = [shm.Segment(64) for _ in range(5)]
+        for seg in more:  # beyond keep: the least recently used ones are unmapped
+            attached.get(seg.name, "test")
+        assert len(attached) == 4
+    finally:
+        attached.close()
+        for seg in [kept, *locals().get("more", [])]:
+            seg.close()
+
+
+def test_segments_left_by_a_dead_client_are_reaped_and_live_ones_kept():
+    import subprocess
+    import sys
+
+    from ps import shm
+    # a client process that dies by SIGKILL together with its resource tracker leaves its segment
+    code = ("import os, signal, time; from ps import shm; s = shm.Segment(4096); print(s.name, flush=True); "
+            "os.killpg(0, signal.SIGKILL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, start_new_session=True)
+    left = out.stdout.strip()
+    assert shm.NAME.fullmatch(left) and os.path.exists(f"/dev/shm/{left}")
+    mine = shm.Segment(4096)
+    try:
+        assert shm.reap() >= 1
+        assert not os.path.exists(f"/dev/shm/{left}") and os.path.exists(f"/dev/shm/{mine.name}")
+    finally:
+        mine.close()
