@@ -345,7 +345,7 @@ class Model:
         #: (logged as a warning): an update was lost
         self.duplicates = 0
         self._push_lock = client.push_lock(self.name)
-        #: local calls' requests and segment views, by (shard, tensors, push, pull)
+        #: local calls' requests and where their ranges lie in the segment, by (shard, tensors, push, pull)
         self._plans: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:
@@ -396,13 +396,13 @@ class Model:
             segment, layout = self._segment(shard)
             req = server_pb2.LocalPushPullRequest(model=self.name, client_id=self.client.client_id,
                                                   segment=segment.name, pull=pull, only_pull=not push)
-            views = []
+            ranges = []
             for s in self._slices_of(shard, names):
                 dtype = np.dtype(self.specs[s.tensor].dtype)
                 req.ranges.add(tensor=s.tensor, offset=s.offset, length=s.length, at=layout[s], dtype=dtype_code(dtype))
                 # where, not views: a view kept would stop the segment from being unmapped at close
-                views.append((s.tensor, s.offset, s.offset + s.length, dtype, layout[s]))
-            plan = self._plans[key] = (req, segment, views, self._stream_timeout(dict.fromkeys(names)))
+                ranges.append((s.tensor, s.offset, s.offset + s.length, dtype, layout[s]))
+            plan = self._plans[key] = (req, segment, ranges, self._stream_timeout(dict.fromkeys(names)))
         return plan
 
     def _local(self, stub, shard: int, flat: dict[str, np.ndarray] | None, seq: int, scale: float,

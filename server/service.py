@@ -239,14 +239,21 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 e = f.exception()
                 raise e if isinstance(e, PSError) else Unavailable(f"{what}: {e}")
 
+    def _pushed(self, request_iterator, context, waits: list) -> Iterator[bool]:
+        """Apply each chunk of a push stream (its model checked for the caller first); yields whether
+        it was new (False: a retry, skipped). The caller waits on ``waits`` once the stream ends."""
+        owned = self._owned(context, "push to")
+        for req in request_iterator:
+            owned(req.model)
+            _, ok = self._apply(req, waits)
+            del req  # its buffer goes now, not after the caller's reply
+            yield ok
+
     def Push(self, request_iterator, context):
         applied = dup = 0
         waits = []
-        owned = self._owned(context, "push to")
         try:
-            for req in request_iterator:
-                owned(req.model)
-                _, ok = self._apply(req, waits)
+            for ok in self._pushed(request_iterator, context, waits):
                 applied += ok
                 dup += not ok
             self._replicated(waits, "push")
@@ -256,12 +263,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def PushAcked(self, request_iterator, context) -> Iterator[server_pb2.PushAck]:
         waits = []
-        owned = self._owned(context, "push to")
         try:
-            for req in request_iterator:
-                owned(req.model)
-                _, ok = self._apply(req, waits)
-                del req  # its buffer goes now
+            for ok in self._pushed(request_iterator, context, waits):
                 yield server_pb2.PushAck(duplicate=not ok)
             self._replicated(waits, "push")
         except PSError as e:

@@ -283,11 +283,10 @@ class Worker:
             from ps.worker.xp import pinned_to_host
             self._check(task)
             rows = xp.asarray(idx + lo)
-            x, params = self._rows_for(ctx, ctx.x_train[rows], params)
+            x, params, ids = self._rows_for(ctx, ctx.x_train[rows], params)
             loss, grads, _ = ctx.model.loss_and_grads(xp, params, x, ctx.y_train[rows], spec.loss,
                                                       train=True, rng_seed=seed + 7919 * (task.epoch + 1) + i)
-            if ctx.model.reads_ids:  # the rows' gradients go to their tables now; the rest as the mode says
-                ids = params["__ids__"]
+            if ids is not None:  # the rows' gradients go to their tables now; the rest as the mode says
                 for name in ctx.model.tables():
                     g = grads.pop(name)
                     if len(ids):
@@ -311,15 +310,15 @@ class Worker:
 
     def _rows_for(self, ctx: JobContext, x, params: dict):
         """For a model whose first layer reads ids: (the batch as positions in its distinct ids, ``params``
-        with the rows of those ids pulled from each table, and the ids under "__ids__"); else unchanged."""
+        with the rows of those ids pulled from each table, the ids); else (x, params, None)."""
         if not ctx.model.reads_ids:
-            return x, params
+            return x, params, None
         ids, local = ctx.model.gather(self.xp, x)
-        params = dict(params, __ids__=ids)
+        params = dict(params)
         for name, table in ctx.model.tables().items():
             rows = ctx.handle.pull_rows(name, ids) if len(ids) else np.zeros((0, table.width), np.dtype(table.dtype))
             params[name] = self.xp.asarray(rows)
-        return local, params
+        return local, params, ids
 
     def _steps_asp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
         """No waiting: each batch is computed while the previous push_pull is in flight."""
@@ -416,7 +415,7 @@ class Worker:
         loss_sum, correct, n = 0.0, 0, len(ctx.x_test)
         for start in range(0, n, 1024):
             self._check(task)
-            x, batch_params = self._rows_for(ctx, ctx.x_test[start:start + 1024], params)
+            x, batch_params, _ = self._rows_for(ctx, ctx.x_test[start:start + 1024], params)
             out = ctx.model.forward(xp, batch_params, x, train=False)
             loss, _, ok = loss_fn(xp, out, ctx.y_test[start:start + 1024])
             m = min(1024, n - start)
