@@ -203,3 +203,32 @@ def test_a_model_without_dropout_builds_no_generator_for_a_step(cp, monkeypatch)
     params = {k: cp.asarray(v) for k, v in m.init_params(0).items()}
     m.loss_and_grads(cp, params, cp.ones((2, 3), cp.float32), cp.zeros(2, cp.int64), "softmax_cross_entropy")
     assert built == []
+
+
+@pytest.mark.parametrize("loss,units,labels", [("softmax_cross_entropy", 5, "classes"),
+                                               ("binary_cross_entropy", 1, "binary"), ("mse", 1, "values")])
+def test_a_lazy_loss_stays_on_the_device_and_comes_back_with_the_gradients_in_one_copy(cp, loss, units, labels):
+    # the worker's step: its loss and correct count are not read on their own (a host sync), but
+    # copied with the gradients, whose copy stream the step waits for once
+    m = Sequential.from_spec([{"type": "dense", "units": 8, "activation": "relu"}, {"type": "dense", "units": units}],
+                             input_shape=(6,))
+    params = m.init_params(1)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    y = {"classes": rng.integers(0, 5, 40), "binary": rng.integers(0, 2, 40).astype(np.float32),
+         "values": rng.normal(size=40).astype(np.float32)}[labels]
+    dev = {k: cp.asarray(v) for k, v in params.items()}
+    eager_loss, eager_grads, eager_correct = m.loss_and_grads(cp, dev, cp.asarray(x), cp.asarray(y), loss)
+    pair, grads, none = m.loss_and_grads(cp, dev, cp.asarray(x), cp.asarray(y), loss, lazy=True)
+    assert isinstance(pair, cp.ndarray) and pair.shape == (2,) and pair.dtype == np.float64 and none is None
+    host = pinned_to_host(cp, {**grads, "\x00loss": pair})
+    assert host["\x00loss"][0] == pytest.approx(eager_loss, rel=1e-6)
+    if eager_correct is None:
+        assert np.isnan(host["\x00loss"][1])
+    else:
+        assert host["\x00loss"][1] == eager_correct
+    for k, g in eager_grads.items():
+        np.testing.assert_array_equal(host[k], to_numpy(g), err_msg=k)
+    # on NumPy, lazy changes nothing: the figures are plain numbers
+    ref = m.loss_and_grads(np, params, x, y, loss, lazy=True)
+    assert ref[0] == pytest.approx(eager_loss, rel=1e-5) and isinstance(ref[0], float)

@@ -325,16 +325,25 @@ def _softmax_xent_ref(xp, logits, labels):
     return loss, d, n_correct
 
 
-def _to_host_pair(xp, total, count) -> tuple[float, int]:
-    """A device sum and count read back together: one host synchronisation, not two."""
-    both = xp.stack([total.astype(np.float64), count.astype(np.float64)]).get()
+def _loss_stats(xp, total, count, size: int, lazy: bool):
+    """(mean loss, n_correct) from a device loss sum and correct count over ``size`` elements.
+
+    Read back together: one host synchronisation, not two. With ``lazy`` they stay on the device as
+    one float64 pair [mean loss, n_correct], returned in the loss's place (and None for the count),
+    for a caller that copies them to the host with the step's gradients: no synchronisation here.
+    """
+    pair = xp.stack([total.astype(np.float64) / max(size, 1), count.astype(np.float64)])
+    if lazy:
+        return pair, None
+    both = pair.get()
     return float(both[0]), int(both[1])
 
 
-def softmax_xent(xp, logits, labels):
+def softmax_xent(xp, logits, labels, lazy: bool = False):
     """Mean softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,).
 
-    Returns (mean loss as a float, dloss/dlogits (N, C), number of rows whose argmax is the label).
+    Returns (mean loss as a float, dloss/dlogits (N, C), number of rows whose argmax is the label);
+    with ``lazy`` on CuPy, (the device pair [mean loss, n_correct], dloss/dlogits, None): see ``_loss_stats``.
     """
     labels = labels.reshape(-1).astype(np.int64, copy=False)
     if not is_cupy(xp) or logits.dtype not in (np.float32, np.float64):
@@ -352,8 +361,8 @@ def softmax_xent(xp, logits, labels):
         threads = 128
         _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(((n + threads - 1) // threads,), (threads,),
                                                                          args)
-    loss_sum, n_correct = _to_host_pair(xp, losses.sum(), correct.sum())
-    return loss_sum / max(n, 1), d, n_correct
+    loss, n_correct = _loss_stats(xp, losses.sum(), correct.sum(), n, lazy)
+    return loss, d, n_correct
 
 
 # ---------------------------------------------------------------- binary cross-entropy with logits
@@ -376,11 +385,11 @@ def _bce_source(dtype: str) -> str:
     return _elementwise_source(f"ps_bce_logits_{dtype}", dtype, params, body)
 
 
-def bce_logits(xp, logits, targets):
+def bce_logits(xp, logits, targets, lazy: bool = False):
     """Mean binary cross-entropy of ``logits`` against 0/1 ``targets`` (same number of elements).
 
     Returns (mean loss as a float, dloss/dlogits shaped like ``logits``, number of elements
-    where ``logits > 0`` agrees with ``targets > 0.5``).
+    where ``logits > 0`` agrees with ``targets > 0.5``); ``lazy`` as for ``softmax_xent``.
     """
     targets = targets.reshape(logits.shape).astype(logits.dtype, copy=False)
     size = max(logits.size, 1)
@@ -389,8 +398,8 @@ def bce_logits(xp, logits, targets):
         z, t = _contiguous(xp, logits), _contiguous(xp, targets)
         loss, d, ok = xp.empty(z.shape, z.dtype), xp.empty(z.shape, z.dtype), xp.empty(z.shape, np.int32)
         _launch(f"ps_bce_logits_{suffix}", z.size, (z, t, z.dtype.type(1.0 / size), loss, d, ok))
-        loss_sum, n_correct = _to_host_pair(xp, loss.sum(), ok.sum())
-        return loss_sum / size, d, n_correct
+        loss, n_correct = _loss_stats(xp, loss.sum(), ok.sum(), size, lazy)
+        return loss, d, n_correct
     e = xp.exp(-xp.abs(logits))
     loss = float((xp.maximum(logits, 0) - logits * targets + xp.log1p(e)).sum()) / size
     s = xp.where(logits >= 0, 1 / (1 + e), e / (1 + e))

@@ -1,29 +1,38 @@
-"""Losses: ``(xp, output, target) -> (mean loss as a float, grad wrt output, n_correct or None)``."""
+"""Losses: ``(xp, output, target) -> (mean loss as a float, grad wrt output, n_correct or None)``.
+
+With ``lazy=True`` on CuPy a loss leaves its figures on the device: the first item is then a float64
+pair [mean loss, n_correct (NaN for MSE)] and the third None, so a training step synchronises with
+the host once, when that pair comes back with the gradients (``kernels._loss_stats``).
+"""
 
 from __future__ import annotations
 
 import math
 
 from ps.worker import kernels
+from ps.worker.xp import is_cupy
 
 
-def softmax_cross_entropy(xp, output, target):
+def softmax_cross_entropy(xp, output, target, lazy: bool = False):
     """Mean cross-entropy of softmax(output) (N, C) against integer class ids (N,); n_correct by argmax."""
-    return kernels.softmax_xent(xp, output, target)
+    return kernels.softmax_xent(xp, output, target, lazy)
 
 
-def binary_cross_entropy(xp, output, target):
+def binary_cross_entropy(xp, output, target, lazy: bool = False):
     """Mean binary cross-entropy of sigmoid(output) (N, 1) or (N,) against 0/1 targets; n_correct at logit 0."""
-    return kernels.bce_logits(xp, output, target)
+    return kernels.bce_logits(xp, output, target, lazy)
 
 
-def mse(xp, output, target):
+def mse(xp, output, target, lazy: bool = False):
     """Mean over all elements of (output - target)^2; targets of shape (N,) fit outputs of shape (N, 1)."""
     target = target.reshape(output.shape).astype(output.dtype, copy=False)
     diff = output - target
     size = max(output.size, 1)
-    loss = float((diff * diff).sum()) / size
-    return loss, diff * output.dtype.type(2.0 / size), None
+    total = (diff * diff).sum()
+    grad = diff * output.dtype.type(2.0 / size)
+    if lazy and is_cupy(xp):
+        return xp.stack([total.astype("float64") / size, xp.asarray(float("nan"))]), grad, None
+    return float(total) / size, grad, None
 
 
 LOSSES = {"softmax_cross_entropy": softmax_cross_entropy, "binary_cross_entropy": binary_cross_entropy,

@@ -166,16 +166,18 @@ class Sequential:
         rng = make_rng(xp, rng_seed) if train and self.random else None
         return self._forward(xp, params, x, train, rng)[0]
 
-    def loss_and_grads(self, xp, params: dict, x, y, loss: str, train: bool = True, rng_seed: int = 0):
+    def loss_and_grads(self, xp, params: dict, x, y, loss: str, train: bool = True, rng_seed: int = 0,
+                       lazy: bool = False):
         """(mean loss as a float, grads by global name in the dtype of each parameter, n_correct or None).
 
         Inputs as for ``forward``; grads hold every parameter, then each table's rows: (len(ids), width),
-        the gradients of a repeated id summed.
+        the gradients of a repeated id summed. ``lazy`` as in ``ps.worker.losses``: on CuPy the loss and
+        count stay on the device, and nothing here waits for it.
         """
         loss_fn = get_loss(loss)
         rng = make_rng(xp, rng_seed) if train and self.random else None
         out, caches = self._forward(xp, params, x, train, rng)
-        value, grad, n_correct = loss_fn(xp, out, y)
+        value, grad, n_correct = loss_fn(xp, out, y, lazy)
         grads = {}
         for i in range(len(self.layers) - 1, -1, -1):
             layer, names = self.layers[i], self._names[i]

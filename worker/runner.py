@@ -30,6 +30,8 @@ LEASE_WAIT_S = 5.0
 MAX_ERROR_CHARS = 2000
 #: an ssp/bsp task's clock call waits this long at the scheduler before asking again
 CLOCK_WAIT_S = 5.0
+# The key a step's loss pair travels under, beside its gradients, on the way to the host (no parameter has it).
+_LOSS = "\x00loss"
 
 
 class TaskAbandoned(Exception):
@@ -284,17 +286,21 @@ class Worker:
             self._check(task)
             rows = xp.asarray(idx + lo)
             x, params, ids = self._rows_for(ctx, ctx.x_train[rows], params)
-            loss, grads, _ = ctx.model.loss_and_grads(xp, params, x, ctx.y_train[rows], spec.loss,
-                                                      train=True, rng_seed=seed + 7919 * (task.epoch + 1) + i)
+            loss, grads, _ = ctx.model.loss_and_grads(xp, params, x, ctx.y_train[rows], spec.loss, train=True,
+                                                      rng_seed=seed + 7919 * (task.epoch + 1) + i, lazy=True)
             if ids is not None:  # the rows' gradients go to their tables now; the rest as the mode says
                 for name in ctx.model.tables():
                     g = grads.pop(name)
                     if len(ids):
                         ctx.handle.push_rows(name, ids, np.asarray(g) if xp is np else xp.asnumpy(g))
             # the step's copies land in page-locked buffers of their own slot (a push_pull may still be
-            # reading the previous step's): handed to the push as they are, no second copy
-            host = pinned_to_host(xp, grads, slot=i % 2)
-            sums["loss_sum"] += float(loss) * len(idx)
+            # reading the previous step's): handed to the push as they are, no second copy. On a GPU the
+            # loss comes back in the same copy: the step's one wait for the device.
+            lazy_loss = getattr(loss, "ndim", 0) == 1  # the device pair of a lazy loss
+            host = pinned_to_host(xp, {**grads, _LOSS: loss} if lazy_loss else grads, slot=i % 2)
+            if lazy_loss:
+                loss = float(host.pop(_LOSS)[0])
+            sums["loss_sum"] += loss * len(idx)
             sums["samples"] += len(idx)
             return host
 
