@@ -62,12 +62,16 @@ class Client:
                  max_message_bytes: int = rpc.DEFAULT_MAX_MESSAGE_BYTES,
                  connect_timeout: float = 10.0, client_id: str | None = None,
                  inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0,
-                 tls=None, token: str | None = None, local: bool | None = None):
+                 tls=None, token: str | None = None, local: bool | None = None,
+                 batch_bytes: int | None = None):
         """``tls``: a ``ps.security.TLS``, a directory ``paramserver certs`` wrote (its user certificate
         and CA), or False for none; ``token``: the bearer token to send. Either left None comes from
         the PS_TLS_* / PS_TOKEN_FILE variables (or the command's flags). ``local``: push_pull to a
         server on this host through shared memory (``ps.shm``; default on, PS_LOCAL=0 turns it off);
-        a server elsewhere is found out on the first call and reached over gRPC from then on."""
+        a server elsewhere is found out on the first call and reached over gRPC from then on.
+        ``batch_bytes``: a push or push_pull whose part for a shard on another host is at most this size
+        goes to it in one unary call (PushBatch) instead of a stream (0: always a stream; default 64 KiB, or
+        chunk_bytes if smaller)."""
         if chunk_bytes + (64 << 10) > max_message_bytes:
             raise ValueError(f"chunk_bytes ({chunk_bytes}) must leave 64 KiB of headroom under "
                              f"max_message_bytes ({max_message_bytes})")
@@ -78,6 +82,11 @@ class Client:
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.inflight_chunks = inflight_chunks
+        if batch_bytes is None:
+            batch_bytes = min(rpc.DEFAULT_BATCH_BYTES, chunk_bytes)
+        if not 0 <= batch_bytes <= chunk_bytes:
+            raise ValueError(f"batch_bytes must be in [0, chunk_bytes = {chunk_bytes}], got {batch_bytes}")
+        self.batch_bytes = batch_bytes
         #: how long a model's call keeps retrying while a shard fails over to another replica
         self.failover_timeout = failover_timeout
         self.max_message_bytes = max_message_bytes
@@ -347,6 +356,9 @@ class Model:
         self._push_lock = client.push_lock(self.name)
         #: local calls' requests and where their ranges lie in the segment, by (shard, tensors, push, pull)
         self._plans: dict[tuple, tuple] = {}
+        #: bytes of a shard's slices of some tensors, and their chunks, by (shard, tensors)
+        self._sizes: dict[tuple, int] = {}
+        self._chunk_lists: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, tensors={len(self.specs)}, shards={len(self.shards)})"
@@ -433,14 +445,38 @@ class Model:
                 np.copyto(flats[tensor][a:b], segment.array(dtype, at, b - a))
         return resp.duplicates, resp.version
 
+    def _fits_batch(self, shard: int, names) -> bool:
+        """Whether ``shard``'s slices of ``names`` are small enough to push in one unary PushBatch."""
+        key = (shard, tuple(names))
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = sum(s.length * self.specs[s.tensor].itemsize
+                                          for s in self._slices_of(shard, key[1]))
+        return size <= self.client.batch_bytes
+
+    def _batched(self, stub, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float,
+                 out: dict[str, np.ndarray] | None) -> tuple[int, int]:
+        """push (and with ``out``, pull) ``shard``'s part in one PushBatch call; (duplicate chunks, version)."""
+        pushes = list(self._push_requests(shard, flat, seq, scale))
+        resp = stub.PushBatch(wire.encode_push_batch(pushes, out is not None), timeout=self._stream_timeout(flat))
+        if out is None:
+            return resp.duplicates, 0
+        version, _ = self._receive(resp.chunks, out)
+        return resp.duplicates, version
+
     def _goes_local(self, shard: int) -> bool:
         return self.client.local and self.shards[shard] not in self.client._remote
 
-    def _chunks(self, shard: int, names=None) -> Iterator[tuple[sharding.Slice, int, int]]:
-        for s in self._slices_of(shard, names):
-            item = self.specs[s.tensor].itemsize
-            for o, n in sharding.chunks(s.offset, s.length, item, self.client.chunk_bytes):
-                yield s, o, n
+    def _chunks(self, shard: int, names=None) -> tuple[tuple[str, int, int, int], ...]:
+        """(tensor, offset, length, dtype code) of each chunk of ``shard``'s slices of ``names`` (all
+        tensors: None), in order; worked out once per handle, as the layout never changes."""
+        key = (shard, None if names is None else tuple(names))
+        found = self._chunk_lists.get(key)
+        if found is None:
+            found = self._chunk_lists[key] = tuple(
+                (s.tensor, o, n, dtype_code(self.specs[s.tensor].dtype)) for s in self._slices_of(shard, names)
+                for o, n in sharding.chunks(s.offset, s.length, self.specs[s.tensor].itemsize, self.client.chunk_bytes))
+        return found
 
     def _create_on(self, shard: int, inits: Mapping[str, Init], replace: bool) -> None:
         req = server_pb2.CreateModelRequest(model=self.name, replace=replace, optimizer=self.optimizer.to_proto(),
@@ -646,11 +682,10 @@ class Model:
     def _push_requests(self, shard: int, flat: dict[str, np.ndarray], seq: int, scale: float,
                        credits: _Credits | None = None):
         cid = self.client.client_id
-        for s, o, n in self._chunks(shard, flat):
+        for tensor, o, n, dtype in self._chunks(shard, flat):
             if credits is not None and not credits.take():
                 return
-            a = flat[s.tensor]
-            yield wire.encode_push(self.name, cid, seq, scale, s.tensor, o, dtype_code(a.dtype), a[o:o + n])
+            yield wire.encode_push(self.name, cid, seq, scale, tensor, o, dtype, flat[tensor][o:o + n])
 
     def _next_seq(self, grads: Mapping[str, np.ndarray], what: str) -> tuple[dict[str, np.ndarray], int, float]:
         flat = self._flat(grads, what, finite=True)
@@ -688,6 +723,8 @@ class Model:
                     done = self._local(stub, shard, flat, seq, scale, None)
                     if done is not None:
                         return done[0]
+                if self._fits_batch(shard, flat):
+                    return self._batched(stub, shard, flat, seq, scale, None)[0]
                 # one acknowledgement per chunk: at most inflight_chunks ahead of the shard's replies
                 credits = _Credits(self.client.inflight_chunks)
                 try:
@@ -742,6 +779,10 @@ class Model:
                     if done is not None:
                         versions.append(done[1])
                         return done[0]
+                if self._fits_batch(shard, flat):
+                    dup, version = self._batched(stub, shard, flat, seq, scale, out)
+                    versions.append(version)
+                    return dup
                 credits = _Credits(self.client.inflight_chunks)
                 try:
                     responses = stub.PushPull(self._push_requests(shard, flat, seq, scale, credits),
@@ -811,11 +852,10 @@ class Model:
         flat = self._flat(values, "assign to", finite=True)
 
         def requests(shard):
-            for s, o, n in self._chunks(shard, flat):
-                a = flat[s.tensor]
+            for tensor, o, n, dtype in self._chunks(shard, flat):
                 yield server_pb2.AssignRequest(model=self.name, chunk=tensor_pb2.Chunk(
-                    tensor=s.tensor, offset=o,
-                    values=tensor_pb2.Tensor(dtype=dtype_code(a.dtype), shape=[n], data=a[o:o + n].tobytes())))
+                    tensor=tensor, offset=o,
+                    values=tensor_pb2.Tensor(dtype=dtype, shape=[n], data=flat[tensor][o:o + n].tobytes())))
 
         self._on_shards(lambda shard: self._stream(shard, "assign to", lambda stub: stub.Assign(
             requests(shard), timeout=self._stream_timeout(flat))), flat)

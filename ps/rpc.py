@@ -27,6 +27,9 @@ log = logging.getLogger("ps")
 #: server's transient memory: 2 MiB keeps a shard's peak RSS ~25 MiB above its parameters and
 #: state, where 8 MiB took ~70 MiB, at the same push_pull throughput (see the README figures)
 DEFAULT_CHUNK_BYTES = 2 << 20
+#: a shard's part of a push / push_pull up to this size goes over gRPC in one unary call (PushBatch):
+#: below it, a stream's thread hand-offs cost more than the bytes (``paramserver bench latency``)
+DEFAULT_BATCH_BYTES = 64 << 10
 #: push_pull chunks a client sends ahead of the replies it has read, per shard stream: two keep
 #: the wire busy while the shard updates one; more only add buffered memory at both ends
 DEFAULT_INFLIGHT_CHUNKS = 2

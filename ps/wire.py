@@ -10,6 +10,7 @@ the received message (no copy), which ``numpy.frombuffer`` reads in place.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ SERVICE = "ps.v1.ParameterServer"
 _PUSH_MODEL, _PUSH_CLIENT_ID, _PUSH_SEQ, _PUSH_GRAD_SCALE, _PUSH_CHUNK = 1, 2, 3, 4, 5
 _PULL_CHUNK, _PULL_VERSION, _PULL_DUPLICATE = 1, 2, 3
 _CHUNK_TENSOR, _CHUNK_OFFSET, _CHUNK_VALUES = 1, 2, 3
+_BATCH_CHUNKS, _BATCH_PULL = 1, 2  # PushBatchRequest
+_BATCHED_CHUNKS, _BATCHED_APPLIED, _BATCHED_DUPLICATES = 1, 2, 3  # PushBatchResponse
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3
 
 #: (message, field) -> (field number, wire type) of every field the codec writes and reads, for
@@ -43,6 +46,10 @@ FIELDS = {
     ("Chunk", "values"): (_CHUNK_VALUES, _LEN),
     ("Tensor", "dtype"): (_TENSOR_DTYPE, _VARINT), ("Tensor", "shape"): (_TENSOR_SHAPE, _LEN),
     ("Tensor", "data"): (_TENSOR_DATA, _LEN),
+    ("PushBatchRequest", "chunks"): (_BATCH_CHUNKS, _LEN), ("PushBatchRequest", "pull"): (_BATCH_PULL, _VARINT),
+    ("PushBatchResponse", "chunks"): (_BATCHED_CHUNKS, _LEN),
+    ("PushBatchResponse", "applied"): (_BATCHED_APPLIED, _VARINT),
+    ("PushBatchResponse", "duplicates"): (_BATCHED_DUPLICATES, _VARINT),
 }
 
 
@@ -93,6 +100,7 @@ def _raw(values: np.ndarray) -> memoryview:
     return memoryview(values.view(np.uint8))
 
 
+@functools.lru_cache(maxsize=4096)  # a model's chunks recur every step: built once, not per message
 def _chunk_prefix(field_no: int, tensor: str, offset: int, dtype: int, n: int, nbytes: int) -> bytes:
     """Everything of a Chunk field up to its data bytes."""
     theader = _tensor_header(dtype, (n,), nbytes)
@@ -106,10 +114,17 @@ def encode_push(model: str, client_id: str, seq: int, grad_scale: float, tensor:
     """A serialized ps.v1.PushRequest carrying ``values`` (1-D, contiguous, little-endian)."""
     data = _raw(values)
     scale = _DOUBLE.pack(grad_scale)  # written unless +0.0, as protobuf does (-0.0 and NaN are)
-    head = (_str_field(_PUSH_MODEL, model) + _str_field(_PUSH_CLIENT_ID, client_id)
-            + _uint_field(_PUSH_SEQ, seq)
-            + (_key(_PUSH_GRAD_SCALE, _I64) + scale if scale != _ZERO_DOUBLE else b""))
-    return b"".join((head, _chunk_prefix(_PUSH_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data))
+    return b"".join((_push_ids(model, client_id), _uint_field(_PUSH_SEQ, seq),
+                     _SCALE_KEY + scale if scale != _ZERO_DOUBLE else b"",
+                     _chunk_prefix(_PUSH_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data))
+
+
+@functools.lru_cache(maxsize=1024)
+def _push_ids(model: str, client_id: str) -> bytes:
+    return _str_field(_PUSH_MODEL, model) + _str_field(_PUSH_CLIENT_ID, client_id)
+
+
+_SCALE_KEY = _key(_PUSH_GRAD_SCALE, _I64)
 
 
 #: ps.v1.ReplicaOp.push, ps.v1.ReplicateRequest fields
@@ -137,6 +152,24 @@ def encode_pull_response(tensor: str, offset: int, dtype: int, values: np.ndarra
     data = _raw(values)
     return b"".join((_chunk_prefix(_PULL_CHUNK, tensor, offset, dtype, values.size, data.nbytes), data,
                      _uint_field(_PULL_VERSION, version), _uint_field(_PULL_DUPLICATE, int(duplicate))))
+
+
+def encode_push_batch(pushes: list[bytes], pull: bool) -> bytes:
+    """A serialized ps.v1.PushBatchRequest of PushRequests as ``encode_push`` makes them."""
+    parts = []
+    for p in pushes:
+        parts += (_len_prefix(_BATCH_CHUNKS, len(p)), p)
+    parts.append(_uint_field(_BATCH_PULL, int(pull)))
+    return b"".join(parts)
+
+
+def encode_push_batch_response(pulls: list[bytes], applied: int, duplicates: int) -> bytes:
+    """A serialized ps.v1.PushBatchResponse of PullResponses as ``encode_pull_response`` makes them."""
+    parts = []
+    for p in pulls:
+        parts += (_len_prefix(_BATCHED_CHUNKS, len(p)), p)
+    parts += (_uint_field(_BATCHED_APPLIED, applied), _uint_field(_BATCHED_DUPLICATES, duplicates))
+    return b"".join(parts)
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -314,23 +347,25 @@ def _serialize(msg) -> bytes:
 
 # -- stubs and servicer registration -----------------------------------------------------------
 _FAST_REQUESTS = {"Push", "PushPull", "PushAcked"}
-_FAST_RESPONSES = {"Pull", "PushPull"}
+_FAST_RESPONSES = {"Pull", "PushPull", "PushBatch"}
 
 
 class ShardStub(server_pb2_grpc.ParameterServerStub):
-    """The generated stub, with Push, PushPull and Pull on the copy-free codec: requests may be
-    bytes from encode_push, responses come back as PullView."""
+    """The generated stub, with Push, PushPull, PushBatch and Pull taking pre-encoded requests
+    (encode_push, encode_push_batch); Pull and PushPull responses come back as PullView (read in place)."""
 
     def __init__(self, channel: grpc.Channel):
         super().__init__(channel)
-        self.Push = channel.stream_unary(f"/{SERVICE}/Push", request_serializer=_serialize,
-                                         response_deserializer=server_pb2.PushResponse.FromString)
-        self.PushPull = channel.stream_stream(f"/{SERVICE}/PushPull", request_serializer=_serialize,
-                                              response_deserializer=decode_pull_response)
-        self.PushAcked = channel.stream_stream(f"/{SERVICE}/PushAcked", request_serializer=_serialize,
-                                               response_deserializer=server_pb2.PushAck.FromString)
-        self.Pull = channel.unary_stream(f"/{SERVICE}/Pull", request_serializer=_serialize,
-                                         response_deserializer=decode_pull_response)
+
+        def method(kind: str, name: str, deserializer):  # registered, as the generated stubs' are
+            return getattr(channel, kind)(f"/{SERVICE}/{name}", request_serializer=_serialize,
+                                          response_deserializer=deserializer, _registered_method=True)
+        self.Push = method("stream_unary", "Push", server_pb2.PushResponse.FromString)
+        self.PushPull = method("stream_stream", "PushPull", decode_pull_response)
+        self.PushAcked = method("stream_stream", "PushAcked", server_pb2.PushAck.FromString)
+        self.Pull = method("unary_stream", "Pull", decode_pull_response)
+        # small by design (up to Client.batch_bytes): protobuf's C parser beats reading it in place
+        self.PushBatch = method("unary_unary", "PushBatch", server_pb2.PushBatchResponse.FromString)
 
 
 def add_shard_servicer(servicer, server: grpc.Server) -> None:

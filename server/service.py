@@ -270,23 +270,49 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         except PSError as e:
             abort(context, e)
 
+    def _push_pull(self, req, waits: list) -> tuple[bytes, bool]:
+        """Apply one pushed chunk: (the encoded PullResponse of the fresh weights of its range, whether it
+        was new; False: a retry, skipped)."""
+        sl, ok = self._apply(req, waits)
+        c = req.chunk
+        return self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize,
+                                     lambda view, version: wire.encode_pull_response(
+                                         c.tensor, c.offset, c.values.dtype, view, version, duplicate=not ok)), ok
+
     def PushPull(self, request_iterator, context) -> Iterator[bytes]:
         waits = []
         owned = self._owned(context, "push_pull to")
         try:
             for req in request_iterator:
                 owned(req.model)
-                sl, ok = self._apply(req, waits)
-                c = req.chunk
-                resp = self.store.read_slice(sl, c.offset, len(c.values.data) // sl.param.itemsize,
-                                             lambda view, version: wire.encode_pull_response(
-                                                 c.tensor, c.offset, c.values.dtype, view, version, duplicate=not ok))
-                del req, c  # the request's buffer goes now, not after the response is sent
+                resp, _ = self._push_pull(req, waits)
+                del req  # the request's buffer goes now, not after the response is sent
                 yield resp
             # the push counts once the stream ends: after the backups have applied it
             self._replicated(waits, "push_pull")
         except PSError as e:
             abort(context, e)
+
+    def PushBatch(self, request, context) -> bytes:
+        what = "push_pull to" if request.pull else "push to"
+        waits, pulls = [], []
+        applied = dup = 0
+        owned = self._owned(context, what)
+        try:
+            self.limits.check_count(f"{what}: chunks of a batch", len(request.chunks), "max_slices", InvalidArgument)
+            for req in request.chunks:
+                owned(req.model)
+                if request.pull:
+                    resp, ok = self._push_pull(req, waits)
+                    pulls.append(resp)
+                else:
+                    ok = self._apply(req, waits)[1]
+                applied += ok
+                dup += not ok
+            self._replicated(waits, what.split(" ")[0])
+        except PSError as e:
+            abort(context, e)
+        return wire.encode_push_batch_response(pulls, applied, dup)
 
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""

@@ -16,10 +16,12 @@ from ps.tensor import dtype_code, encode
 from ps.v1 import server_pb2, server_pb2_grpc, tensor_pb2
 
 
-@pytest.fixture(params=[False, True], ids=["grpc", "shared-memory"])
+@pytest.fixture(params=[(False, 0), (False, None), (True, None)], ids=["streamed", "grpc", "shared-memory"])
 def client(cluster, request):
-    """Each test twice: pushes streamed over gRPC, and through shared memory (servers on this host)."""
-    with ps.Client(cluster.address, local=request.param) as c:
+    """Each test three times: pushes streamed over gRPC, over gRPC as a client on another host sends them
+    (small ones in one unary call each), and through shared memory (servers on this host)."""
+    local, batch_bytes = request.param
+    with ps.Client(cluster.address, local=local, batch_bytes=batch_bytes) as c:
         yield c
 
 
@@ -223,6 +225,38 @@ def test_every_service_offers_health_and_reflection(cluster, client):
             services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
         assert "grpc.health.v1.Health" in services
         assert services & {"ps.v1.ParameterServer", "ps.v1.Scheduler"}
+
+
+def test_a_shards_small_part_goes_in_one_unary_call_and_its_retry_is_skipped(cluster):
+    """From another host (no shared memory), a shard's part of up to batch_bytes travels in one
+    PushBatch call; bigger parts are streamed. A retried batch is acknowledged, not applied again."""
+    rng = np.random.default_rng(8)
+    small, big = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(40_000).astype(np.float32)
+    with ps.Client(cluster.address, local=False, batch_bytes=16 << 10) as c:
+        model = sgd_model(c, "batched", {"small": small, "big": big}, lr=0.5, max_slice_bytes=64 << 10)
+        calls = {"PushBatch": 0, "PushPull": 0, "PushAcked": 0}
+        for address in set(model.shards):
+            stub = c.server(address)
+            for name in calls:
+                def counted(*a, _real=getattr(stub, name), _name=name, **kw):
+                    calls[_name] += 1
+                    return _real(*a, **kw)
+                setattr(stub, name, counted)
+        g = rng.standard_normal(1000).astype(np.float32)
+        fresh = model.push_pull({"small": g})
+        np.testing.assert_allclose(fresh["small"], small - 0.5 * g, rtol=1e-6)
+        assert calls == {"PushBatch": 1, "PushPull": 0, "PushAcked": 0}
+        model.push({"small": g})
+        assert calls["PushBatch"] == 2 and model.pull(["small"])["small"] == pytest.approx(small - g, rel=1e-5)
+        # the retry of a batch: acknowledged, counted as a duplicate, not applied
+        c._seqs = itertools.count(c.next_seq() - 1)
+        model.push({"small": g})
+        assert (model.pushes, model.duplicates) == (3, 1)
+        np.testing.assert_allclose(model.pull(["small"])["small"], small - g, rtol=1e-5)
+        # 160 KB in slices of at most 64 KiB: each shard's part is over 16 KiB, so it is streamed
+        model.push_pull({"big": np.zeros_like(big)})
+        assert calls["PushBatch"] == 3 and calls["PushPull"] == len({s.shard for s in model.slices if s.tensor == "big"})
+        model.delete()
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["grpc", "shared-memory"])

@@ -22,7 +22,8 @@ from ps.v1 import server_pb2, tensor_pb2
 CHECKS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 MESSAGES = {"PushRequest": server_pb2.PushRequest, "PullResponse": server_pb2.PullResponse,
-            "Chunk": tensor_pb2.Chunk, "Tensor": tensor_pb2.Tensor}
+            "Chunk": tensor_pb2.Chunk, "Tensor": tensor_pb2.Tensor,
+            "PushBatchRequest": server_pb2.PushBatchRequest, "PushBatchResponse": server_pb2.PushBatchResponse}
 DTYPES = [c for c in tensor_pb2.DType.values() if c != tensor_pb2.DTYPE_UNSPECIFIED]  # every one the codec carries
 
 uint64s = st.integers(0, 2**64 - 1)
@@ -100,6 +101,18 @@ def test_encode_pull_response_is_the_protobuf_encoding(args):
     assert parsed.chunk.values.data == values.tobytes()
     assert data == pb_pull(*args).SerializeToString(deterministic=True)
     assert fields(wire.decode_pull_response(data)) == fields(parsed)
+
+
+@CHECKS
+@given(st.lists(push_args, max_size=3), st.lists(pull_args, max_size=3), st.booleans(), uint64s, uint64s)
+def test_encode_push_batch_and_its_response_are_the_protobuf_encodings(pushes, pulls, pull, applied, duplicates):
+    data = wire.encode_push_batch([wire.encode_push(*a) for a in pushes], pull)
+    expected = server_pb2.PushBatchRequest(chunks=[pb_push(*a) for a in pushes], pull=pull)
+    assert data == expected.SerializeToString(deterministic=True)
+    applied, duplicates = applied >> 1, duplicates >> 1  # int64 fields
+    data = wire.encode_push_batch_response([wire.encode_pull_response(*a) for a in pulls], applied, duplicates)
+    expected = server_pb2.PushBatchResponse(chunks=[pb_pull(*a) for a in pulls], applied=applied, duplicates=duplicates)
+    assert data == expected.SerializeToString(deterministic=True)
 
 
 def test_a_default_size_chunk_encodes_as_protobuf_does():

@@ -8,6 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PushBatchRequest(_message.Message):
+    __slots__ = ("chunks", "pull")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[PushRequest]
+    pull: bool
+    def __init__(self, chunks: _Optional[_Iterable[_Union[PushRequest, _Mapping]]] = ..., pull: _Optional[bool] = ...) -> None: ...
+
+class PushBatchResponse(_message.Message):
+    __slots__ = ("chunks", "applied", "duplicates")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[PullResponse]
+    applied: int
+    duplicates: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[PullResponse, _Mapping]]] = ..., applied: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
 class LocalRange(_message.Message):
     __slots__ = ("tensor", "offset", "length", "at", "dtype")
     TENSOR_FIELD_NUMBER: _ClassVar[int]

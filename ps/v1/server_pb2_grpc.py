@@ -104,6 +104,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.LocalPushPullRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.LocalPushPullResponse.FromString,
                 _registered_method=True)
+        self.PushBatch = channel.unary_unary(
+                '/ps.v1.ParameterServer/PushBatch',
+                request_serializer=ps_dot_v1_dot_server__pb2.PushBatchRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.PushBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -216,6 +221,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushBatch(self, request, context):
+        """A push (or, with pull set, a push_pull) whose chunks all fit one message, in one unary call: what a
+        small model's step pays is then one round trip, not a stream's hand-offs between threads. Chunks
+        are applied in order, exactly as the same PushRequests on a PushPull stream would be.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +302,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushPullLocal,
                     request_deserializer=ps_dot_v1_dot_server__pb2.LocalPushPullRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.LocalPushPullResponse.SerializeToString,
+            ),
+            'PushBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushBatch,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.PushBatchRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.PushBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -668,6 +687,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/PushPullLocal',
             ps_dot_v1_dot_server__pb2.LocalPushPullRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.LocalPushPullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/PushBatch',
+            ps_dot_v1_dot_server__pb2.PushBatchRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.PushBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
