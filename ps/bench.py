@@ -168,12 +168,14 @@ def server_update_rate(optimizer: str, n: int = 16_000_000, chunk_bytes: int = r
 
 def pushpull(size: int, servers: int, optimizer: str, seconds: float,
              echo: Callable[[str], None] = print, replicas: int = 1, tls: bool = False, peer: str = "",
-             clients: int = 1) -> dict:
+             clients: int = 1, inflight: int = 0) -> dict:
     """`paramserver bench pushpull`: the figures, as a dict. ``tls``: the same model on a second
     cluster with mutual TLS and tokens, measured in the same rounds. ``peer="torch-rpc"``: a
     torch.distributed.rpc parameter server of as many shards (``ps.bench_torch_rpc``), SGD, the same
     sizes, measured in the same rounds. ``clients``: that many clients push_pull at once (threads of
-    this process, a Client each; the torch peer likewise), and the figures are their total."""
+    this process, a Client each; the torch peer likewise), and the figures are their total.
+    ``inflight``: chunks a client streams ahead per shard, with the servers' stream window to match
+    (0: the defaults)."""
     import contextlib
 
     from ps.client import Client
@@ -181,20 +183,26 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     from ps.server.optimizers import update_rate
     n = size // 4
     echo(f"model: {n:,} float32 params ({size / 2**20:.0f} MiB) over {servers} servers, optimizer {optimizer}")
-    with LocalCluster(servers=servers) as cluster, Client(cluster.address) as client, \
-            Client(cluster.address, local=False) as streaming, \
+    tuned: dict = {}
+    server_args: list[str] = []
+    if inflight:
+        tuned = {"inflight_chunks": inflight}
+        server_args = ["--flow-window", str(inflight * rpc.DEFAULT_CHUNK_BYTES)]
+        echo(f"{inflight} chunks in flight per stream, servers' stream window {inflight * rpc.DEFAULT_CHUNK_BYTES:,} bytes")
+    with LocalCluster(servers=servers, server_args=server_args) as cluster, Client(cluster.address) as client, \
+            Client(cluster.address, local=False, **tuned) as streaming, \
             EchoCeiling(size, servers, client.chunk_bytes) as ceiling_run, contextlib.ExitStack() as stack:
         model = client.create_model("bench", {"w": np.zeros(n, np.float32)},
                                     optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
         over_grpc = streaming.model("bench")  # the same model, every byte through gRPC (as from another host)
         secured = None
         if tls:
-            secure = stack.enter_context(LocalCluster(servers=servers, tls=True, auth=True))
+            secure = stack.enter_context(LocalCluster(servers=servers, tls=True, auth=True, server_args=server_args))
             secure_client = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token))
             secured = secure_client.create_model("bench", {"w": np.zeros(n, np.float32)},
                                                  optimizer={"name": optimizer, "lr": 1e-4}, replicas=replicas)
             secure_streaming = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token,
-                                                          local=False))
+                                                          local=False, **tuned))
             secured_grpc = secure_streaming.model("bench")
         torch_ps = None
         if peer == "torch-rpc":

@@ -409,13 +409,15 @@ def bench() -> None:
 @click.option("--peer", type=click.Choice(["torch-rpc"]), default=None,
               help="Also measure a torch.distributed.rpc parameter server (needs torch), in the same rounds.")
 @click.option("--clients", default=1, show_default=True, help="clients push_pulling at once (ours and the peer)")
+@click.option("--inflight", default=0, show_default=True,
+              help="chunks streamed ahead per shard, servers' stream window to match (0: the defaults)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_pushpull(size, servers, optimizer, seconds, replicas, tls, peer, clients, as_json):
+def bench_pushpull(size, servers, optimizer, seconds, replicas, tls, peer, clients, inflight, as_json):
     """push_pull throughput against a raw grpcio echo ceiling, and the optimizer's update rate."""
     from ps.bench import pushpull
     try:
         result = pushpull(size, servers, optimizer, seconds, echo=click.echo, replicas=replicas, tls=tls,
-                          peer=peer or "", clients=clients)
+                          peer=peer or "", clients=clients, inflight=inflight)
     except ImportError as e:
         click.echo(f"bench pushpull --peer {peer}: {e}: pip install torch (CPU is enough)", err=True)
         sys.exit(2)

@@ -63,12 +63,14 @@ class Client:
                  connect_timeout: float = 10.0, client_id: str | None = None,
                  inflight_chunks: int = rpc.DEFAULT_INFLIGHT_CHUNKS, failover_timeout: float = 30.0,
                  tls=None, token: str | None = None, local: bool | None = None,
-                 batch_bytes: int | None = None):
+                 batch_bytes: int | None = None, link: bool | None = None):
         """``tls``: a ``ps.security.TLS``, a directory ``paramserver certs`` wrote (its user certificate
         and CA), or False for none; ``token``: the bearer token to send. Either left None comes from
         the PS_TLS_* / PS_TOKEN_FILE variables (or the command's flags). ``local``: push_pull to a
         server on this host through shared memory (``ps.shm``; default on, PS_LOCAL=0 turns it off);
         a server elsewhere is found out on the first call and reached over gRPC from then on.
+        ``link``: send those same-host calls over the server's Unix socket (``ps.local_link``) once it
+        names one, instead of gRPC (default on; PS_LOCAL_LINK=0 turns it off).
         ``batch_bytes``: a push or push_pull whose part for a shard on another host is at most this size
         goes to it in one unary call (PushBatch) instead of a stream (0: always a stream; default 64 KiB, or
         chunk_bytes if smaller)."""
@@ -106,9 +108,12 @@ class Client:
         self._push_locks: dict[str, threading.Lock] = {}
         import os
         self.local = (os.environ.get("PS_LOCAL", "1") != "0") if local is None else bool(local)
+        self.link = (os.environ.get("PS_LOCAL_LINK", "1") != "0") if link is None else bool(link)
         #: shared-memory segments by (model, shard, layout), and the servers that cannot open them
         self._segments: dict[tuple, tuple] = {}
         self._remote: set[str] = set()
+        #: same-host links (ps.local_link) by server address; a name instead: that link could not be opened
+        self._links: dict[str, object] = {}
 
     def __enter__(self) -> "Client":
         return self
@@ -120,6 +125,10 @@ class Client:
         self._pool.shutdown(wait=False)
         with self._lock:
             segments, self._segments = list(self._segments.values()), {}
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            if hasattr(link, "close"):
+                link.close()
         for segment, _ in segments:
             segment.close()
         for ch, _ in self._servers.values():
@@ -139,6 +148,43 @@ class Client:
                 ch = rpc.channel(address, self.max_message_bytes, self.security)
                 self._servers[address] = (ch, wire.ShardStub(ch))
             return self._servers[address][1]
+
+    def _call_local(self, address: str, stub, req: server_pb2.LocalPushPullRequest,
+                    timeout: float) -> server_pb2.LocalPushPullResponse:
+        """A PushPullLocal call: over the server's same-host link once it named one, else over gRPC.
+        A link that breaks mid-call is dropped and the call fails as UNAVAILABLE (the caller's retry
+        goes over gRPC; exactly-once makes a retry of an applied call harmless)."""
+        from ps import local_link
+        link = self._links.get(address)
+        if isinstance(link, local_link.Link):
+            try:
+                return server_pb2.LocalPushPullResponse.FromString(link.call(req.SerializeToString(), timeout))
+            except local_link.LinkError:
+                raise
+            except OSError as e:
+                with self._lock:
+                    if self._links.get(address) is link:
+                        del self._links[address]
+                link.close()
+                raise local_link.LinkError(grpc.StatusCode.UNAVAILABLE,
+                                           f"the local link to {address} broke: {e or type(e).__name__}") from None
+        resp = stub.PushPullLocal(req, timeout=timeout)
+        if resp.link and resp.link != link and self.link:
+            self._open_link(address, resp.link)
+        return resp
+
+    def _open_link(self, address: str, name: str) -> None:
+        from ps import local_link
+        try:
+            link = local_link.Link(name, self.security.token)
+        except (OSError, local_link.LinkError) as e:  # another network namespace, a refused token
+            log.info("server %s: no local link (%s): gRPC for its calls", address, e)
+            link = name
+        with self._lock:
+            old = self._links.get(address)
+            self._links[address] = link
+        if hasattr(old, "close"):
+            old.close()
 
     def next_seq(self) -> int:
         """The next push sequence number of this client (strictly increasing, thread-safe)."""
@@ -431,7 +477,7 @@ class Model:
                 np.copyto(segment.array(dtype, at, b - a), flat[tensor][a:b])
             req.seq, req.grad_scale = seq, scale
         try:
-            resp = stub.PushPullLocal(req, timeout=timeout)
+            resp = self.client._call_local(address, stub, req, timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and (e.details() or "").startswith(shm.UNREACHABLE):
                 with self.client._lock:

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ps import checkpoint, initializers, rpc, security, sharding, shm, sparse, wire
 from ps import limits as ps_limits
@@ -20,6 +21,7 @@ from ps.data_policy import DataPolicy
 from ps.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted,
                        Unavailable, abort)
 from ps.limits import Limits
+from ps.local_link import LinkServer
 from ps.optimizer_config import OptimizerConfig
 from ps.server.access import ModelGuard
 from ps.server.replication import Replicator
@@ -29,6 +31,7 @@ from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, server_pb2_grpc
 
 log = logging.getLogger("ps.server")
 SERVICE_NAME = server_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+LOCAL_WHAT = "push_pull (local) to"
 
 
 def _decode(chunk, model: str, what: str) -> np.ndarray:
@@ -55,6 +58,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         self.data_policy = data_policy
         #: shared-memory segments of clients on this host (PushPullLocal)
         self.segments = shm.Attached()
+        #: the same-host link those clients may call over instead of gRPC (``start_link``)
+        self.link: LinkServer | None = None
 
     def _user(self, context):
         """The caller, when it is a user whose access to each model is checked (else None)."""
@@ -63,7 +68,12 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
     def _owned(self, context, what: str):
         """A check that a call's model is the calling user's (each model once per call); a no-op for
         members, admins and without auth."""
-        who = self._user(context)
+        return self._owned_by(self._user(context), what)
+
+    def _owned_by(self, who, what: str):
+        """``_owned`` for a caller known already (None, or not a user: no check)."""
+        if who is not None and (self.guard is None or who.role != security.USER):
+            who = None
         if who is None:
             return lambda model: None
         seen = set()
@@ -316,7 +326,31 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""
-        what = "push_pull (local) to"
+        try:
+            resp = self._local(request, self._owned(context, LOCAL_WHAT))
+        except PSError as e:
+            abort(context, e)
+        if self.link is not None:
+            resp.link = self.link.name
+        return resp
+
+    def start_link(self) -> LinkServer:
+        """Listen for same-host links (``ps.local_link``): a token's role must be one that may call
+        PushPullLocal over gRPC."""
+        allowed = security.PERMISSIONS[SERVICE_NAME]["PushPullLocal"]
+        self.link = LinkServer(self.linked, security.current().auth, lambda who: who.role in allowed)
+        return self.link
+
+    def linked(self, request: bytes, who) -> bytes:
+        """A PushPullLocal that came over a same-host link (``ps.local_link``) from ``who``."""
+        try:
+            req = server_pb2.LocalPushPullRequest.FromString(request)
+        except DecodeError as e:
+            raise InvalidArgument(f"{LOCAL_WHAT}: the request is not a LocalPushPullRequest: {e}") from None
+        return self._local(req, self._owned_by(who, LOCAL_WHAT)).SerializeToString()
+
+    def _local(self, request, owned) -> server_pb2.LocalPushPullResponse:
+        what = LOCAL_WHAT
         lim = self.limits
         try:
             lim.check_name(f"{what}: model name", request.model)
@@ -324,7 +358,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 lim.check_name(f"{what}: client_id", request.client_id)
             lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices", InvalidArgument)
             lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
-            self._owned(context, what)(request.model)
+            owned(request.model)
             segment = self.segments.get(request.segment, what)
             applied = dup = 0
             versions = []
@@ -349,9 +383,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                                                           lambda v, version: (np.copyto(out, v), version)[1]))
             self._replicated(waits, "push_pull")
         except CodecError as e:
-            abort(context, InvalidArgument(f"{what}: {e}"))
-        except PSError as e:
-            abort(context, e)
+            raise InvalidArgument(f"{what}: {e}") from None
         return server_pb2.LocalPushPullResponse(applied=applied, duplicates=dup, version=min(versions, default=0))
 
     def Pull(self, request, context) -> Iterator[bytes]:
@@ -455,6 +487,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                             tables=[server_pb2.TableStats(name=n, rows=(st := t.stats())["rows"], bytes=st["bytes"])
                                     for n, t in m.tables.items()])
         resp.bytes = total
+        resp.link_calls = self.link.calls if self.link is not None else 0
         return resp
 
 
@@ -528,6 +561,7 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", flow_window)] if flow_window else []
     server = rpc.make_server(threads, max_message_bytes, window)
     servicer = ParameterServerServicer(store, data_policy=data_policy)
+    servicer.start_link()
     wire.add_shard_servicer(servicer, server)
     rpc.add_health_and_reflection(server, [SERVICE_NAME])
     bound = rpc.bind(server, host, port)
@@ -564,4 +598,5 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
     def stop():
         link.close()
         store.replicator.close()
+        servicer.link.close()
     rpc.serve_until_signal(server, on_stop=stop)

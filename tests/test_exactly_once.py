@@ -74,13 +74,15 @@ def test_concurrent_jobs_apply_every_acknowledged_push_once_per_slice(n_jobs):
 
 @pytest.fixture
 def proxied():
-    """One server reached only through a proxy that can cut a reply (it advertises the proxy)."""
+    """One server reached only through a proxy that can cut a reply (it advertises the proxy). The
+    client's shared-memory calls go over gRPC, not over the server's same-host link, which would
+    bypass the proxy (a link's lost replies are tests/test_local_link.py's)."""
     proxy = ReplyCutter()
     with ps.LocalCluster(servers=0) as c:
         server = c.add_server(extra=["--advertise", proxy.address])
         proxy.target = ("127.0.0.1", server.port)
         c.wait_servers(1, __import__("time").monotonic() + 30)
-        with ps.Client(c.address) as client:
+        with ps.Client(c.address, link=False) as client:
             yield client, proxy
     proxy.close()
 

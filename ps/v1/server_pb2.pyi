@@ -61,14 +61,16 @@ class LocalPushPullRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., grad_scale: _Optional[float] = ..., segment: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[LocalRange, _Mapping]]] = ..., pull: _Optional[bool] = ..., only_pull: _Optional[bool] = ...) -> None: ...
 
 class LocalPushPullResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "version")
+    __slots__ = ("applied", "duplicates", "version", "link")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     version: int
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    link: str
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...
 
 class Initializer(_message.Message):
     __slots__ = ("kind", "value", "mean", "std", "low", "high", "seed")
@@ -307,14 +309,16 @@ class TableStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "bytes", "uptime_s")
+    __slots__ = ("models", "bytes", "uptime_s", "link_calls")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LINK_CALLS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     bytes: int
     uptime_s: float
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    link_calls: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., link_calls: _Optional[int] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
     __slots__ = ("model", "ranges", "backups", "map_version", "demote")

@@ -1,0 +1,249 @@
+"""The same-host control link: a client's shared-memory calls (``ps.shm``) to a server on its own
+host carried over a Unix socket instead of gRPC.
+
+A gRPC call costs about as much Python on each side as the whole of a small push_pull's work; over
+a socket of its own a call is one write and one read each way. The server listens on an abstract
+Unix socket (Linux: no file to clean up, gone with the process) with a random name, which it
+tells a client in its first PushPullLocal reply over gRPC. The client then connects and sends the
+same LocalPushPullRequest bytes over the link, and gets LocalPushPullResponse bytes back.
+
+Who may use it: only a process of the server's own user (checked with SO_PEERCRED on both ends,
+the trust the shared-memory segments, mode 0600, already rest on); with an auth file, the client
+first sends its bearer token, and the link then allows exactly what gRPC would: the token's role
+must be let call PushPullLocal, and a user may touch only its own models (the servicer checks).
+
+Frames both ways: a 4-byte little-endian payload length, a 1-byte kind, the payload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+from typing import Callable
+
+import grpc
+
+from ps.errors import PSError, ResourceExhausted, Unauthenticated, PermissionDenied, short_message
+
+log = logging.getLogger("ps.link")
+
+_FRAME = struct.Struct("<IB")
+HELLO, CALL = 1, 2        # client -> server: the bearer token (may be empty), a request
+OK, ERROR = 0, 1          # server -> client: a reply; a status code (1 byte) and its message
+#: requests are control messages (ranges of a segment): far below this
+MAX_FRAME_BYTES = 1 << 20
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class LinkClosed(ConnectionError):
+    """The other end went away (or broke the protocol) mid-call."""
+
+
+class LinkError(grpc.RpcError):
+    """A status the server sent back: code() and details() as a grpc.RpcError has them, so callers
+    handle a link's refusal exactly as the same refusal over gRPC."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _send(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    sock.sendall(_FRAME.pack(len(payload), kind) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise LinkClosed("the link closed")
+        got += k
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> tuple[int, bytes]:
+    n, kind = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+    if n > MAX_FRAME_BYTES:
+        raise ResourceExhausted(f"local link: a frame of {n} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+    return kind, _recv_exact(sock, n) if n else b""
+
+
+def _send_error(sock: socket.socket, code: grpc.StatusCode, message: str) -> None:
+    _send(sock, ERROR, bytes([code.value[0]]) + short_message(message).encode())
+
+
+def peer_uid(sock: socket.socket) -> int:
+    return _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))[1]
+
+
+class LinkServer:
+    """Accepts links on an abstract Unix socket; serves each on a thread of its own.
+
+    ``handle(request bytes, identity)`` returns the reply bytes or raises PSError (sent back as its
+    status; the link stays up). ``auth``: the process's AuthTable (None: every caller of this user);
+    ``allowed(identity)``: whether a token's identity may make these calls."""
+
+    def __init__(self, handle: Callable[[bytes, object], bytes], auth=None,
+                 allowed: Callable[[object], bool] = lambda who: True):
+        self.handle, self.auth, self.allowed = handle, auth, allowed
+        self.name = f"ps-link-{os.getpid():x}-{secrets.token_hex(12)}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind("\0" + self.name)
+        self._sock.listen(64)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        #: calls served over links, in all (tests and stats read it)
+        self.calls = 0
+        threading.Thread(target=self._accept, name="link-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="link", daemon=True).start()
+
+    def _hello(self, conn: socket.socket):
+        """The caller's identity, once its uid and token check out; None after refusing it."""
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            log.warning("refused a local link from uid %d (this server runs as uid %d)", uid, os.getuid())
+            return None
+        kind, token = _recv(conn)
+        if kind != HELLO:
+            _send_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"local link: expected a hello frame, got kind {kind}")
+            return None
+        who = None
+        if self.auth is not None:
+            who = self.auth.lookup(token.decode(errors="replace")) if token else None
+            if who is None:
+                why = "the token is not one this process accepts" if token else "no bearer token: this cluster needs one"
+                _send_error(conn, Unauthenticated.code, f"local link: {why}")
+                return None
+            if not self.allowed(who):
+                _send_error(conn, PermissionDenied.code, f"local link: role '{who.role}' may not push or pull")
+                return None
+        _send(conn, OK)
+        return who if who is not None else True
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            who = self._hello(conn)
+            if who is None:
+                return
+            who = None if who is True else who
+            while True:
+                kind, payload = _recv(conn)
+                if kind != CALL:
+                    _send_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"local link: expected a call frame, "
+                                                                        f"got kind {kind}")
+                    return
+                try:
+                    reply = self.handle(payload, who)
+                except PSError as e:
+                    _send_error(conn, e.code, str(e))
+                    continue
+                with self._lock:
+                    self.calls += 1
+                _send(conn, OK, reply)
+        except ResourceExhausted as e:
+            _send_quietly(conn, e)
+        except (LinkClosed, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns), set()
+        for s in (self._sock, *conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def _send_quietly(conn: socket.socket, e: PSError) -> None:
+    try:
+        _send_error(conn, e.code, str(e))
+    except OSError:
+        pass
+
+
+class Link:
+    """A client's link to one server: call() sends a request's bytes and returns the reply's,
+    one call at a time (a lock orders callers on other threads)."""
+
+    def __init__(self, name: str, token: str | None, timeout: float = 10.0):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect("\0" + name)
+            if peer_uid(sock) != os.getuid():  # never hand a token to a process of another user
+                raise LinkClosed(f"local link {name} is served by another user")
+            _send(sock, HELLO, (token or "").encode())
+            self._reply(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.name = name
+        self._sock = sock
+        self._timeout: float | None = timeout
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _reply(sock: socket.socket) -> bytes:
+        try:
+            kind, payload = _recv(sock)
+        except ResourceExhausted as e:
+            raise LinkClosed(str(e)) from None
+        if kind == OK:
+            return payload
+        if kind == ERROR and payload:
+            raise LinkError(_BY_VALUE.get(payload[0], grpc.StatusCode.UNKNOWN), payload[1:].decode(errors="replace"))
+        raise LinkClosed(f"local link: a reply of kind {kind}")
+
+    def call(self, request: bytes, timeout: float | None = None) -> bytes:
+        """The reply to ``request``; LinkError for a status the server sent, LinkClosed (or another
+        OSError, a timeout among them) when the link broke: the call may or may not have been applied,
+        and the link is of no more use."""
+        with self._lock:
+            if self._timeout != timeout:
+                self._sock.settimeout(timeout)
+                self._timeout = timeout
+            _send(self._sock, CALL, request)
+            return self._reply(self._sock)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
