@@ -499,7 +499,7 @@ def torch_train_main(spec_json: str) -> None:
     x = torch.from_numpy(scale(prep, ds.x))
     y = torch.from_numpy(ds.y.astype(np.int64))
     params = model.init_params(spec.seed)
-    layers, acts = [], []
+    layers = []
     for i, layer in enumerate(spec.model):  # dense layers only, as in train_spec
         w, b = params[f"{i}.dense.w"], params[f"{i}.dense.b"]
         lin = torch.nn.Linear(w.shape[0], w.shape[1])
@@ -529,10 +529,12 @@ def torch_train_main(spec_json: str) -> None:
 
 
 def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tuple[str, ...] = ("asp",),
-          staleness: int = 3) -> dict:
+          staleness: int = 3, batch: int = 0) -> dict:
     """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
     single-process NumPy loop training the same model (all with one BLAS thread per process);
-    with ``consistency``, 2 workers under each of those modes, side by side."""
+    with ``consistency``, 2 workers under each of those modes, side by side. ``batch``: each of the
+    2 workers' batch (0: the loop's 2048 under asp and ssp; under bsp half of it, so that a step
+    averages 2048 samples as the loop's does)."""
     import dataclasses
     import json
     import subprocess
@@ -563,8 +565,14 @@ def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tup
     result.update(one_worker_samples_per_s=round(one["samples_per_s"], 1), one_worker_test_accuracy=one["test_accuracy"],
                   one_worker_to_single_ratio=round(one["samples_per_s"] / single["samples_per_s"], 3))
     for mode in consistency:
-        two = _cluster_train(dataclasses.replace(spec, consistency=mode, staleness=staleness), 2)
-        label = f"{mode}" + (f" (s={staleness})" if mode == "ssp" else "")
+        # bsp steps on the mean of the workers' gradients: 2 x 1024 is the same step as one batch of 2048,
+        # as data-parallel training splits a global batch; asp and ssp apply each worker's batch as a step
+        per_worker = batch or (spec.batch_size // 2 if mode == "bsp" else spec.batch_size)
+        two = _cluster_train(dataclasses.replace(spec, consistency=mode, staleness=staleness,
+                                                 batch_size=per_worker), 2)
+        label = f"{mode}" + (f" (s={staleness})" if mode == "ssp" else "") + (
+            f", batch {per_worker} a worker" + (f" ({2 * per_worker} a step)" if mode == "bsp" else "")
+            if per_worker != spec.batch_size else "")
         echo(f"2 workers + 2 servers, {label}: {two['samples_per_s']:.0f} samples/s, test accuracy "
              f"{two['test_accuracy']:.4f}; staleness in updates: mean {two['staleness_updates_mean']:.2f}, "
              f"max {two['staleness_updates_max']}" + (f"; in clocks: max {two['staleness_clocks_max']}"
@@ -577,6 +585,7 @@ def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tup
         result.update({f"{prefix}_samples_per_s": round(two["samples_per_s"], 1),
                        f"{prefix}_test_accuracy": two["test_accuracy"],
                        f"{prefix}_staleness_updates_mean": round(two["staleness_updates_mean"], 3),
+                       f"{prefix}_batch": per_worker,
                        f"{prefix}_to_one_worker_ratio": round(two["samples_per_s"] / one["samples_per_s"], 3)})
     if "asp" in consistency:
         result["two_to_one_worker_ratio"] = result["two_workers_to_one_worker_ratio"]

@@ -440,11 +440,13 @@ def bench_failover(as_json):
 @click.option("--consistency", multiple=True, type=click.Choice(["asp", "ssp", "bsp"]),
               help="run 2 workers under this consistency model (repeatable; default: asp)")
 @click.option("--staleness", default=3, show_default=True, help="ssp's bound, in clocks")
+@click.option("--batch", default=0, show_default=True,
+              help="each of the 2 workers' batch (0: 2048 under asp and ssp, 1024 under bsp: 2048 a step)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(epochs, consistency, staleness, as_json):
+def bench_train(epochs, consistency, staleness, batch, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
     from ps.bench import train
-    result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness)
+    result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness, batch=batch)
     if as_json:
         emit_json(result)
 

@@ -239,7 +239,6 @@ class Replication:
         """Move every replica off ``address`` (promoting others, re-replicating elsewhere), then free
         its models there. Returns (shards moved, models). Raises FailedPrecondition when a shard
         has nowhere to go before the deadline."""
-        from ps.v1 import server_pb2
         if not any(s.address == address and s.state == UP for s in self.cluster.servers.values()):
             raise NotFound(f"drain: no server is up at {address}")
         if not self._drain_lock.acquire(blocking=False):
