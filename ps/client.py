@@ -159,9 +159,7 @@ class Client:
         if isinstance(link, local_link.Link):
             try:
                 return server_pb2.LocalPushPullResponse.FromString(link.call(req.SerializeToString(), timeout))
-            except local_link.LinkError:
-                raise
-            except OSError as e:
+            except OSError as e:  # the link broke (a status the server sent is a LinkError: a grpc.RpcError)
                 with self._lock:
                     if self._links.get(address) is link:
                         del self._links[address]
@@ -175,6 +173,10 @@ class Client:
 
     def _open_link(self, address: str, name: str) -> None:
         from ps import local_link
+        with self._lock:
+            current = self._links.get(address)
+        if getattr(current, "name", None) == name:  # another thread opened it meanwhile
+            return
         try:
             link = local_link.Link(name, self.security.token)
         except (OSError, local_link.LinkError) as e:  # another network namespace, a refused token

@@ -27,7 +27,7 @@ from typing import Callable
 
 import grpc
 
-from ps.errors import PSError, ResourceExhausted, Unauthenticated, PermissionDenied, short_message
+from ps.errors import PermissionDenied, PSError, ResourceExhausted, Unauthenticated, short_message
 
 log = logging.getLogger("ps.link")
 
@@ -126,35 +126,34 @@ class LinkServer:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="link", daemon=True).start()
 
-    def _hello(self, conn: socket.socket):
-        """The caller's identity, once its uid and token check out; None after refusing it."""
+    def _hello(self, conn: socket.socket) -> tuple[bool, object]:
+        """(admitted, the caller's identity: None without auth); a refused caller has been told why."""
         uid = peer_uid(conn)
         if uid != os.getuid():
             log.warning("refused a local link from uid %d (this server runs as uid %d)", uid, os.getuid())
-            return None
+            return False, None
         kind, token = _recv(conn)
         if kind != HELLO:
             _send_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"local link: expected a hello frame, got kind {kind}")
-            return None
+            return False, None
         who = None
         if self.auth is not None:
             who = self.auth.lookup(token.decode(errors="replace")) if token else None
             if who is None:
                 why = "the token is not one this process accepts" if token else "no bearer token: this cluster needs one"
                 _send_error(conn, Unauthenticated.code, f"local link: {why}")
-                return None
+                return False, None
             if not self.allowed(who):
                 _send_error(conn, PermissionDenied.code, f"local link: role '{who.role}' may not push or pull")
-                return None
+                return False, None
         _send(conn, OK)
-        return who if who is not None else True
+        return True, who
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            who = self._hello(conn)
-            if who is None:
+            admitted, who = self._hello(conn)
+            if not admitted:
                 return
-            who = None if who is True else who
             while True:
                 kind, payload = _recv(conn)
                 if kind != CALL:
@@ -165,6 +164,10 @@ class LinkServer:
                     reply = self.handle(payload, who)
                 except PSError as e:
                     _send_error(conn, e.code, str(e))
+                    continue
+                except Exception as e:  # a bug: said as gRPC would say it, and logged
+                    log.exception("local link call failed")
+                    _send_error(conn, grpc.StatusCode.INTERNAL, f"local link: {type(e).__name__}: {e}")
                     continue
                 with self._lock:
                     self.calls += 1
