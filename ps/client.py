@@ -188,6 +188,18 @@ class Client:
         if hasattr(old, "close"):
             old.close()
 
+    def release(self, model: str) -> int:
+        """Close this client's shared-memory segments for ``model`` (one per shard it reached on this
+        host); returns how many. Its handles keep working: a later same-host call makes a new segment.
+        For a long-lived client done with a model (a worker moving to the next job): segments are
+        otherwise kept until the client closes. Call it with no call on the model in flight."""
+        with self._lock:
+            keys = [k for k in self._segments if k[0] == model]
+            found = [self._segments.pop(k)[0] for k in keys]
+        for segment in found:
+            segment.close()
+        return len(found)
+
     def next_seq(self) -> int:
         """The next push sequence number of this client (strictly increasing, thread-safe)."""
         with self._lock:
@@ -434,7 +446,7 @@ class Model:
         key = (self.name, shard, slices)
         with self.client._lock:
             found = self.client._segments.get(key)
-        if found is not None:
+        if found is not None and not found[0].closed:
             return found
         at, layout = 0, {}
         for s in slices:
@@ -452,7 +464,7 @@ class Model:
         grad_scale set per call), the segment and where each range lies in it, and the call's deadline."""
         key = (shard, names, push, pull)
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is None or plan[1].closed:  # its segment was released (Client.release): a new one
             segment, layout = self._segment(shard)
             req = server_pb2.LocalPushPullRequest(model=self.name, client_id=self.client.client_id,
                                                   segment=segment.name, pull=pull, only_pull=not push)
@@ -929,6 +941,7 @@ class Model:
         self.client.map(one, [(a,) for a in sorted({a for r in self.replicas for a in r if a})])
         self.client.call(self.client.scheduler.DropModel, scheduler_pb2.DropModelRequest(model=self.name),
                          f"drop model '{self.name}'")
+        self.client.release(self.name)
         if errors:
             raise errors[0]
 

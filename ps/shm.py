@@ -76,6 +76,8 @@ class Segment:
         self.name = f"ps-{os.getpid() & 0xFFFFFFFF:08x}{uuid.uuid4().hex[:24]}"
         self._shm = shared_memory.SharedMemory(name=self.name, create=True, size=max(int(size), 1))
         self.size = self._shm.size
+        #: closed by its owner (``close``): whoever kept it must make a new one
+        self.closed = False
         _CREATED.add(self.name)
 
     def array(self, dtype, at: int, count: int) -> np.ndarray:
@@ -83,6 +85,7 @@ class Segment:
 
     def close(self) -> None:
         """Unmap and unlink (views taken from it must be gone)."""
+        self.closed = True
         _CREATED.discard(self.name)
         try:
             self._shm.close()

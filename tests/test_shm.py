@@ -45,6 +45,44 @@ def test_shared_memory_and_grpc_apply_the_same_updates_exactly_once(cluster):
         b.delete()
 
 
+def test_released_segments_are_unlinked_and_the_models_handles_make_new_ones(cluster):
+    with ps.Client(cluster.address) as c:
+        a, b = model_on(c, "released"), model_on(c, "kept")
+        one = {"w": np.ones((300, 7), np.float32), "b": np.ones(7)}
+        a.push_pull(one)
+        b.push_pull(one)
+        names = {k: seg.name for k, (seg, _) in c._segments.items()}
+        mine = [n for k, n in names.items() if k[0] == "released"]
+        assert mine and all(os.path.exists(f"/dev/shm/{n}") for n in names.values())
+        assert c.release("released") == len(mine) == len(a.shards)
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in mine)
+        assert all(os.path.exists(f"/dev/shm/{n}") for k, n in names.items() if k[0] == "kept")
+        got = a.push_pull(one)  # the handle goes on, through new segments
+        np.testing.assert_array_equal(got["w"], np.full((300, 7), -2.0, np.float32))
+        assert {seg.name for k, (seg, _) in c._segments.items() if k[0] == "released"}.isdisjoint(mine)
+        a.delete()  # deleting a model releases its segments too
+        assert not [k for k in c._segments if k[0] == "released"]
+        assert c.release("released") == 0
+        b.delete()
+
+
+def test_a_worker_moving_to_the_next_job_releases_the_last_ones_segments():
+    from ps.demo import demo_spec
+    with ps.LocalCluster(servers=2, workers=1) as c, ps.Client(c.address) as client:
+        prefix = f"ps-{c.workers[0].popen.pid & 0xFFFFFFFF:08x}"
+
+        def workers_segments():
+            return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+        first = client.submit(demo_spec("mlp", epochs=1))
+        first.wait(progress=False, timeout=120)
+        after_first = workers_segments()
+        assert len(after_first) == 2  # one per shard of the first job's model
+        second = client.submit(demo_spec("mlp", epochs=1, seed=1))
+        second.wait(progress=False, timeout=120)
+        after_second = workers_segments()
+        assert len(after_second) == 2 and not set(after_first) & set(after_second)
+
+
 def test_a_server_that_cannot_open_the_segment_is_reached_over_grpc_from_then_on(cluster):
     with ps.Client(cluster.address, local=True) as client:
         model = model_on(client, "shm-fallback")

@@ -19,7 +19,7 @@ import numpy as np
 from ps.client import Client, Model
 from ps.errors import PSError
 from ps.histogram import bump
-from ps.spec import SpecError
+from ps.spec import SpecError, accumulator
 from ps.v1 import scheduler_pb2
 
 log = logging.getLogger("ps.worker")
@@ -257,9 +257,11 @@ class Worker:
         if self.jobs:  # keep one job's data and buffers: workers move on with the queue
             from ps.worker.xp import release_pinned
             release_pinned()
-            for old in self.jobs.values():
+            for job_id, old in self.jobs.items():
                 if old.bsp is not None:
                     old.bsp[1].close()
+                for model in (job_id, accumulator(job_id)):  # and their shared-memory segments
+                    self.client.release(model)
         self.jobs = {task.job_id: ctx}
         return ctx
 
@@ -370,7 +372,6 @@ class Worker:
     def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
         """Each step: add the gradient to the job's accumulator, wait at the barrier; the step's leader
         pushes the mean of the accumulated gradients (once: its id is the step) and clears them; pull."""
-        from ps.spec import accumulator
         if ctx.bsp is None:
             leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
             ctx.bsp = (self.client.model(accumulator(task.job_id)), leader, leader.model(task.job_id))
