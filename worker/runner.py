@@ -279,7 +279,6 @@ class Worker:
         xp, spec = self.xp, ctx.spec
         lo, hi = shard_ranges(len(ctx.x_train), task.shards)[task.shard]
         seed = spec.seed * 1_000_003 + task.shard
-        pushes_before, duplicates_before = ctx.handle.pushes, ctx.handle.duplicates
         sums = {"loss_sum": 0.0, "samples": 0, "staleness": []}
 
         def gradients(i: int, idx: np.ndarray, params: dict) -> dict:
@@ -307,9 +306,9 @@ class Worker:
             return host
 
         steps = getattr(self, f"_steps_{spec.consistency}")
-        steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients, sums["staleness"])
-        # What the servers acknowledged for this task (the handle counts across tasks of the job).
-        n, duplicates = ctx.handle.pushes - pushes_before, ctx.handle.duplicates - duplicates_before
+        # the updates the servers acknowledged for this task, and the chunks they took for retries
+        n, duplicates = steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients,
+                              sums["staleness"])
         if duplicates:
             log.warning("task %s: the servers skipped %d gradient chunk(s) as already applied", task.task_id,
                         duplicates)
@@ -328,9 +327,11 @@ class Worker:
             params[name] = self.xp.asarray(rows)
         return local, params, ids
 
-    def _steps_asp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
-        """No waiting: each batch is computed while the previous push_pull is in flight."""
+    def _steps_asp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
+        """No waiting: each batch is computed while the previous push_pull is in flight. Returns the
+        updates the servers acknowledged and the chunks they skipped as retries (the same for each mode)."""
         handle, bufs = ctx.handle, ctx.bufs
+        before = (handle.pushes, handle.duplicates)
         params = self._to_device(handle.pull())
         version = handle.version  # of the weights the next gradient is computed on
         pending: tuple[Future, int] | None = None  # the push_pull in flight, and the version its gradient saw
@@ -344,6 +345,7 @@ class Worker:
             pending = (self._pusher.submit(handle.push_pull, host, out=bufs[i % 2]), computed_on)
         if pending is not None:
             self._pushed(handle, pending, staleness)
+        return handle.pushes - before[0], handle.duplicates - before[1]
 
     @staticmethod
     def _pushed(handle: Model, pending: tuple[Future, int], staleness: list) -> dict:
@@ -355,11 +357,12 @@ class Worker:
         bump(staleness, handle.version - computed_on - 1)
         return weights
 
-    def _steps_ssp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
+    def _steps_ssp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
         """push_pull each gradient, then report the clock and wait while ``staleness`` clocks ahead of
         the slowest (the weights then hold every update of the clocks the bound requires: the slowest
         pushed those before it reported them)."""
         handle = ctx.handle
+        before = (handle.pushes, handle.duplicates)
         params = self._to_device(handle.pull())
         version = handle.version
         for i, idx in enumerate(batches):
@@ -368,15 +371,18 @@ class Worker:
             bump(staleness, handle.version - version - 1)
             version = handle.version
             self._clock(task, i + 1)
+        return handle.pushes - before[0], handle.duplicates - before[1]
 
-    def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> None:
+    def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
         """Each step: add the gradient to the job's accumulator, wait at the barrier; the step's leader
-        pushes the mean of the accumulated gradients (once: its id is the step) and clears them; pull."""
+        pushes the mean of the accumulated gradients (once: its id is the step) and clears them; pull.
+        A task's acknowledged updates are the steps it led."""
         if ctx.bsp is None:
             leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
             ctx.bsp = (self.client.model(accumulator(task.job_id)), leader, leader.model(task.job_id))
         acc, _, apply_to = ctx.bsp
         handle = ctx.handle
+        before = (apply_to.pushes, apply_to.duplicates)
         params = self._to_device(handle.pull(out=ctx.bufs[0]))
         version = handle.version
         for i, idx in enumerate(batches):
@@ -393,9 +399,7 @@ class Worker:
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
             bump(staleness, handle.version - version - 1)
             version = handle.version
-        handle.pushes += apply_to.pushes  # this task's share of the job's updates: the steps it led
-        handle.duplicates += apply_to.duplicates
-        apply_to.pushes = apply_to.duplicates = 0
+        return apply_to.pushes - before[0], apply_to.duplicates - before[1]
 
     def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False) -> scheduler_pb2.ClockResponse:
         """Report this task's clock and wait until it may go on (or must lead a bsp step). Gives up
