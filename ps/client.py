@@ -164,8 +164,10 @@ class Client:
                     if self._links.get(address) is link:
                         del self._links[address]
                 link.close()
-                raise local_link.LinkError(grpc.StatusCode.UNAVAILABLE,
-                                           f"the local link to {address} broke: {e or type(e).__name__}") from None
+                broke = local_link.LinkError(grpc.StatusCode.UNAVAILABLE,
+                                             f"the local link to {address} broke: {e or type(e).__name__}")
+                broke.link_broke = True
+                raise broke from None
         resp = stub.PushPullLocal(req, timeout=timeout)
         if resp.link and resp.link != link and self.link:
             self._open_link(address, resp.link)
@@ -704,6 +706,8 @@ class Model:
                                         f"of failover)")
                     raise err from None
                 attempt += 1
+                if getattr(e, "link_broke", False):
+                    continue  # the server is not in question, only its local link: retried over gRPC at once
                 self._await_move(shard, address, code == grpc.StatusCode.UNAVAILABLE, deadline)
 
     def _await_move(self, shard: int, address: str, unreachable: bool, deadline: float) -> None:

@@ -64,9 +64,12 @@ def test_a_broken_link_is_dropped_and_the_call_retried_over_grpc_once(cluster):
         model.push_pull({"w": one})
         link = c._links[model.shards[0]]
         link._sock.shutdown(socket.SHUT_RDWR)  # as if the server's end went away
+        refreshed = []
+        model.refresh = lambda: refreshed.append(1) or False  # a failover would poll the shard map
         got = model.push_pull({"w": one})
         np.testing.assert_array_equal(got["w"], -3 * one)  # applied once, not lost, not twice
         assert model.failovers == 1 and model.duplicates == 0
+        assert refreshed == []  # retried over gRPC at once: the server was never in question
         assert c._links[model.shards[0]] is not link  # a new link, named by the retry's gRPC reply
         model.delete()
 
