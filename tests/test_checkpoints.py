@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -69,12 +70,15 @@ def test_a_checkpoint_missing_its_manifest_or_a_whole_file_is_refused(cluster, c
     assert not list(tmp_path.glob("ckpt/.*tmp*")), "no temporary file is left behind"
 
 
+EPOCHS = 30  # the job must still be running when the first checkpoint's event arrives
+
+
 def test_a_job_resumes_from_its_checkpoint_after_every_server_is_lost(tmp_path):
     """Periodic checkpoints every epoch; kill -9 both servers mid-job: the job fails saying which
     shard is lost and where its last checkpoint is. New servers, `submit --resume`: the job picks up
     after the checkpoint's epoch and reaches its target."""
     with ps.LocalCluster(servers=2, workers=2, scheduler_args=FAST) as cluster, ps.Client(cluster.address) as client:
-        spec = demo_spec("mlp", epochs=8)
+        spec = demo_spec("mlp", epochs=EPOCHS)
         spec.checkpoint_every_epochs = 2
         job = client.submit(spec)
         written = None
@@ -82,10 +86,16 @@ def test_a_job_resumes_from_its_checkpoint_after_every_server_is_lost(tmp_path):
             if ev.kind == "checkpoint":
                 written = ev.message.rsplit(" written to ", 1)[1]
                 break
+        # the workers are stopped first: the job cannot finish before its servers are gone (the rest of
+        # it took half a second once; now it waits, as on a cluster that loses its servers mid-job)
+        for w in cluster.workers:
+            w.popen.send_signal(signal.SIGSTOP)
         assert written and ev.metrics.epoch >= 2
         for p in list(cluster.servers):
             p.kill()
         wait_for(lambda: job.status() == "failed", 60, what="the job to fail")
+        for w in cluster.workers:
+            w.popen.send_signal(signal.SIGCONT)
         error = job.info().error
         assert "of its parameters is lost" in error and "paramserver submit --resume" in error
         last = error.rsplit("--resume ", 1)[1]
@@ -103,7 +113,7 @@ def test_a_job_resumes_from_its_checkpoint_after_every_server_is_lost(tmp_path):
         assert result["state"] == "succeeded" and result["test_accuracy"] >= 0.9
         resumed = client.job(result["job_id"])
         info = resumed.info()
-        assert info.metrics.epoch == 8 and info.tasks_done == info.tasks_total
+        assert info.metrics.epoch == EPOCHS and info.tasks_done == info.tasks_total
         # it ran only the epochs after the checkpoint's (and no inspection)
         started = [e for e in resumed.events() if e.kind == "state"][0]
         assert started.message == f"resumed from {last} after epoch {manifest['epoch']}"
@@ -113,4 +123,4 @@ def test_a_job_resumes_from_its_checkpoint_after_every_server_is_lost(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         taken = json.loads(out.stdout.strip().splitlines()[-1])
-        assert taken["epoch"] == 8 and checkpoint.read_manifest(taken["url"])["epoch"] == 8
+        assert taken["epoch"] == EPOCHS and checkpoint.read_manifest(taken["url"])["epoch"] == EPOCHS
