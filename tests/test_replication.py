@@ -127,7 +127,7 @@ def test_a_job_survives_a_server_kill_and_its_model_the_next():
     Then the finished model survives the death of a second server and can still be saved."""
     with ps.LocalCluster(servers=3, workers=2, scheduler_args=FAST) as cluster, \
             ps.Client(cluster.address) as client:
-        spec = demo_spec("mlp", epochs=8)
+        spec = demo_spec("mlp", epochs=20)  # long enough to be running still when the event arrives
         spec.keep_params = True
         job = client.submit(spec)
         for ev in job.events(timeout=300):
@@ -228,7 +228,7 @@ def test_a_server_drained_mid_job_leaves_the_job_to_succeed():
     retry, succeeds, and the drained server ends up holding nothing."""
     with ps.LocalCluster(servers=3, workers=2, scheduler_args=FAST) as cluster, \
             ps.Client(cluster.address) as client:
-        job = client.submit(demo_spec("mlp", epochs=6))
+        job = client.submit(demo_spec("mlp", epochs=20))  # long enough to be running still when the event arrives
         for ev in job.events(timeout=300):
             if ev.tasks_done >= 3:
                 break
