@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
-from ps import rpc, sharding, wire
+from ps import local_link, rpc, sharding, wire
 from ps.errors import DeadlineExceeded, InvalidArgument, NotFound, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.optimizer_config import OptimizerConfig, clip_norm_scale
@@ -152,9 +152,8 @@ class Client:
     def _call_local(self, address: str, stub, req: server_pb2.LocalPushPullRequest,
                     timeout: float) -> server_pb2.LocalPushPullResponse:
         """A PushPullLocal call: over the server's same-host link once it named one, else over gRPC.
-        A link that breaks mid-call is dropped and the call fails as UNAVAILABLE (the caller's retry
-        goes over gRPC; exactly-once makes a retry of an applied call harmless)."""
-        from ps import local_link
+        A link that breaks mid-call is dropped and the call fails with LinkBroken (UNAVAILABLE; ``_stream``
+        retries it over gRPC at once; exactly-once makes a retry of an applied call harmless)."""
         link = self._links.get(address)
         if isinstance(link, local_link.Link):
             try:
@@ -164,17 +163,13 @@ class Client:
                     if self._links.get(address) is link:
                         del self._links[address]
                 link.close()
-                broke = local_link.LinkError(grpc.StatusCode.UNAVAILABLE,
-                                             f"the local link to {address} broke: {e or type(e).__name__}")
-                broke.link_broke = True
-                raise broke from None
+                raise local_link.LinkBroken(f"the local link to {address} broke: {e or type(e).__name__}") from None
         resp = stub.PushPullLocal(req, timeout=timeout)
         if resp.link and resp.link != link and self.link:
             self._open_link(address, resp.link)
         return resp
 
     def _open_link(self, address: str, name: str) -> None:
-        from ps import local_link
         with self._lock:
             current = self._links.get(address)
         if getattr(current, "name", None) == name:  # another thread opened it meanwhile
@@ -706,7 +701,7 @@ class Model:
                                         f"of failover)")
                     raise err from None
                 attempt += 1
-                if getattr(e, "link_broke", False):
+                if isinstance(e, local_link.LinkBroken):
                     continue  # the server is not in question, only its local link: retried over gRPC at once
                 self._await_move(shard, address, code == grpc.StatusCode.UNAVAILABLE, deadline)
 

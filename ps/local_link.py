@@ -9,8 +9,9 @@ same LocalPushPullRequest bytes over the link, and gets LocalPushPullResponse by
 
 Who may use it: only a process of the server's own user (checked with SO_PEERCRED on both ends,
 the trust the shared-memory segments, mode 0600, already rest on); with an auth file, the client
-first sends its bearer token, and the link then allows exactly what gRPC would: the token's role
-must be let call PushPullLocal, and a user may touch only its own models (the servicer checks).
+first sends its bearer token, and the link then allows exactly what gRPC would: the token must
+admit it to the gRPC method the link stands in for (``ps.security.admit``), and a user may touch
+only its own models (the servicer checks).
 
 Frames both ways: a 4-byte little-endian payload length, a 1-byte kind, the payload.
 """
@@ -27,7 +28,8 @@ from typing import Callable
 
 import grpc
 
-from ps.errors import PermissionDenied, PSError, ResourceExhausted, Unauthenticated, short_message
+from ps import security
+from ps.errors import PSError, ResourceExhausted, short_message
 
 log = logging.getLogger("ps.link")
 
@@ -56,6 +58,14 @@ class LinkError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+class LinkBroken(LinkError):
+    """UNAVAILABLE for a call whose link broke mid-call: the server itself is not in question, and
+    the call is retried over gRPC at once."""
+
+    def __init__(self, details: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, details)
 
 
 _BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
@@ -97,11 +107,11 @@ class LinkServer:
 
     ``handle(request bytes, identity)`` returns the reply bytes or raises PSError (sent back as its
     status; the link stays up). ``auth``: the process's AuthTable (None: every caller of this user);
-    ``allowed(identity)``: whether a token's identity may make these calls."""
+    ``method``: the gRPC method (/package.Service/Method) the link stands in for, whose permissions
+    a caller's token must have."""
 
-    def __init__(self, handle: Callable[[bytes, object], bytes], auth=None,
-                 allowed: Callable[[object], bool] = lambda who: True):
-        self.handle, self.auth, self.allowed = handle, auth, allowed
+    def __init__(self, handle: Callable[[bytes, object], bytes], auth=None, method: str = ""):
+        self.handle, self.auth, self.method = handle, auth, method
         self.name = f"ps-link-{os.getpid():x}-{secrets.token_hex(12)}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind("\0" + self.name)
@@ -138,13 +148,9 @@ class LinkServer:
             return False, None
         who = None
         if self.auth is not None:
-            who = self.auth.lookup(token.decode(errors="replace")) if token else None
-            if who is None:
-                why = "the token is not one this process accepts" if token else "no bearer token: this cluster needs one"
-                _send_error(conn, Unauthenticated.code, f"local link: {why}")
-                return False, None
-            if not self.allowed(who):
-                _send_error(conn, PermissionDenied.code, f"local link: role '{who.role}' may not push or pull")
+            who, why = security.admit(self.auth, self.method, token.decode(errors="replace") or None)
+            if why is not None:
+                _send_error(conn, why[0], f"local link: {why[1]}")
                 return False, None
         _send(conn, OK)
         return True, who

@@ -356,20 +356,24 @@ def refusal(auth: AuthTable, method: str, metadata) -> tuple[grpc.StatusCode, st
     """Why a call to ``method`` (/package.Service/Method) with ``metadata`` is refused, or None."""
     if method.startswith(HEALTH_PREFIX):
         return None
-    token = bearer(metadata)
+    return admit(auth, method, bearer(metadata))[1]
+
+
+def admit(auth: AuthTable, method: str, token: str | None) -> tuple[Identity | None, tuple | None]:
+    """(who ``token`` speaks for, None) when it may call ``method``; else (None, (status code, why))."""
     if token is None:
-        return (grpc.StatusCode.UNAUTHENTICATED,
-                f"{method}: no bearer token: this cluster needs one (--token-file or PS_TOKEN_FILE)")
+        return None, (grpc.StatusCode.UNAUTHENTICATED,
+                      f"{method}: no bearer token: this cluster needs one (--token-file or PS_TOKEN_FILE)")
     who = auth.lookup(token)
     if who is None:
-        return grpc.StatusCode.UNAUTHENTICATED, f"{method}: the token is not one this process accepts"
+        return None, (grpc.StatusCode.UNAUTHENTICATED, f"{method}: the token is not one this process accepts")
     service, _, name = method.lstrip("/").rpartition("/")
     allowed = PERMISSIONS.get(service, {}).get(name, frozenset())
     if who.role not in allowed:
-        return (grpc.StatusCode.PERMISSION_DENIED,
-                f"{method}: role '{who.role}' ({who.name}) may not call it"
-                + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""))
-    return None
+        return None, (grpc.StatusCode.PERMISSION_DENIED,
+                      f"{method}: role '{who.role}' ({who.name}) may not call it"
+                      + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""))
+    return who, None
 
 
 _HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,

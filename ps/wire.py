@@ -132,6 +132,14 @@ _OP_PUSH = 2
 _REPL_MODEL, _REPL_OPTIMIZER, _REPL_PRIMARY, _REPL_OPS = 1, 2, 3, 4
 
 
+def _embedded(field_no: int, messages) -> list[bytes]:
+    """A repeated message field of already serialized messages: each one's length prefix, then it."""
+    parts = []
+    for m in messages:
+        parts += (_len_prefix(field_no, len(m)), m)
+    return parts
+
+
 def replica_push_op(push: bytes) -> bytes:
     """A serialized ps.v1.ReplicaOp carrying a serialized PushRequest (as encode_push makes)."""
     return _len_prefix(_OP_PUSH, len(push)) + push
@@ -139,11 +147,8 @@ def replica_push_op(push: bytes) -> bytes:
 
 def encode_replicate(model: str, optimizer: bytes, primary: str, ops) -> bytes:
     """A serialized ps.v1.ReplicateRequest from already serialized parts (no copy of the ops but the join)."""
-    parts = [_str_field(_REPL_MODEL, model), _len_prefix(_REPL_OPTIMIZER, len(optimizer)), optimizer,
-             _str_field(_REPL_PRIMARY, primary)]
-    for op in ops:
-        parts += (_len_prefix(_REPL_OPS, len(op)), op)
-    return b"".join(parts)
+    return b"".join([_str_field(_REPL_MODEL, model), _len_prefix(_REPL_OPTIMIZER, len(optimizer)), optimizer,
+                     _str_field(_REPL_PRIMARY, primary), *_embedded(_REPL_OPS, ops)])
 
 
 def encode_pull_response(tensor: str, offset: int, dtype: int, values: np.ndarray, version: int,
@@ -156,20 +161,13 @@ def encode_pull_response(tensor: str, offset: int, dtype: int, values: np.ndarra
 
 def encode_push_batch(pushes: list[bytes], pull: bool) -> bytes:
     """A serialized ps.v1.PushBatchRequest of PushRequests as ``encode_push`` makes them."""
-    parts = []
-    for p in pushes:
-        parts += (_len_prefix(_BATCH_CHUNKS, len(p)), p)
-    parts.append(_uint_field(_BATCH_PULL, int(pull)))
-    return b"".join(parts)
+    return b"".join([*_embedded(_BATCH_CHUNKS, pushes), _uint_field(_BATCH_PULL, int(pull))])
 
 
 def encode_push_batch_response(pulls: list[bytes], applied: int, duplicates: int) -> bytes:
     """A serialized ps.v1.PushBatchResponse of PullResponses as ``encode_pull_response`` makes them."""
-    parts = []
-    for p in pulls:
-        parts += (_len_prefix(_BATCHED_CHUNKS, len(p)), p)
-    parts += (_uint_field(_BATCHED_APPLIED, applied), _uint_field(_BATCHED_DUPLICATES, duplicates))
-    return b"".join(parts)
+    return b"".join([*_embedded(_BATCHED_CHUNKS, pulls), _uint_field(_BATCHED_APPLIED, applied),
+                     _uint_field(_BATCHED_DUPLICATES, duplicates)])
 
 
 # -- decoding ------------------------------------------------------------------------------

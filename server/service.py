@@ -304,7 +304,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
 
     def PushBatch(self, request, context) -> bytes:
-        what = "push_pull to" if request.pull else "push to"
+        kind = "push_pull" if request.pull else "push"
+        what = f"{kind} to"
         waits, pulls = [], []
         applied = dup = 0
         owned = self._owned(context, what)
@@ -319,7 +320,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                     ok = self._apply(req, waits)[1]
                 applied += ok
                 dup += not ok
-            self._replicated(waits, what.split(" ")[0])
+            self._replicated(waits, kind)
         except PSError as e:
             abort(context, e)
         return wire.encode_push_batch_response(pulls, applied, dup)
@@ -335,10 +336,9 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         return resp
 
     def start_link(self) -> LinkServer:
-        """Listen for same-host links (``ps.local_link``): a token's role must be one that may call
+        """Listen for same-host links (``ps.local_link``): a token must be one that may call
         PushPullLocal over gRPC."""
-        allowed = security.PERMISSIONS[SERVICE_NAME]["PushPullLocal"]
-        self.link = LinkServer(self.linked, security.current().auth, lambda who: who.role in allowed)
+        self.link = LinkServer(self.linked, security.current().auth, f"/{SERVICE_NAME}/PushPullLocal")
         return self.link
 
     def linked(self, request: bytes, who) -> bytes:
