@@ -186,9 +186,10 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     tuned: dict = {}
     server_args: list[str] = []
     if inflight:
+        window = inflight * rpc.DEFAULT_CHUNK_BYTES
         tuned = {"inflight_chunks": inflight}
-        server_args = ["--flow-window", str(inflight * rpc.DEFAULT_CHUNK_BYTES)]
-        echo(f"{inflight} chunks in flight per stream, servers' stream window {inflight * rpc.DEFAULT_CHUNK_BYTES:,} bytes")
+        server_args = ["--flow-window", str(window)]
+        echo(f"{inflight} chunks in flight per stream, servers' stream window {window:,} bytes")
     with LocalCluster(servers=servers, server_args=server_args) as cluster, Client(cluster.address) as client, \
             Client(cluster.address, local=False, **tuned) as streaming, \
             EchoCeiling(size, servers, client.chunk_bytes) as ceiling_run, contextlib.ExitStack() as stack:

@@ -325,7 +325,7 @@ def _softmax_xent_ref(xp, logits, labels):
     return loss, d, n_correct
 
 
-def _loss_stats(xp, total, count, size: int, lazy: bool):
+def loss_stats(xp, total, count, size: int, lazy: bool):
     """(mean loss, n_correct) from a device loss sum and correct count over ``size`` elements.
 
     Read back together: one host synchronisation, not two. With ``lazy`` they stay on the device as
@@ -343,7 +343,7 @@ def softmax_xent(xp, logits, labels, lazy: bool = False):
     """Mean softmax cross-entropy of ``logits`` (N, C) against integer ``labels`` (N,).
 
     Returns (mean loss as a float, dloss/dlogits (N, C), number of rows whose argmax is the label);
-    with ``lazy`` on CuPy, (the device pair [mean loss, n_correct], dloss/dlogits, None): see ``_loss_stats``.
+    with ``lazy`` on CuPy, (the device pair [mean loss, n_correct], dloss/dlogits, None): see ``loss_stats``.
     """
     labels = labels.reshape(-1).astype(np.int64, copy=False)
     if not is_cupy(xp) or logits.dtype not in (np.float32, np.float64):
@@ -361,7 +361,7 @@ def softmax_xent(xp, logits, labels, lazy: bool = False):
         threads = 128
         _raw_kernel(f"ps_softmax_xent_{_KERNEL_SUFFIX[logits.dtype]}")(((n + threads - 1) // threads,), (threads,),
                                                                          args)
-    loss, n_correct = _loss_stats(xp, losses.sum(), correct.sum(), n, lazy)
+    loss, n_correct = loss_stats(xp, losses.sum(), correct.sum(), n, lazy)
     return loss, d, n_correct
 
 
@@ -398,7 +398,7 @@ def bce_logits(xp, logits, targets, lazy: bool = False):
         z, t = _contiguous(xp, logits), _contiguous(xp, targets)
         loss, d, ok = xp.empty(z.shape, z.dtype), xp.empty(z.shape, z.dtype), xp.empty(z.shape, np.int32)
         _launch(f"ps_bce_logits_{suffix}", z.size, (z, t, z.dtype.type(1.0 / size), loss, d, ok))
-        loss, n_correct = _loss_stats(xp, loss.sum(), ok.sum(), size, lazy)
+        loss, n_correct = loss_stats(xp, loss.sum(), ok.sum(), size, lazy)
         return loss, d, n_correct
     e = xp.exp(-xp.abs(logits))
     loss = float((xp.maximum(logits, 0) - logits * targets + xp.log1p(e)).sum()) / size

@@ -2,7 +2,7 @@
 
 With ``lazy=True`` on CuPy a loss leaves its figures on the device: the first item is then a float64
 pair [mean loss, n_correct (NaN for MSE)] and the third None, so a training step synchronises with
-the host once, when that pair comes back with the gradients (``kernels._loss_stats``).
+the host once, when that pair comes back with the gradients (``kernels.loss_stats``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def mse(xp, output, target, lazy: bool = False):
     size = max(output.size, 1)
     total = (diff * diff).sum()
     grad = diff * output.dtype.type(2.0 / size)
-    if lazy and is_cupy(xp):
-        return xp.stack([total.astype("float64") / size, xp.asarray(float("nan"))]), grad, None
+    if lazy and is_cupy(xp):  # the same device pair as the other losses', with no count
+        return kernels.loss_stats(xp, total, xp.asarray(float("nan")), size, lazy=True)[0], grad, None
     return float(total) / size, grad, None
 
 
