@@ -24,6 +24,15 @@ def sgd_model(client, name, n=1000, lr=0.5):
                                replace=True)
 
 
+def on_a_link(client, name, lr=0.5):
+    """A model of 1000 zeros after two push_pulls of ones from ``client``: the first over gRPC, whose
+    reply named the server's link, the second over that link. (model, the client's link)"""
+    model = sgd_model(client, name, lr=lr)
+    for _ in range(2):
+        model.push_pull({"w": np.ones(1000, np.float32)})
+    return model, client._links[model.shards[0]]
+
+
 def updates(model) -> int:
     return max(m.max_version for m in model.stats())
 
@@ -58,11 +67,8 @@ def test_calls_after_the_first_go_over_the_link_and_apply_exactly_once(cluster):
 
 def test_a_broken_link_is_dropped_and_the_call_retried_over_grpc_once(cluster):
     with ps.Client(cluster.address) as c:
-        model = sgd_model(c, "broken-link", lr=1.0)
+        model, link = on_a_link(c, "broken-link", lr=1.0)
         one = np.ones(1000, np.float32)
-        model.push_pull({"w": one})
-        model.push_pull({"w": one})
-        link = c._links[model.shards[0]]
         link._sock.shutdown(socket.SHUT_RDWR)  # as if the server's end went away
         refreshed = []
         model.refresh = lambda: refreshed.append(1) or False  # a failover would poll the shard map
@@ -76,11 +82,8 @@ def test_a_broken_link_is_dropped_and_the_call_retried_over_grpc_once(cluster):
 
 def test_a_call_whose_reply_was_lost_on_the_link_is_retried_over_grpc_and_applied_once(cluster, monkeypatch):
     with ps.Client(cluster.address) as c:
-        model = sgd_model(c, "lost-link-reply", lr=1.0)
+        model, link = on_a_link(c, "lost-link-reply", lr=1.0)
         one = np.ones(1000, np.float32)
-        model.push_pull({"w": one})
-        model.push_pull({"w": one})
-        link = c._links[model.shards[0]]
         real = link.call
 
         def lost(request, timeout=None):  # the server applies the call; its reply never arrives
@@ -150,10 +153,7 @@ def auth_cluster():
 def test_with_auth_a_link_takes_only_a_valid_token_and_a_user_only_its_own_models(auth_cluster):
     cl = auth_cluster
     with ps.Client(cl.address, token=cl.token) as alice, ps.Client(cl.address, token=cl.tokens["bob"]) as bob:
-        model = sgd_model(alice, "alices")
-        model.push_pull({"w": np.ones(1000, np.float32)})
-        model.push_pull({"w": np.ones(1000, np.float32)})
-        link = alice._links[model.shards[0]]
+        model, link = on_a_link(alice, "alices")
         assert isinstance(link, local_link.Link)
         for token, why in ((None, "no bearer token"), ("not-a-token", "not one this process accepts")):
             with pytest.raises(local_link.LinkError) as e:
