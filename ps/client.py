@@ -770,12 +770,12 @@ class Model:
         (with the client's id, an update any process sends under that id and seq is applied once:
         a bsp step's leader uses the step's number, so another that takes the step over cannot apply it
         twice). Ids must grow from push to push."""
+        if seq is not None:
+            self._check_seq(seq, "push to")
         with self._push_lock:
             flat, next_seq, scale = self._next_seq(grads, "push to")
             if seq is None:
                 seq = next_seq
-            elif isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
-                raise InvalidArgument(f"push to '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
 
             def one(stub, shard):
                 if self._goes_local(shard):
@@ -798,6 +798,35 @@ class Model:
 
             results = self._on_shards(lambda shard: self._stream(shard, "push to", lambda stub: one(stub, shard)), flat)
             self._acknowledged(seq, results, "push to")
+
+    def _check_seq(self, seq, what: str) -> None:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
+            raise InvalidArgument(f"{what} '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
+
+    def apply_accumulated(self, accumulator: str, contributors: int, seq: int) -> None:
+        """bsp: apply the mean of the gradients summed in the model ``accumulator`` (created like this one
+        with ``ps.spec.ACCUMULATOR_OPTIMIZER``; members push negated gradients to it) and zero it. Each
+        shard does it in place from one small call: nothing but the call crosses the network. Applied
+        once per (this client, ``seq``), as ``push`` with a seq is; counts as one push of this handle."""
+        what = "apply accumulated to"
+        self._check_seq(seq, what)
+        if isinstance(contributors, bool) or not isinstance(contributors, (int, np.integer)) or contributors < 1:
+            raise InvalidArgument(f"{what} '{self.name}': contributors must be an integer >= 1, got {contributors!r}")
+        with self._push_lock:
+            versions = []
+
+            def one(stub, shard):
+                ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
+                          for s in self._slices_of(shard)]
+                resp = stub.ApplyAccumulated(server_pb2.ApplyAccumulatedRequest(
+                    model=self.name, accumulator=accumulator, contributors=int(contributors),
+                    client_id=self.client.client_id, seq=int(seq), ranges=ranges), timeout=self.client.timeout)
+                versions.append(resp.version)
+                return resp.duplicates
+
+            results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
+            self._acknowledged(seq, results, what)
+            self.version = min(versions, default=self.version)
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
         """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking

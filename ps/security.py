@@ -52,7 +52,7 @@ PERMISSIONS: dict[str, dict[str, frozenset]] = {
         "CreateModel": _ANYONE, "Assign": _ANYONE, "Push": _ANYONE, "Pull": _ANYONE, "PushPull": _ANYONE,
         "DeleteModel": _ANYONE, "Stats": _ANYONE, "SetReplicas": _ANYONE,
         "Replicate": _MEMBERS, "Checkpoint": _MEMBERS, "PullRows": _ANYONE, "PushRows": _ANYONE,
-        "PushPullLocal": _ANYONE, "PushAcked": _ANYONE, "PushBatch": _ANYONE,
+        "PushPullLocal": _ANYONE, "PushAcked": _ANYONE, "PushBatch": _ANYONE, "ApplyAccumulated": _ANYONE,
     },
     "grpc.reflection.v1alpha.ServerReflection": {"ServerReflectionInfo": _ANYONE},
 }

@@ -27,6 +27,10 @@ def accumulator(job_id: str) -> str:
     return f"{job_id}.acc"
 
 
+#: an accumulator's optimizer: SGD with lr 1 adds the negated gradients pushed to it
+ACCUMULATOR_OPTIMIZER = {"name": "sgd", "lr": 1.0}
+
+
 class SpecError(ValueError):
     """A job spec that cannot run; the message names the field."""
 

@@ -325,6 +325,27 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             abort(context, e)
         return wire.encode_push_batch_response(pulls, applied, dup)
 
+    def ApplyAccumulated(self, request, context):
+        what = f"apply accumulated '{request.accumulator}' to '{request.model}'"
+        lim = self.limits
+        waits = []
+        try:
+            lim.check_name("apply accumulated: model name", request.model)
+            lim.check_name("apply accumulated: accumulator name", request.accumulator)
+            lim.check_name(f"{what}: client_id", request.client_id)
+            lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices", InvalidArgument)
+            lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
+            owned = self._owned(context, "apply accumulated to")
+            owned(request.model)
+            owned(request.accumulator)
+            applied, dup, version = self.store.apply_accumulated(
+                request.model, request.accumulator, request.contributors, request.client_id, request.seq,
+                [(r.tensor, r.offset, r.length) for r in request.ranges], waits=waits)
+            self._replicated(waits, "apply accumulated")
+        except PSError as e:
+            abort(context, e)
+        return server_pb2.ApplyAccumulatedResponse(applied=applied, duplicates=dup, version=version)
+
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""
         try:

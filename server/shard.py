@@ -18,6 +18,7 @@ from ps import initializers, wire
 from ps.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ps.limits import Limits, current as current_limits
 from ps.optimizer_config import SPARSE_ONLY, OptimizerConfig, config_name
+from ps.spec import ACCUMULATOR_OPTIMIZER
 from ps.server.optimizers import Optimizer, make_optimizer
 from ps.server.sparse import SparseTable, TableSpec
 from ps.tensor import CodecError, count_nonfinite, decode_1d, dtype_code, encode
@@ -321,6 +322,47 @@ class ShardStore:
                                                            dtype_code(grad.dtype), grad))
                 self._forward(m, sl, op, waits)
         return sl, True
+
+    def apply_accumulated(self, name: str, acc_name: str, contributors: int, client_id: str, seq: int,
+                          ranges: list[tuple[str, int, int]], *, waits: list | None = None) -> tuple[int, int, int]:
+        """bsp: apply the mean of the gradients summed in the accumulator model ``acc_name`` (sliced like
+        ``name``, see ACCUMULATOR_OPTIMIZER) to each whole slice at ``ranges``, as a push under
+        (client_id, seq), then zero the accumulator's slice (forwarded to backups as any assign).
+        Everything is checked before anything changes. Returns (applied, duplicates, lowest version)."""
+        what = f"apply accumulated '{acc_name}' to"
+        if contributors < 1:
+            raise InvalidArgument(f"{what} '{name}': contributors must be >= 1, got {contributors}")
+        m, acc = self.model(name), self.model(acc_name)
+        if acc.optimizer.config != OptimizerConfig.from_dict(ACCUMULATOR_OPTIMIZER):
+            raise InvalidArgument(f"{what} '{name}': '{acc_name}' is not an accumulator (its optimizer is "
+                                  f"{acc.optimizer.config.name}, not {ACCUMULATOR_OPTIMIZER})")
+        pairs = []
+        for tensor, offset, length in ranges:
+            sl = m.locate(tensor, offset, length, what)
+            a = acc.locate(tensor, offset, length, what)
+            for s, model in ((sl, name), (a, acc_name)):
+                if (s.offset, s.length) != (offset, length):
+                    raise InvalidArgument(f"{what} '{name}': [{offset}, {offset + length}) of '{tensor}' is not a "
+                                          f"whole slice of '{model}' (its slice there is [{s.offset}, {s.stop}))")
+            if a.param.dtype != sl.param.dtype:
+                raise InvalidArgument(f"{what} '{name}/{tensor}': the accumulator holds {a.param.dtype}, the "
+                                      f"model {sl.param.dtype}")
+            self._check_role(sl, name, False, what)  # again under each lock below: a demotion may be under way
+            self._check_role(a, acc_name, False, what)
+            pairs.append((sl, a))
+        applied = dup = 0
+        version = None
+        for sl, a in pairs:
+            with a.lock:
+                self._check_role(a, acc_name, False, what)
+                mean = a.param / contributors
+            sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, mean, waits=waits)
+            applied += ok
+            dup += not ok
+            # cleared even for a retry: no member adds the next step before this one is reported applied
+            self.assign(acc_name, a.tensor, a.offset, np.zeros_like(mean), waits=waits)
+            version = sl.version if version is None else min(version, sl.version)
+        return applied, dup, version or 0
 
     def _check_role(self, sl: SliceState, name: str, replica: bool, what: str) -> None:
         if replica and sl.primary:

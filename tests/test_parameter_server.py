@@ -259,6 +259,64 @@ def test_a_shards_small_part_goes_in_one_unary_call_and_its_retry_is_skipped(clu
         model.delete()
 
 
+def test_apply_accumulated_applies_the_mean_once_clears_the_sum_and_refuses_bad_calls_changing_nothing(client):
+    """bsp's step on the servers: members push negated gradients into an accumulator sliced like the
+    model; one small call per shard applies their mean to the model and zeroes the accumulator."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((40, 30)).astype(np.float32)
+    model = sgd_model(client, "bspm", {"w": w}, lr=0.5, max_slice_bytes=1024)
+    acc = client.create_model("bspm.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER, replace=True,
+                              max_slice_bytes=1024)
+    assert [(s.tensor, s.offset, s.length, s.shard) for s in acc.slices] == \
+        [(s.tensor, s.offset, s.length, s.shard) for s in model.slices]
+    assert len({s.shard for s in model.slices}) == 2
+    grads = [rng.standard_normal(w.shape).astype(np.float32) for _ in range(3)]
+    for g in grads:
+        acc.push({"w": -g})
+    model.apply_accumulated("bspm.acc", 3, seq=7)
+    mean = (grads[0] + grads[1] + grads[2]) / np.float32(3)
+    expected = w - np.float32(0.5) * mean
+    np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-7)
+    assert not acc.pull()["w"].any()
+    assert (model.pushes, model.duplicates, model.version) == (1, 0, 1)
+    # a leader's retry (or one that took the step over) under the same id: acknowledged, not applied again
+    model.apply_accumulated("bspm.acc", 3, seq=7)
+    assert (model.pushes, model.duplicates) == (2, len(model.slices))
+    np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-7)
+
+    acc.push({"w": -grads[0]})
+    before = model.pull()["w"]
+    sl = model.slices[0]
+    with grpc.insecure_channel(model.shards[sl.shard]) as ch:
+        stub = server_pb2_grpc.ParameterServerStub(ch)
+        whole = server_pb2.Range(tensor="w", offset=sl.offset, length=sl.length)
+        bad = [
+            (dict(accumulator="bspm.acc", contributors=0, ranges=[whole]), grpc.StatusCode.INVALID_ARGUMENT,
+             "apply accumulated 'bspm.acc' to 'bspm': contributors must be >= 1, got 0"),
+            (dict(accumulator="bspm", contributors=1, ranges=[whole]), grpc.StatusCode.INVALID_ARGUMENT,
+             "'bspm' is not an accumulator (its optimizer is sgd, not {'name': 'sgd', 'lr': 1.0})"),
+            (dict(accumulator="nope", contributors=1, ranges=[whole]), grpc.StatusCode.NOT_FOUND,
+             "model 'nope' not found on this shard"),
+            (dict(accumulator="bspm.acc", contributors=1,
+                  ranges=[whole, server_pb2.Range(tensor="w", offset=sl.offset, length=sl.length - 1)]),
+             grpc.StatusCode.INVALID_ARGUMENT, f"[{sl.offset}, {sl.stop - 1}) of 'w' is not a whole slice of 'bspm'"),
+        ]
+        for fields, code, message in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ApplyAccumulated(server_pb2.ApplyAccumulatedRequest(model="bspm", client_id="lead", seq=9,
+                                                                         **fields), timeout=10)
+            assert (err.value.code(), message in err.value.details()) == (code, True), err.value.details()
+    np.testing.assert_array_equal(model.pull()["w"], before)
+    np.testing.assert_array_equal(acc.pull()["w"], grads[0])
+    with pytest.raises(ps.InvalidArgument, match="contributors must be an integer >= 1, got 0"):
+        model.apply_accumulated("bspm.acc", 0, seq=9)
+    model.apply_accumulated("bspm.acc", 1, seq=9)  # still serving
+    np.testing.assert_allclose(model.pull()["w"], before - np.float32(0.5) * grads[0], rtol=1e-6, atol=1e-7)
+    acc.delete()
+    model.delete()
+
+
 @pytest.mark.parametrize("local", [False, True], ids=["grpc", "shared-memory"])
 def test_chunks_smaller_than_a_slice_count_as_one_update_per_push(cluster, local):
     """With a message limit below the slice size each slice takes several chunks per push; Adam's

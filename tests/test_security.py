@@ -197,6 +197,8 @@ def test_a_user_reaches_only_its_own_jobs_and_models(cluster, alice, bob, admin,
         stub = bob.server(shard)
         for call in (lambda: list(stub.Pull(server_pb2.PullRequest(model=job.job_id), timeout=10)),
                      lambda: stub.DeleteModel(server_pb2.DeleteModelRequest(model=job.job_id), timeout=10),
+                     lambda: stub.ApplyAccumulated(server_pb2.ApplyAccumulatedRequest(
+                         model=job.job_id, accumulator="bobs", contributors=1, client_id="b", seq=1), timeout=10),
                      lambda: stub.CreateModel(server_pb2.CreateModelRequest(
                          model="sneaky", slices=[server_pb2.SliceSpec(tensor="w", shape=[1 << 20], offset=0, length=1 << 20,
                                                                       dtype=dtype_code(np.float32))]), timeout=10)):

@@ -375,7 +375,8 @@ class Worker:
 
     def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
         """Each step: add the gradient to the job's accumulator, wait at the barrier; the step's leader
-        pushes the mean of the accumulated gradients (once: its id is the step) and clears them; pull.
+        has the servers apply the mean of the accumulated gradients (once: its id is the step) and clear
+        them; pull.
         A task's acknowledged updates are the steps it led."""
         if ctx.bsp is None:
             leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
@@ -389,12 +390,8 @@ class Worker:
             host = gradients(i, idx, params)
             acc.push({k: np.negative(v) for k, v in host.items()})  # SGD with lr 1 on the accumulator: it adds
             d = self._clock(task, i + 1)
-            if d.lead:
-                total = acc.pull()
-                apply_to.push({k: v / d.contributors for k, v in total.items()},
-                              seq=(task.epoch << 32) + d.step + 1)
-                # cleared by taking the sum off again (x - x is exactly 0): a push, where an assign is a stream
-                acc.push(total)
+            if d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
+                apply_to.apply_accumulated(acc.name, d.contributors, seq=(task.epoch << 32) + d.step + 1)
                 self._clock(task, i + 1, applied=True)
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
             bump(staleness, handle.version - version - 1)

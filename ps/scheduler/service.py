@@ -25,7 +25,7 @@ from ps import checkpoint, limits, rpc, security, sharding, sparse
 from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
 from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention, consistency
-from ps.spec import accumulator
+from ps.spec import ACCUMULATOR_OPTIMIZER, accumulator
 from ps.data_policy import DataPolicy
 from ps.scheduler import access
 from ps.scheduler.checkpoints import Checkpointer, default_dir as default_checkpoint_dir
@@ -691,10 +691,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         replicas = min(spec.get("replicas", 0), len(self.cluster.up_servers(confirmed=True)))
         inits = {name: Init(**fields) for name, fields in job.params.items()}
         if spec.get("consistency") == "bsp":
-            # Where each step's gradients are summed before the step's leader applies their mean:
-            # SGD with lr 1 adds the negated gradients the workers push (ps.worker.runner).
+            # Where each step's gradients are summed before the step's leader has each server apply
+            # their mean (ApplyAccumulated): SGD with lr 1 adds the negated gradients the workers push.
             zeros = {name: dataclasses.replace(init, kind="zeros") for name, init in inits.items()}
-            self.client().create_model(accumulator(job.job_id), zeros, optimizer={"name": "sgd", "lr": 1.0},
+            self.client().create_model(accumulator(job.job_id), zeros, optimizer=ACCUMULATOR_OPTIMIZER,
                                        replace=True, replicas=replicas, owner=job.owner)
         tables = {}
         for name, fields in (job.prep or {}).get("tables", {}).items():

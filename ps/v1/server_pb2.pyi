@@ -8,6 +8,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ApplyAccumulatedRequest(_message.Message):
+    __slots__ = ("model", "accumulator", "contributors", "client_id", "seq", "ranges")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACCUMULATOR_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    accumulator: str
+    contributors: int
+    client_id: str
+    seq: int
+    ranges: _containers.RepeatedCompositeFieldContainer[Range]
+    def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
+
+class ApplyAccumulatedResponse(_message.Message):
+    __slots__ = ("applied", "duplicates", "version")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    applied: int
+    duplicates: int
+    version: int
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
 class PushBatchRequest(_message.Message):
     __slots__ = ("chunks", "pull")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]

@@ -109,6 +109,11 @@ class ParameterServerStub:
                 request_serializer=ps_dot_v1_dot_server__pb2.PushBatchRequest.SerializeToString,
                 response_deserializer=ps_dot_v1_dot_server__pb2.PushBatchResponse.FromString,
                 _registered_method=True)
+        self.ApplyAccumulated = channel.unary_unary(
+                '/ps.v1.ParameterServer/ApplyAccumulated',
+                request_serializer=ps_dot_v1_dot_server__pb2.ApplyAccumulatedRequest.SerializeToString,
+                response_deserializer=ps_dot_v1_dot_server__pb2.ApplyAccumulatedResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -230,6 +235,18 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyAccumulated(self, request, context):
+        """bsp: apply a step's gradients, summed on this server. The step's members pushed them to the
+        accumulator model (sliced like this one, plain SGD with lr 1 on negated gradients: it holds their
+        sum); for each range, this server applies the accumulator's values divided by `contributors` to
+        the model as a push under (client_id, seq) would (exactly once, forwarded to backups), then
+        zeroes the accumulator's range. The step's leader sends this small call to each shard instead
+        of pulling the sum and pushing the mean.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +324,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushBatch,
                     request_deserializer=ps_dot_v1_dot_server__pb2.PushBatchRequest.FromString,
                     response_serializer=ps_dot_v1_dot_server__pb2.PushBatchResponse.SerializeToString,
+            ),
+            'ApplyAccumulated': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyAccumulated,
+                    request_deserializer=ps_dot_v1_dot_server__pb2.ApplyAccumulatedRequest.FromString,
+                    response_serializer=ps_dot_v1_dot_server__pb2.ApplyAccumulatedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -714,6 +736,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/PushBatch',
             ps_dot_v1_dot_server__pb2.PushBatchRequest.SerializeToString,
             ps_dot_v1_dot_server__pb2.PushBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyAccumulated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/ApplyAccumulated',
+            ps_dot_v1_dot_server__pb2.ApplyAccumulatedRequest.SerializeToString,
+            ps_dot_v1_dot_server__pb2.ApplyAccumulatedResponse.FromString,
             options,
             channel_credentials,
             insecure,
