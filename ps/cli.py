@@ -204,8 +204,9 @@ def main(ctx: click.Context) -> None:
 @click.option("--quota-jobs", default=0, type=click.IntRange(min=0), envvar="PS_QUOTA_JOBS", show_default="no limit",
               help="Jobs each user may have queued or running at once (jobs=N per user) [env PS_QUOTA_JOBS].")
 @click.option("--quota-tasks-per-job", default=0, type=click.IntRange(min=0), envvar="PS_QUOTA_TASKS_PER_JOB",
-              show_default="no limit", help="Tasks one job may take, epochs x (shards + 1) (tasks_per_job=N per "
-                                            "user) [env PS_QUOTA_TASKS_PER_JOB].")
+              show_default="no limit", help="Tasks one job may take, epochs x (shards + workers), the workers "
+                                            "bounding its evaluation parts (tasks_per_job=N per user) "
+                                            "[env PS_QUOTA_TASKS_PER_JOB].")
 @data_options
 @max_msg
 @port_file

@@ -50,6 +50,32 @@ def test_an_epoch_queues_its_eval_and_the_last_eval_ends_the_job():
     assert [e.state for e in job.events if e.kind == "state"] == ["queued", "starting", "running", "succeeded"]
 
 
+def test_an_epoch_evaluated_in_parts_reports_once_from_the_sums_of_its_parts():
+    jobs = Jobs()
+    job = jobs.submit("j", "{}", {"shards": 2, "eval_shards": 3}, epochs=1, lease_timeout=10.0, now=0.0)
+    jobs.mark_starting(job.job_id, 0.0)
+    jobs.start(job.job_id, 1.0)
+    assert job.tasks_total == 5
+    for _ in range(2):
+        t, _ = jobs.lease("w", 2.0)
+        jobs.complete(t.task_id, t.lease_id, 3.0, samples=50, steps=2, loss_sum=25.0)
+    parts = [jobs.lease(f"w{i}", 4.0)[0] for i in range(3)]  # side by side, on three workers
+    assert [(t.task_id, t.kind, t.shard, t.shards) for t in parts] == \
+        [(f"{job.job_id}/eval-0-{i}", "eval", i, 3) for i in range(3)]
+    assert jobs.lease("w3", 4.0) is None
+    results = [(34, 3.0, 30), (33, 6.0, 21), (33, 4.0, 30)]  # (samples, loss_sum, correct) of each part
+    for t, (n, loss, correct) in zip(parts[:2], results):
+        jobs.complete(t.task_id, t.lease_id, 5.0, samples=n, loss_sum=loss, correct=correct)
+        assert job.metrics["epoch"] == 0 and job.state == "running"  # not before every part is in
+    assert not [e for e in job.events if e.kind == "epoch"]
+    n, loss, correct = results[2]
+    jobs.complete(parts[2].task_id, parts[2].lease_id, 6.0, samples=n, loss_sum=loss, correct=correct)
+    assert job.metrics["epoch"] == 1 and job.state == "succeeded" and job.tasks_done == 5
+    assert job.metrics["test_accuracy"] == 81 / 100 and job.metrics["test_loss"] == pytest.approx(13.0 / 100)
+    assert [e.message for e in job.events if e.kind == "epoch"] == ["epoch 1/1: test accuracy 0.8100"]
+    assert job.epoch_eval == {}
+
+
 def test_a_task_error_fails_the_job_with_the_workers_message():
     jobs, job = running()
     t, _ = jobs.lease("w7", 2.0)

@@ -122,6 +122,28 @@ def test_jobs_round_trip_with_every_task_state_and_their_counters_continue(tmp_p
     assert third.next_job == 7 and third.next_lease == 10
 
 
+def test_an_epoch_half_evaluated_at_a_restart_reports_from_both_halves(tmp_path):
+    store, jobs, _ = _reopen(tmp_path, now=0.0)
+    job = jobs.submit("parts", "{}", {**PREP, "eval_shards": 2}, epochs=1, lease_timeout=10.0, now=0.0)
+    jobs.mark_starting(job.job_id, 0.5)
+    jobs.start(job.job_id, 1.0)
+    for _ in range(3):
+        t, _ = jobs.lease("w0", 1.5)
+        jobs.complete(t.task_id, t.lease_id, 2.0, samples=100, steps=4, loss_sum=50.0)
+    first, _ = jobs.lease("w0", 2.5)
+    second, _ = jobs.lease("w1", 2.5)
+    assert jobs.complete(first.task_id, first.lease_id, 3.0, samples=45, loss_sum=9.0, correct=40)
+    jobs.flush(store, now=4.0)
+    store.close()
+    store, again, _ = _reopen(tmp_path, now=100.0)
+    back = again.jobs[job.job_id]
+    assert back.epoch_eval == {0: [9.0, 40, 45, 1]} and back.state == "running"
+    assert again.complete(second.task_id, second.lease_id, 101.0, samples=45, loss_sum=4.5, correct=41)
+    assert back.state == "succeeded" and back.metrics["test_accuracy"] == 81 / 90
+    assert back.metrics["test_loss"] == pytest.approx(13.5 / 90) and back.tasks_done == back.tasks_total == 5
+    store.close()
+
+
 def test_a_deleted_job_and_old_events_leave_the_state(tmp_path):
     store, jobs, _ = _reopen(tmp_path, now=0.0, max_events=5)
     job = jobs.submit("j", "{}", PREP, epochs=50, lease_timeout=10.0, now=0.0)

@@ -171,6 +171,29 @@ def test_a_worker_killed_mid_job_costs_time_not_the_job():
         assert model.metrics["test_accuracy"] >= 0.95
 
 
+def test_a_large_held_out_split_is_evaluated_in_parts_that_add_up_to_the_whole(cluster):
+    """9,000 held-out examples and 2 workers: each epoch's test metrics come from 2 eval tasks run side by
+    side, and add up to exactly what the trained weights score on the whole split."""
+    from ps.worker.inspect import load_data
+    from ps.worker.preprocess import train_test_split
+    spec = ps.JobSpec.from_dict({
+        "name": "parts", "model": [{"type": "dense", "units": 16, "activation": "relu"}, {"type": "dense", "units": 3}],
+        "data": {"uri": "synthetic:classification?n=30000&features=8&classes=3&seed=1"},
+        "optimizer": {"name": "adam", "lr": 0.01}, "batch_size": 512, "epochs": 2, "workers": 2})
+    with ps.Client(cluster.address) as client:
+        job = client.submit(spec)
+        trained = job.wait(progress=False, timeout=300)
+        info = job.info()
+        epochs = [e.message.split(":")[0] for e in job.events() if e.kind == "epoch"]
+    assert info.tasks_total == info.tasks_done == 2 * (4 + 2)  # 4 train tasks (asp) and 2 eval parts an epoch
+    assert epochs == ["epoch 1/2", "epoch 2/2"]  # one report an epoch, once both parts are in
+    ds = load_data(spec)
+    _, test_idx = train_test_split(len(ds.x), spec.data.test_fraction, spec.seed)
+    assert len(test_idx) == 9000
+    correct = int((trained.predict(ds.x[test_idx]).reshape(-1) == ds.y[test_idx]).sum())
+    assert trained.metrics["test_accuracy"] == correct / 9000
+
+
 def test_data_that_vanishes_after_submit_fails_the_job_naming_the_file(tmp_path):
     data = tmp_path / "data.csv"
     rng = np.random.default_rng(0)

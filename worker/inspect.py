@@ -15,6 +15,9 @@ import numpy as np
 from ps.errors import PSError
 from ps.spec import JobSpec, SpecError
 
+#: a part of the held-out split evaluated by a task of its own has at least this many examples
+EVAL_PART_MIN = 4096
+
 
 def load_data(spec: JobSpec):
     """The job's dataset (cached per process), reshaped as the spec says."""
@@ -101,9 +104,11 @@ def prepare(spec: JobSpec) -> dict:
     # asp: 2 tasks per worker balance uneven workers; ssp/bsp: one fixed shard per worker (its clock member)
     shards = spec.data.shards or (2 * spec.workers if spec.consistency == "asp" else spec.workers)
     shards = max(1, min(shards, math.ceil(len(train_idx) / spec.batch_size)))
+    # the held-out split in parts evaluated side by side, one per worker wanted, none under EVAL_PART_MIN examples
+    eval_shards = max(1, min(spec.workers, len(test_idx) // EVAL_PART_MIN))
     tables = {name: t.spec(name).to_dict() for name, t in model.tables(spec.seed, np.dtype(spec.dtype)).items()}
     return {"input_shape": list(input_shape), "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
-            "shards": int(shards), "scaler": scaler.to_dict(), "output_shape": list(out), "tables": tables,
+            "shards": int(shards), "eval_shards": int(eval_shards), "scaler": scaler.to_dict(), "output_shape": list(out), "tables": tables,
             "majority_baseline": _majority(y[test_idx]) if spec.loss != "mse" else None}
 
 

@@ -417,20 +417,23 @@ class Worker:
             req.applied = False
 
     def _eval(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
+        """Loss and correct answers on the task's part of the held-out split (its ``shard`` of ``shards``)."""
         from ps.worker.losses import LOSSES
+        from ps.worker.preprocess import shard_ranges
         xp, spec = self.xp, ctx.spec
         params = self._to_device(ctx.handle.pull())
         loss_fn = LOSSES[spec.loss]
-        loss_sum, correct, n = 0.0, 0, len(ctx.x_test)
-        for start in range(0, n, 1024):
+        lo, hi = shard_ranges(len(ctx.x_test), max(task.shards, 1))[task.shard]
+        loss_sum, correct = 0.0, 0
+        for start in range(lo, hi, 1024):
             self._check(task)
-            x, batch_params, _ = self._rows_for(ctx, ctx.x_test[start:start + 1024], params)
+            stop = min(start + 1024, hi)
+            x, batch_params, _ = self._rows_for(ctx, ctx.x_test[start:stop], params)
             out = ctx.model.forward(xp, batch_params, x, train=False)
-            loss, _, ok = loss_fn(xp, out, ctx.y_test[start:start + 1024])
-            m = min(1024, n - start)
-            loss_sum += float(loss) * m
+            loss, _, ok = loss_fn(xp, out, ctx.y_test[start:stop])
+            loss_sum += float(loss) * (stop - start)
             correct += int(ok or 0)
-        return {"samples": n, "loss_sum": loss_sum, "correct": correct}
+        return {"samples": hi - lo, "loss_sum": loss_sum, "correct": correct}
 
     def request_stop(self) -> None:
         """Finish the current task, then leave (a long poll for the next task ends now)."""

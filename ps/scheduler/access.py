@@ -21,7 +21,7 @@ class Quotas:
 
     param_bytes: int = 0     # bytes of parameters of all its models together (one replica)
     jobs: int = 0            # jobs queued or running at once
-    tasks_per_job: int = 0   # tasks one job may take (epochs x (shards + 1))
+    tasks_per_job: int = 0   # tasks one job may take (epochs x (shards + evaluation parts))
 
     def of(self, owner: str) -> dict[str, int]:
         """The quotas that bind ``owner`` (a user's name): {} for members, admins, and without auth."""
@@ -54,10 +54,12 @@ def check_submit(quotas: Quotas, owner: str, jobs, spec) -> None:
     """A job of ``spec`` submitted by ``owner`` must fit its jobs and tasks_per_job quotas."""
     limits = quotas.of(owner)
     if limits.get("tasks_per_job"):
-        tasks = spec.epochs * ((spec.data.shards or 2 * spec.workers) + 1)
+        # at most: the held-out split is evaluated in up to one part per worker wanted
+        shards = spec.data.shards or 2 * spec.workers
+        tasks = spec.epochs * (shards + spec.workers)
         if tasks > limits["tasks_per_job"]:
             raise ResourceExhausted(f"submit job: over the tasks_per_job quota of '{owner}': {spec.epochs} epochs x "
-                                    f"({spec.data.shards or 2 * spec.workers} shards + 1 evaluation) = {tasks} "
+                                    f"({shards} shards + up to {spec.workers} evaluation parts) = {tasks} "
                                     f"tasks > {limits['tasks_per_job']}")
     if limits.get("jobs"):
         active = sum(1 for j in jobs if j.owner == owner and j.state not in TERMINAL)

@@ -5,8 +5,10 @@ spec and reports the preprocessing statistics and the model's parameter specs (t
 itself never reads data or builds models). Its parameters are then created on the servers,
 and the job runs epoch by epoch: the training split is cut into ``shards`` train tasks per
 epoch, which any worker may lease and run concurrently (asynchronous SGD: no barrier between
-workers). When an epoch's train tasks are all done, its eval task (the held-out split) and
-the next epoch's train tasks are queued. The job succeeds when the last epoch's eval is done.
+workers). When an epoch's train tasks are all done, its eval tasks (the held-out split, in
+``eval_shards`` parts that workers evaluate side by side) and the next epoch's train tasks are
+queued; the epoch's test metrics come from the sums of its parts. The job succeeds when the last
+epoch's eval is done.
 A lease that is not extended by its worker's heartbeat expires and the task goes back to
 the queue; a late result from an expired lease is dropped.
 
@@ -144,6 +146,7 @@ class Job:
     warned_idle: bool = False
     queued_epochs: int = 0   # epochs whose train tasks have been queued
     tasks_done: int = 0      # train and eval tasks done
+    epoch_eval: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, correct, samples, parts]
     pending_in: Counter = field(default_factory=Counter)   # epoch -> pending train tasks
     undone_in: Counter = field(default_factory=Counter)    # epoch -> train tasks not done
 
@@ -151,8 +154,14 @@ class Job:
         self.events = deque(self.events, maxlen=self.max_events)
 
     @property
+    def eval_shards(self) -> int:
+        """Eval tasks per epoch: the held-out split in parts evaluated side by side (the inspect task
+        decides, from the split's size and the workers wanted; 1 before it has reported)."""
+        return int((self.prep or {}).get("eval_shards", 1))
+
+    @property
     def tasks_total(self) -> int:
-        return self.epochs * (self.shards + 1)
+        return self.epochs * (self.shards + self.eval_shards)
 
 
 class Jobs:
@@ -247,8 +256,9 @@ class Jobs:
     def _enqueue(self, job: Job, kind: str, epoch: int, shard: int) -> None:
         """Queue a task; inspect and eval tasks go first (an epoch's accuracy is measured close to its end)."""
         tid = f"{job.job_id}/{kind}" + (f"-{epoch}" if kind != INSPECT else "") + (
-            f"-{shard}" if kind == TRAIN else "")
-        task = job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard, job.shards)
+            f"-{shard}" if kind == TRAIN or (kind == EVAL and job.eval_shards > 1) else "")
+        task = job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard,
+                                     job.eval_shards if kind == EVAL else job.shards)
         if kind == TRAIN:
             job.pending_in[epoch] += 1
             job.undone_in[epoch] += 1
@@ -284,7 +294,7 @@ class Jobs:
                       checkpoint_epoch=start_epoch, owner=owner)
             if start_epoch:
                 job.metrics["epoch"] = start_epoch
-                job.tasks_done = start_epoch * (job.shards + 1)
+                job.tasks_done = start_epoch * (job.shards + job.eval_shards)
             self.jobs[job_id] = job
             self._dirty_spec.add(job_id)
             if request_id:
@@ -573,10 +583,19 @@ class Jobs:
                 if job.undone_in[task.epoch] == 0:
                     m["train_loss"] = acc[0] / max(acc[1], 1)
                     del job.epoch_loss[task.epoch]  # the epoch is done: keep the job's record bounded
-                    self._enqueue(job, EVAL, task.epoch, 0)
+                    for part in reversed(range(job.eval_shards)):  # each goes to the front: part 0 first
+                        self._enqueue(job, EVAL, task.epoch, part)
                     self._enqueue_epoch(job, task.epoch + 1)
                 self._event(job, now, "task", f"{task_id} done")
             else:
+                part = job.epoch_eval.setdefault(task.epoch, [0.0, 0, 0, 0])
+                part[0] += loss_sum
+                part[1] += correct
+                part[2] += samples
+                part[3] += 1
+                if part[3] < job.eval_shards:
+                    return True  # the epoch's other parts of the held-out split are still being evaluated
+                loss_sum, correct, samples, _ = job.epoch_eval.pop(task.epoch)
                 m["epoch"] = max(m["epoch"], task.epoch + 1)
                 m["test_loss"] = loss_sum / max(samples, 1)
                 m["test_accuracy"] = correct / samples if samples else math.nan

@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from ps import checkpoint, limits, rpc, security, sharding, sparse
 from ps.errors import InvalidArgument, NotFound, PermissionDenied, PSError, Unavailable, abort
 from ps.scheduler.cluster import Cluster, ShardMap
-from ps.scheduler.jobs import INSPECT, TERMINAL, Job, Jobs, Retention, consistency
+from ps.scheduler.jobs import EVAL, INSPECT, TERMINAL, Job, Jobs, Retention, consistency
 from ps.spec import ACCUMULATOR_OPTIMIZER, accumulator
 from ps.data_policy import DataPolicy
 from ps.scheduler import access
@@ -594,7 +594,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         log.info("task %s leased to %s", task.task_id, request.worker_id)
         return scheduler_pb2.LeaseTaskResponse(task=scheduler_pb2.Task(
             task_id=task.task_id, lease_id=task.lease_id, job_id=job.job_id, kind=task.kind, epoch=task.epoch,
-            shard=task.shard, shards=task.shards, spec_json=job.spec_json,
+            shard=task.shard, shards=job.eval_shards if task.kind == EVAL else task.shards, spec_json=job.spec_json,
             prep_json="" if job.prep is None else json.dumps(job.prep), lease_timeout_s=job.lease_timeout))
 
     @limits.entry_check(limits.check_clock)
@@ -720,14 +720,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
 
 def _check_inspection(result) -> None:
-    """The shape of an inspect task's result: {"prep": {..., "shards": n}, "params": {name: Init fields}}."""
+    """The shape of an inspect task's result: {"prep": {..., "shards": n, "eval_shards": m}, "params": {name:
+    Init fields}}."""
     from ps.initializers import Init
     if not isinstance(result, dict) or not isinstance(result.get("prep"), dict) \
             or not isinstance(result.get("params"), dict) or not result["params"]:
         raise ValueError("expected an object with 'prep' and a non-empty 'params'")
-    shards = result["prep"].get("shards")
-    if not isinstance(shards, int) or not 1 <= shards <= 100_000:
-        raise ValueError(f"prep.shards must be an integer in [1, 100000], got {shards!r}")
+    for key, default in (("shards", None), ("eval_shards", 1)):
+        n = result["prep"].get(key, default)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+            raise ValueError(f"prep.{key} must be an integer in [1, 100000], got {n!r}")
     for name, fields in result["params"].items():
         if not isinstance(fields, dict):
             raise ValueError(f"params['{name}'] must be an object")

@@ -170,7 +170,8 @@ class StateStore:
         fields = {**json.loads(spec), **json.loads(body)}
         for name in _MONOTONIC:
             fields[name] = fields[name] + offset if fields.get(name) else 0.0
-        fields["epoch_loss"] = {int(k): v for k, v in fields.get("epoch_loss", {}).items()}
+        for name in ("epoch_loss", "epoch_eval"):  # JSON object keys are strings: the epochs are ints
+            fields[name] = {int(k): v for k, v in fields.get(name, {}).items()}
         known = {f.name for f in dataclasses.fields(Job)} - set(_DERIVED)
         job = Job(job_id=job_id, max_events=max_events, **{k: v for k, v in fields.items() if k in known})
         job.events = deque(maxlen=max_events)
