@@ -120,3 +120,34 @@ def test_an_idle_worker_starts_the_next_epoch_instead_of_waiting_at_the_barrier(
     jobs.complete(b.task_id, b.lease_id, 4.0, samples=10)
     e, _ = jobs.lease("w2", 4.0)
     assert (e.kind, e.epoch) == ("eval", 0)       # epoch 0's eval, ahead of anything else
+
+
+def test_a_job_whose_later_epochs_finish_first_waits_for_the_dead_workers_task_and_loses_nothing():
+    """asp: epoch 0's task is held by a worker that died; the next epoch runs ahead and finishes. The job
+    must not succeed without the held task: it runs again once the lease expires, then its eval."""
+    jobs, job = running(epochs=2, lease=10.0)
+    held, _ = jobs.lease("dead", 2.0)
+    rest, _ = jobs.lease("w", 2.0)
+    jobs.complete(rest.task_id, rest.lease_id, 3.0, samples=10, steps=1)
+    ahead = [jobs.lease("w", 3.0 + i)[0] for i in range(2)]   # epoch 1, while epoch 0 is held
+    assert [(t.kind, t.epoch) for t in ahead] == [("train", 1), ("train", 1)]
+    for t in ahead:
+        jobs.complete(t.task_id, t.lease_id, 5.0, samples=10, steps=1)
+    last, _ = jobs.lease("w", 6.0)
+    assert (last.kind, last.epoch) == ("eval", 1)
+    jobs.complete(last.task_id, last.lease_id, 6.5, samples=10, loss_sum=1.0, correct=9)
+    assert job.state == "running" and job.metrics["epoch"] == 2 and job.metrics["test_accuracy"] == 0.9
+    assert jobs.lease("w", 7.0) is None                       # only the held task is left
+    assert [t.task_id for t in jobs.expire(now=12.5)] == [held.task_id]
+    again, _ = jobs.lease("w", 13.0)
+    assert again.task_id == held.task_id
+    jobs.complete(again.task_id, again.lease_id, 14.0, samples=10, steps=1)
+    late, _ = jobs.lease("w", 14.5)
+    assert (late.kind, late.epoch) == ("eval", 0)
+    jobs.complete(late.task_id, late.lease_id, 15.0, samples=10, loss_sum=5.0, correct=5)
+    assert job.state == "succeeded" and job.tasks_done == job.tasks_total == 6
+    assert job.metrics["steps"] == 4 and job.metrics["samples"] == 40
+    # the last epoch's evaluation stays the job's result; the late one is reported as what it is
+    assert (job.metrics["epoch"], job.metrics["test_accuracy"]) == (2, 0.9)
+    assert [e.message for e in job.events if e.kind == "epoch"] == ["epoch 2/2: test accuracy 0.9000",
+                                                                    "epoch 1/2: test accuracy 0.5000"]

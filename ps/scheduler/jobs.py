@@ -7,8 +7,8 @@ and the job runs epoch by epoch: the training split is cut into ``shards`` train
 epoch, which any worker may lease and run concurrently (asynchronous SGD: no barrier between
 workers). When an epoch's train tasks are all done, its eval tasks (the held-out split, in
 ``eval_shards`` parts that workers evaluate side by side) and the next epoch's train tasks are
-queued; the epoch's test metrics come from the sums of its parts. The job succeeds when the last
-epoch's eval is done.
+queued; the epoch's test metrics come from the sums of its parts. The job succeeds when every
+task of every epoch is done (the last epoch's evaluation gives its metrics).
 A lease that is not extended by its worker's heartbeat expires and the task goes back to
 the queue; a late result from an expired lease is dropped.
 
@@ -596,14 +596,17 @@ class Jobs:
                 if part[3] < job.eval_shards:
                     return True  # the epoch's other parts of the held-out split are still being evaluated
                 loss_sum, correct, samples, _ = job.epoch_eval.pop(task.epoch)
-                m["epoch"] = max(m["epoch"], task.epoch + 1)
-                m["test_loss"] = loss_sum / max(samples, 1)
-                m["test_accuracy"] = correct / samples if samples else math.nan
+                accuracy = correct / samples if samples else math.nan
+                if task.epoch + 1 >= m["epoch"]:  # an epoch's late evaluation does not replace a later one's
+                    m["epoch"] = task.epoch + 1
+                    m["test_loss"] = loss_sum / max(samples, 1)
+                    m["test_accuracy"] = accuracy
                 m["seconds"] = now - job.started_at
-                self._event(job, now, "epoch", f"epoch {task.epoch + 1}/{job.epochs}: test accuracy "
-                                               f"{m['test_accuracy']:.4f}")
-                if task.epoch + 1 == job.epochs:
-                    self._set_state(job, SUCCEEDED, now, f"test accuracy {m['test_accuracy']:.4f}")
+                self._event(job, now, "epoch", f"epoch {task.epoch + 1}/{job.epochs}: test accuracy {accuracy:.4f}")
+            # Done when every task is: under asp a later epoch can finish before a task of an earlier one
+            # whose worker died (it runs again once its lease expires), and that work must not be lost.
+            if job.tasks_done == job.tasks_total:
+                self._set_state(job, SUCCEEDED, now, f"test accuracy {m['test_accuracy']:.4f}")
             return True
 
     def clock(self, task_id: str, lease_id: str, steps: int, now: float, applied: bool = False,
