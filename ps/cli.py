@@ -443,11 +443,14 @@ def bench_failover(as_json):
 @click.option("--staleness", default=3, show_default=True, help="ssp's bound, in clocks")
 @click.option("--batch", default=0, show_default=True,
               help="each of the 2 workers' batch (0: 2048 under asp and ssp, 1024 under bsp: 2048 a step)")
+@click.option("--replicas", default=0, type=click.IntRange(0, 2), show_default="2: the default",
+              help="servers holding each slice of the jobs' parameters (1: no copy, as a plain loop keeps)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(epochs, consistency, staleness, batch, as_json):
+def bench_train(epochs, consistency, staleness, batch, replicas, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
     from ps.bench import train
-    result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness, batch=batch)
+    result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness, batch=batch,
+                   replicas=replicas)
     if as_json:
         emit_json(result)
 
