@@ -213,6 +213,9 @@ def test_ssp_never_lets_a_worker_run_more_than_s_clocks_ahead_even_of_a_stopped_
         # Every step was counted once in each histogram; none ran more than s clocks ahead.
         assert sum(m.staleness_clocks) == m.steps == sum(m.staleness_updates)
         assert len(m.staleness_clocks) == staleness + 1 and m.staleness_clocks[staleness] > 0
+        # Each gradient was computed on weights holding every step of the other worker's that the bound
+        # requires: between those weights and its own update, at most its s + 1 latest steps were applied.
+        assert len(m.staleness_updates) <= staleness + 2, list(m.staleness_updates)
         assert versions(client, job.job_id) == {m.steps}
 
 

@@ -359,18 +359,25 @@ class Worker:
 
     def _steps_ssp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
         """push_pull each gradient, then report the clock and wait while ``staleness`` clocks ahead of
-        the slowest (the weights then hold every update of the clocks the bound requires: the slowest
-        pushed those before it reported them)."""
-        handle = ctx.handle
+        the slowest. The next gradient's weights must hold every member's steps below (this clock - s):
+        the slowest pushed those before it reported them. The push_pull's weights were read before this
+        decision, after the previous one, so they hold those steps unless the previous decision left the
+        bound no room (staleness s then): only then are they read again."""
+        handle, bound = ctx.handle, ctx.spec.staleness
         before = (handle.pushes, handle.duplicates)
         params = self._to_device(handle.pull())
         version = handle.version
+        tight = True  # no decision yet: what the weights hold is not known
         for i, idx in enumerate(batches):
             host = gradients(i, idx, params)
             params = self._to_device(handle.push_pull(host, out=ctx.bufs[i % 2]))
             bump(staleness, handle.version - version - 1)
             version = handle.version
-            self._clock(task, i + 1)
+            d = self._clock(task, i + 1)
+            if tight:
+                params = self._to_device(handle.pull(out=ctx.bufs[i % 2]))
+                version = handle.version
+            tight = d.staleness >= bound
         return handle.pushes - before[0], handle.duplicates - before[1]
 
     def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
