@@ -68,6 +68,12 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def versions(client, model: str) -> set[int]:
+    """The update counts of every slice of ``model`` on its primaries (one value: every slice took
+    every update)."""
+    return {v for s in client.model(model).stats() for v in (s.min_version, s.max_version)}
+
+
 def wait_for_tasks(job, done: int) -> None:
     """Follow the job's progress events until ``done`` of its tasks have finished."""
     for ev in job.events(timeout=120):

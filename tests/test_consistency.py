@@ -17,7 +17,7 @@ from ps.scheduler.clocks import Clocks
 from ps.spec import JobSpec, SpecError, accumulator
 from ps.v1 import scheduler_pb2
 
-from conftest import wait_for, wait_for_tasks
+from conftest import versions, wait_for, wait_for_tasks
 
 
 # -- the clocks' state machine -------------------------------------------------------------------
@@ -134,10 +134,6 @@ def spec_for(mode: str, **kw) -> ps.JobSpec:
     for k, v in kw.items():
         setattr(spec, k, v)
     return spec
-
-
-def versions(client, model: str) -> set[int]:
-    return {v for s in client.model(model).stats() for v in (s.min_version, s.max_version)}
 
 
 def bsp_reference(spec: ps.JobSpec, workers: int) -> tuple[dict[str, np.ndarray], int, int]:

@@ -24,7 +24,7 @@ from ps.scheduler.state import StateError, StateStore
 from ps.sharding import TensorSpec
 from ps.v1 import optimizer_pb2
 
-from conftest import wait_for
+from conftest import versions, wait_for
 
 PREP = {"shards": 3, "n_train": 300}
 
@@ -267,6 +267,8 @@ def test_a_running_job_survives_a_kill_9_of_the_scheduler():
             what="the servers and workers to heartbeat to the restarted scheduler")
         model = job.wait(progress=False)
         assert job.status() == "succeeded" and model.metrics["test_accuracy"] >= 0.9
+        # the tasks that finished while it was away were reported once it was back: each push counted once
+        assert versions(client, job.job_id) == {job.info().metrics.steps}
         follower.join(60)
         assert "error" not in followed, followed.get("error")
         assert followed["model"].metrics["test_accuracy"] == model.metrics["test_accuracy"]

@@ -16,7 +16,7 @@ from ps.reference import train_local
 from ps.tblog import read_scalars
 from ps.worker.datasets import load_builtin
 
-from conftest import wait_for, wait_for_tasks
+from conftest import versions, wait_for, wait_for_tasks
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_a_worker_killed_mid_job_costs_time_not_the_job():
         c.workers[0].kill()  # SIGKILL
         model = job.wait(progress=False)
         info = job.info()
-        applied = {v for s in client.model(job.job_id).stats() for v in (s.min_version, s.max_version)}
+        applied = versions(client, job.job_id)
     assert model.metrics["test_accuracy"] >= 0.95
     # Nothing acknowledged was lost: every slice holds the updates of every task reported done, plus at
     # most those the killed worker pushed in the task it never reported (run again by the other worker).
