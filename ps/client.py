@@ -753,13 +753,15 @@ class Model:
             scale = clip_norm_scale(flat.values(), self.optimizer.clip_norm)
         return flat, self.client.next_seq(), scale
 
-    def _acknowledged(self, seq: int, results: list[tuple[int, int]], what: str) -> None:
-        """Count a push every shard acknowledged; ``results``: (duplicate chunks, attempt) per shard."""
+    def _acknowledged(self, seq: int, results: list[tuple[int, int]], what: str, shared_seq: bool = False) -> None:
+        """Count a push every shard acknowledged; ``results``: (duplicate chunks, attempt) per shard.
+        ``shared_seq``: other processes may send under this id too (a bsp step's leaders), so a
+        duplicate on a first attempt is one of them having applied it, not a lost update."""
         self.pushes += 1
         dup = sum(d for d, _ in results)
         self.duplicates += dup
         first = sum(d for d, attempt in results if attempt == 0)
-        if first:
+        if first and not shared_seq:
             log.warning("%s model '%s': the servers took %d chunk(s) of push %d (client %s) for retries of an "
                         "earlier push and did not apply them", what, self.name, first, seq, self.client.client_id)
 
@@ -825,7 +827,7 @@ class Model:
                 return resp.duplicates
 
             results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
-            self._acknowledged(seq, results, what)
+            self._acknowledged(seq, results, what, shared_seq=True)
             self.version = min(versions, default=self.version)
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
