@@ -25,6 +25,7 @@ from ps.tensor import CodecError, count_nonfinite, decode_1d, dtype_code, encode
 from ps.v1 import server_pb2, tensor_pb2
 
 PARAM_DTYPES = (np.dtype("float32"), np.dtype("float64"))
+_ACCUMULATOR = OptimizerConfig.from_dict(ACCUMULATOR_OPTIMIZER)
 
 
 @dataclass
@@ -333,7 +334,7 @@ class ShardStore:
         if contributors < 1:
             raise InvalidArgument(f"{what} '{name}': contributors must be >= 1, got {contributors}")
         m, acc = self.model(name), self.model(acc_name)
-        if acc.optimizer.config != OptimizerConfig.from_dict(ACCUMULATOR_OPTIMIZER):
+        if acc.optimizer.config != _ACCUMULATOR:
             raise InvalidArgument(f"{what} '{name}': '{acc_name}' is not an accumulator (its optimizer is "
                                   f"{acc.optimizer.config.name}, not {ACCUMULATOR_OPTIMIZER})")
         pairs = []

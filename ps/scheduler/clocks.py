@@ -16,8 +16,8 @@ servers that sums what is pushed to it) and then *arrives* at the barrier. When 
 arrived, the last one to arrive is the step's *leader*: it has each server apply the mean of the
 gradients accumulated there to the job's parameters and clear them (ApplyAccumulated; once: the
 update's id is the step number, so a leader that takes over from one that died cannot apply it
-twice) and reports the step *applied*; then every member proceeds and pulls the new weights. A leader that leaves before
-reporting hands the step to another waiting member. ``contributors`` is the number of gradients
+twice) and reports the step *applied*; then every member proceeds and pulls the new weights. A
+leader that leaves before reporting hands the step to another waiting member. ``contributors`` is the number of gradients
 the accumulator holds (every member that arrived this step, live or not).
 """
 
