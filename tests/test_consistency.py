@@ -106,6 +106,39 @@ def test_bsp_does_not_wait_for_tasks_no_live_worker_can_lease():
     assert c.tick("t0", 1, 1.0, workers=1).lead
 
 
+def test_after_a_scheduler_restart_steps_are_new_ids_and_a_report_of_a_step_applied_before_is_an_arrival():
+    """Clocks are not saved. A restarted scheduler's bsp steps start above its previous incarnation's (the
+    servers apply each step's update once per id: an id used before would be skipped as a retry), and a
+    running task's report of a step applied before the restart arrives at the rebuilt clock's step."""
+    from ps.scheduler.clocks import STEPS_PER_INCARNATION
+    from ps.scheduler.jobs import Jobs
+    jobs = Jobs()
+    job = jobs.submit("j", '{"consistency": "bsp"}', {"shards": 2}, epochs=1, lease_timeout=10.0, now=0.0)
+    jobs.mark_starting(job.job_id, 0.0)
+    jobs.start(job.job_id, 0.0)
+    a, _ = jobs.lease("w0", 1.0)
+    b, _ = jobs.lease("w1", 1.0)
+    jobs.clocks = Clocks(jobs.transitions)           # what a restart leaves: no clocks ...
+    jobs.clocks.first_step = 2 * STEPS_PER_INCARNATION  # ... under incarnation 2
+    d = jobs.clock(a.task_id, a.lease_id, 5, 20.0, applied=True)  # it led step 4 before the restart
+    assert not d.proceed and not d.lead and d.waiting_for.startswith("1 more train task(s) of epoch 1")
+    d = jobs.clock(b.task_id, b.lease_id, 5, 20.0)   # waiting for step 4 to be applied, it arrives again
+    assert d.lead and d.step == 2 * STEPS_PER_INCARNATION and d.contributors == 2
+    assert jobs.clock(b.task_id, b.lease_id, 5, 21.0, applied=True).proceed
+    assert jobs.clock(a.task_id, a.lease_id, 5, 21.0).proceed
+
+
+def test_after_a_scheduler_restart_an_ssp_task_counts_its_steps_from_zero():
+    c = Clocks()
+    c.join("job-1", 0, "t0", "w0", "ssp", 1, now=0.0, expected=2, rejoin=True)
+    assert c.tick("t0", 7, 1.0).step == 7
+    c.join("job-1", 0, "t1", "w1", "ssp", 1, now=1.0, expected=2, rejoin=True)  # from 0, not t0's clock 7
+    assert c.tick("t1", 6, 1.0).step == 6
+    assert c.tick("t0", 7, 1.0).proceed              # 7 <= 6 + 1
+    d = c.tick("t0", 9, 2.0)
+    assert not d.proceed and d.waiting_for == "t1 on w1 at clock 6"
+
+
 def test_clock_of_a_task_that_is_not_a_member_is_refused():
     with pytest.raises(FailedPrecondition, match="not a member of a clock"):
         Clocks().tick("job-1/train-0-0", 1, 0.0)

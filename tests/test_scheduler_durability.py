@@ -283,6 +283,25 @@ def test_a_running_job_survives_a_kill_9_of_the_scheduler():
         assert "scheduler restarted (incarnation 2)" in "".join(e.message for e in job.events())
 
 
+@pytest.mark.parametrize("mode", ["bsp", "ssp"])
+def test_a_bsp_or_ssp_job_survives_a_kill_9_of_the_scheduler_and_applies_every_step_once(mode):
+    """Its workers call the scheduler every step (the clock): while it is away they wait for it; once
+    it is back the rebuilt clock goes on, and every step its workers counted was applied once."""
+    with ps.LocalCluster(servers=2, workers=2) as c, ps.Client(c.address) as client:
+        spec = demo_spec("mlp", epochs=12)
+        spec.consistency, spec.staleness = mode, 1
+        job = client.submit(spec)
+        wait_for(lambda: job.info().metrics.steps >= 20, timeout=120, what="the job to train a few steps")
+        c.kill_scheduler()
+        c.start_scheduler()
+        _reachable(client)
+        model = job.wait(progress=False, timeout=300)
+        m = job.info().metrics
+        assert job.status() == "succeeded" and model.metrics["test_accuracy"] >= 0.9
+        assert versions(client, job.job_id) == {m.steps}
+        assert m.duplicates == 0
+
+
 def test_every_job_survives_a_restart_and_an_empty_state_makes_members_register_again(tmp_path):
     with ps.LocalCluster(servers=2, workers=1) as c, ps.Client(c.address) as client:
         done = client.submit(demo_spec("mlp", epochs=1))

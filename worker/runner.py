@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from ps.client import Client, Model
-from ps.errors import PSError
+from ps.errors import PSError, Unavailable
 from ps.histogram import bump
 from ps.spec import SpecError, accumulator
 from ps.v1 import scheduler_pb2
@@ -397,9 +397,10 @@ class Worker:
             host = gradients(i, idx, params)
             acc.push({k: np.negative(v) for k, v in host.items()})  # SGD with lr 1 on the accumulator: it adds
             d = self._clock(task, i + 1)
-            if d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
-                apply_to.apply_accumulated(acc.name, d.contributors, seq=(task.epoch << 32) + d.step + 1)
-                self._clock(task, i + 1, applied=True)
+            while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
+                apply_to.apply_accumulated(acc.name, d.contributors, seq=(task.epoch << 40) + d.step + 1)
+                # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id
+                d = self._clock(task, i + 1, applied=True)
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
             bump(staleness, handle.version - version - 1)
             version = handle.version
@@ -412,16 +413,24 @@ class Worker:
         limit = max(4 * task.lease_timeout_s, 60.0)
         req = scheduler_pb2.ClockRequest(worker_id=self.worker_id, task_id=task.task_id, lease_id=task.lease_id,
                                          steps=steps, applied=applied, wait_s=CLOCK_WAIT_S)
+        waiting_for = "the other members"
         while True:
             self._check(task)
-            resp = self.client.call(self.client.scheduler.Clock, req, "clock", timeout=CLOCK_WAIT_S + 30)
-            if resp.proceed or resp.lead:
-                return resp
+            try:
+                resp = self.client.call(self.client.scheduler.Clock, req, "clock", timeout=CLOCK_WAIT_S + 30)
+            except Unavailable:  # a scheduler that is away (restarting) keeps our lease: ask again when it is back
+                resp = None
+                waiting_for = f"the scheduler at {self.client.address} to be back"
+                self.stop.wait(0.2)
+            if resp is not None:
+                if resp.proceed or resp.lead:
+                    return resp
+                waiting_for = resp.waiting_for or "the other members"
             waited = time.monotonic() - start
             if waited > limit:
-                raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for "
-                                   f"{resp.waiting_for or 'the other members'}")
-            req.applied = False
+                raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for {waiting_for}")
+            if resp is not None:
+                req.applied = False
 
     def _eval(self, ctx: JobContext, task: scheduler_pb2.Task) -> dict:
         """Loss and correct answers on the task's part of the held-out split (its ``shard`` of ``shards``)."""

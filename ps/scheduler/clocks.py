@@ -29,6 +29,9 @@ from ps.errors import FailedPrecondition, InvalidArgument
 from ps.scheduler.transitions import TransitionLog
 
 MODES = ("ssp", "bsp")
+#: bsp steps one scheduler incarnation's clock may take in an epoch (ids of its steps' updates stay
+#: below the next incarnation's: see Clocks.first_step)
+STEPS_PER_INCARNATION = 1 << 24
 
 
 @dataclass
@@ -89,12 +92,18 @@ class Clocks:
         self.clocks: dict[tuple[str, int], Clock] = {}
         self.by_task: dict[str, tuple[str, int]] = {}
         self.transitions = transitions if transitions is not None else TransitionLog()
+        #: where a new bsp clock's steps start. A step is the id under which its leader's update is applied
+        #: once; clocks are not saved, so a restarted scheduler starts above any step its previous
+        #: incarnation could have reached (``STEPS_PER_INCARNATION`` times its incarnation)
+        self.first_step = 0
 
     def join(self, job_id: str, epoch: int, task_id: str, worker_id: str, mode: str, staleness: int,
-             now: float, expected: int = 1, grace: float = 0.0) -> None:
+             now: float, expected: int = 1, grace: float = 0.0, rejoin: bool = False) -> None:
         """A train task of a ssp/bsp job was leased: it counts from now on. ``expected``: the epoch's
         train tasks; a bsp step waits up to ``grace`` seconds from the epoch's first join for all of them
-        to be leased (so W idle workers start an epoch together), then goes on with those that are."""
+        to be leased (so W idle workers start an epoch together), then goes on with those that are.
+        ``rejoin``: a task running since before a scheduler restart (its steps so far count from 0,
+        which can only make it look slower than it is: nobody runs further ahead for it)."""
         if mode not in MODES:
             raise InvalidArgument(f"consistency '{mode}' has no clock (expected one of {', '.join(MODES)})")
         key = (job_id, epoch)
@@ -102,8 +111,9 @@ class Clocks:
         if c is None:
             for old in [k for k in self.clocks if k[0] == job_id and k[1] < epoch]:
                 self._drop(old)  # an earlier epoch's clock whose last tasks are done or gone
-            c = self.clocks[key] = Clock(job_id, epoch, mode, staleness, expected=expected, full_by=now + grace)
-        base = c.min_clock() if c.members else 0
+            c = self.clocks[key] = Clock(job_id, epoch, mode, staleness, expected=expected, full_by=now + grace,
+                                         step=self.first_step if mode == "bsp" else 0)
+        base = c.min_clock() if c.members and not rejoin else 0
         if mode == "bsp":
             base = c.step
         c.members[task_id] = Member(task_id, worker_id, base, base)

@@ -621,7 +621,10 @@ class Jobs:
             if task.task_id not in self.clocks.by_task:  # a scheduler restarted under a running task
                 mode, staleness = consistency(job)
                 self.clocks.join(job.job_id, task.epoch, task_id, task.worker_id, mode, staleness, now,
-                                 expected=job.shards, grace=job.lease_timeout)
+                                 expected=job.shards, grace=job.lease_timeout, rejoin=True)
+                # a bsp step reported applied to the scheduler that died: the rebuilt clock has no such step.
+                # The member arrives at the rebuilt clock's step instead (its leader applies what is accumulated)
+                applied = False
             before = self.clocks.clocks.get(self.clocks.by_task[task_id])
             state = (before.step, len(before.arrived), before.leader, before.min_clock())
             d = self.clocks.tick(task_id, steps, now, applied, workers)

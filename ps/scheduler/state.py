@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ps import sharding
 from ps.errors import Unavailable
+from ps.scheduler.clocks import STEPS_PER_INCARNATION
 from ps.scheduler.cluster import Cluster, Server, ShardMap, Worker
 from ps.scheduler.jobs import Event, Job, Jobs, Task
 
@@ -160,6 +161,7 @@ class StateStore:
         cluster.adopt(servers, workers, maps, int(meta.get("next_server", 0)), int(meta.get("next_worker", 0)), now)
         jobs.adopt(loaded, int(meta.get("next_job", 1)), int(meta.get("next_lease", 1)), now,
                    f"the scheduler restarted (incarnation {self.incarnation})")
+        jobs.clocks.first_step = self.incarnation * STEPS_PER_INCARNATION
         self._servers = {s.server_id: (s.address, s.state) for s in servers}
         self._maps = dict(cluster.maps)
         self.save(jobs, cluster, now, meta_too=True)
