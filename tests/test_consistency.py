@@ -3,6 +3,7 @@ from every worker's gradient): the clocks' state machine alone, then jobs on rea
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -280,6 +281,15 @@ def test_bsp_goes_on_without_a_worker_that_died_and_says_so():
         messages = [e.message for e in job.events()]
         assert any("the barrier shrinks to 1 live member(s)" in msg and "expired" in msg for msg in messages), \
             messages
+        info = job.info()
+        applied = versions(client, job.job_id)
+    # One update a step: every step a finished task led was applied once, plus at most those the dead
+    # worker led in the task it never finished (its shard ran again on the other worker).
+    from ps.worker.preprocess import shard_ranges
+    prep = json.loads(info.prep_json)
+    batches = max(-(-(hi - lo) // spec.batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"]))
+    assert info.tasks_done == info.tasks_total and len(applied) == 1
+    assert info.metrics.steps <= min(applied) <= info.metrics.steps + batches, (info.metrics.steps, applied)
 
 
 def test_a_clock_call_without_a_lease_is_refused_and_changes_nothing():

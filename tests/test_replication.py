@@ -224,6 +224,23 @@ def test_with_no_server_to_spare_status_shows_the_shards_under_replicated():
         assert lines == [f"under-replicated: ctr shard {i}: 1 of 2 replicas ({survivor})" for i in range(2)]
 
 
+@pytest.mark.parametrize("mode", ["bsp", "ssp"])
+def test_a_bsp_or_ssp_job_survives_a_server_kill_and_applies_every_step_once(mode):
+    """bsp's accumulator fails over with the parameters (both on the same replicas): every step the
+    job counted was applied once, on the promoted replicas too."""
+    with ps.LocalCluster(servers=3, workers=2, scheduler_args=FAST) as cluster, \
+            ps.Client(cluster.address) as client:
+        spec = demo_spec("mlp", epochs=12)
+        spec.consistency, spec.staleness = mode, 1
+        job = client.submit(spec)
+        wait_for(lambda: job.info().metrics.steps >= 20, timeout=120, what="the job to train a few steps")
+        server_process(cluster, client.model(job.job_id).shards[0]).kill()
+        trained = job.wait(progress=False, timeout=300)
+        m = job.info().metrics
+        assert trained.metrics["test_accuracy"] >= 0.9
+        assert versions(client, job.job_id) == {m.steps}
+
+
 def test_a_server_drained_mid_job_leaves_the_job_to_succeed():
     """`paramserver drain` while a demo job trains on 3 servers: the job never notices beyond a
     retry, succeeds, and the drained server ends up holding nothing."""
