@@ -50,6 +50,11 @@ class Cancelled(PSError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Aborted(PSError):
+    """A sequencing check failed: what was sent belongs to a step that is over (a bsp gradient too late)."""
+    code = grpc.StatusCode.ABORTED
+
+
 class Unauthenticated(PSError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -59,7 +64,7 @@ class PermissionDenied(PSError, PermissionError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled,
+                                      ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled, Aborted,
                                       Unauthenticated, PermissionDenied)}
 
 

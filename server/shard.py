@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ps import initializers, wire
-from ps.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ps.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ps.limits import Limits, current as current_limits
 from ps.optimizer_config import SPARSE_ONLY, OptimizerConfig, config_name
 from ps.spec import ACCUMULATOR_OPTIMIZER
@@ -51,6 +51,9 @@ class SliceState:
     primary: bool = True
     backups: tuple[str, ...] = ()
     forwarded: dict = field(default_factory=dict)
+    #: a bsp accumulator's slice: the last step applied from it; a gradient tagged with an id up to
+    #: it is too late (its step is over) and is refused instead of landing in the next step's sum
+    closed: int = 0
 
     @property
     def stop(self) -> int:
@@ -272,10 +275,15 @@ class ShardStore:
         with sl.lock:
             self._check_role(sl, name, replica, what)  # under the lock: a demotion may be under way
             sl.param[a:a + values.size] = values
-            if sl.backups and self.replicator is not None:
-                op = server_pb2.ReplicaOp(assign=server_pb2.AssignRequest(model=name, chunk=tensor_pb2.Chunk(
-                    tensor=tensor, offset=offset, values=encode(values)))).SerializeToString()
-                self._forward(m, sl, op, waits)
+            self._forward_assign(m, sl, offset, values, waits)
+
+    def _forward_assign(self, m: ModelState, sl: SliceState, offset: int, values: np.ndarray,
+                        waits: list | None) -> None:
+        """Forward an assign of ``values`` at ``offset`` to the slice's backups (under its lock)."""
+        if sl.backups and self.replicator is not None:
+            op = server_pb2.ReplicaOp(assign=server_pb2.AssignRequest(model=m.name, chunk=tensor_pb2.Chunk(
+                tensor=sl.tensor, offset=offset, values=encode(values)))).SerializeToString()
+            self._forward(m, sl, op, waits)
 
     def push(self, name: str, client_id: str, seq: int, tensor: str, offset: int, grad: np.ndarray,
              grad_scale: float = 1.0, *, waits: list | None = None, replica: bool = False
@@ -306,6 +314,9 @@ class ShardStore:
                 if waits is not None:
                     waits.extend(sl.forwarded.values())
                 return sl, False
+            if seq <= sl.closed:
+                raise Aborted(f"{what} '{name}/{tensor}' [{offset}, {offset + grad.size}): step {seq} was applied "
+                              f"from this accumulator without it (its sender came too late: it left the step)")
             if rec is not None and seq == rec[0]:
                 step = rec[2]  # a later chunk of a push that already counted as this slice's update
                 rec[1], rec[3] = offset + grad.size, now
@@ -354,14 +365,21 @@ class ShardStore:
         applied = dup = 0
         version = None
         for sl, a in pairs:
+            # under the accumulator slice's lock throughout: a gradient that comes meanwhile waits, then
+            # finds the step closed (lock order: accumulator, then model; nothing takes them the other way)
             with a.lock:
                 self._check_role(a, acc_name, False, what)
-                mean = a.param / contributors
-            sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, mean, waits=waits)
-            applied += ok
-            dup += not ok
-            # cleared even for a retry: no member adds the next step before this one is reported applied
-            self.assign(acc_name, a.tensor, a.offset, np.zeros_like(mean), waits=waits)
+                # the members' gradients tagged with this step's id, whole: the mean is over those that came
+                # (``contributors``, the scheduler's count, for untagged pushes)
+                tagged = sum(1 for rec in a.applied.values() if rec[0] == seq and rec[1] >= a.stop)
+                mean = a.param / (tagged or contributors)
+                sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, mean, waits=waits)
+                applied += ok
+                dup += not ok
+                # cleared even for a retry: no member adds the next step before this one is reported applied
+                a.param.fill(0)
+                a.closed = max(a.closed, seq)
+                self._forward_assign(acc, a, a.offset, a.param, waits)
             version = sl.version if version is None else min(version, sl.version)
         return applied, dup, version or 0
 

@@ -285,7 +285,7 @@ def test_apply_accumulated_applies_the_mean_once_clears_the_sum_and_refuses_bad_
     assert (model.pushes, model.duplicates) == (2, len(model.slices))
     np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-7)
 
-    acc.push({"w": -grads[0]})
+    acc.push({"w": -grads[0]}, seq=9)  # tagged with the next step
     before = model.pull()["w"]
     sl = model.slices[0]
     with grpc.insecure_channel(model.shards[sl.shard]) as ch:
@@ -313,6 +313,36 @@ def test_apply_accumulated_applies_the_mean_once_clears_the_sum_and_refuses_bad_
         model.apply_accumulated("bspm.acc", 0, seq=9)
     model.apply_accumulated("bspm.acc", 1, seq=9)  # still serving
     np.testing.assert_allclose(model.pull()["w"], before - np.float32(0.5) * grads[0], rtol=1e-6, atol=1e-7)
+    acc.delete()
+    model.delete()
+
+
+def test_gradients_tagged_with_a_step_are_averaged_by_their_count_and_a_late_one_is_refused(client):
+    """bsp members tag their gradients with the step's id: the step's mean is over the gradients tagged
+    with it, and one that comes after its step was applied (its sender was held up past its lease) is
+    refused with ABORTED instead of landing in the next step's sum."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal(600).astype(np.float32)
+    model = sgd_model(client, "tagged", {"w": w}, lr=1.0, max_slice_bytes=1024)
+    acc = client.create_model("tagged.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER, replace=True,
+                              max_slice_bytes=1024)
+    g1, g2, late = (rng.standard_normal(600).astype(np.float32) for _ in range(3))
+    with ps.Client(client.address, local=client.local, batch_bytes=client.batch_bytes) as other, \
+            ps.Client(client.address, local=client.local, batch_bytes=client.batch_bytes) as stalled:
+        acc.push({"w": -g1}, seq=5)
+        other.model("tagged.acc").push({"w": -g2}, seq=5)
+        model.apply_accumulated("tagged.acc", 3, seq=5)  # the scheduler counted 3 arrivals; 2 gradients came
+        expected = w - (g1 + g2) / np.float32(2)
+        np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ps.errors.Aborted, match=r"step 5 was applied from this accumulator without it"):
+            stalled.model("tagged.acc").push({"w": -late}, seq=5)
+        assert not acc.pull()["w"].any()                 # the late gradient is not in the next step's sum
+        acc.push({"w": -g1}, seq=5)                      # a retry of a gradient that was summed: skipped
+        assert acc.duplicates == len(acc.slices) and not acc.pull()["w"].any()
+        stalled.model("tagged.acc").push({"w": -late}, seq=6)  # the next step takes it
+        model.apply_accumulated("tagged.acc", 1, seq=6)
+        np.testing.assert_allclose(model.pull()["w"], expected - late, rtol=1e-5, atol=1e-5)
     acc.delete()
     model.delete()
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from ps.client import Client, Model
-from ps.errors import PSError, Unavailable
+from ps.errors import Aborted, PSError, Unavailable
 from ps.histogram import bump
 from ps.spec import SpecError, accumulator
 from ps.v1 import scheduler_pb2
@@ -32,6 +32,11 @@ MAX_ERROR_CHARS = 2000
 CLOCK_WAIT_S = 5.0
 # The key a step's loss pair travels under, beside its gradients, on the way to the host (no parameter has it).
 _LOSS = "\x00loss"
+
+
+def _step_id(epoch: int, step: int) -> int:
+    """The id of a bsp step's update (its leader's) and of its members' gradients (in the accumulator)."""
+    return (epoch << 40) + step + 1
 
 
 class TaskAbandoned(Exception):
@@ -381,9 +386,10 @@ class Worker:
         return handle.pushes - before[0], handle.duplicates - before[1]
 
     def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
-        """Each step: add the gradient to the job's accumulator, wait at the barrier; the step's leader
-        has the servers apply the mean of the accumulated gradients (once: its id is the step) and clear
-        them; pull.
+        """Each step: add the gradient to the job's accumulator, tagged with the step's id, and wait at the
+        barrier; the step's leader has the servers apply the mean of the gradients tagged with it (once:
+        the update's id is the step's) and clear them; pull. A gradient that comes after its step was
+        applied without it (its worker was held up past its lease) is refused, not summed into the next.
         A task's acknowledged updates are the steps it led."""
         if ctx.bsp is None:
             leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
@@ -393,14 +399,19 @@ class Worker:
         before = (apply_to.pushes, apply_to.duplicates)
         params = self._to_device(handle.pull(out=ctx.bufs[0]))
         version = handle.version
+        step = task.clock_step  # the barrier step this task's next gradient is for
         for i, idx in enumerate(batches):
             host = gradients(i, idx, params)
-            acc.push({k: np.negative(v) for k, v in host.items()})  # SGD with lr 1 on the accumulator: it adds
+            try:  # SGD with lr 1 on the accumulator: it adds
+                acc.push({k: np.negative(v) for k, v in host.items()}, seq=_step_id(task.epoch, step))
+            except Aborted as e:  # its step is over: the barrier went on without it (the clock says why)
+                log.warning("task %s: gradient %d not summed: %s", task.task_id, i, e)
             d = self._clock(task, i + 1)
             while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
-                apply_to.apply_accumulated(acc.name, d.contributors, seq=(task.epoch << 40) + d.step + 1)
+                apply_to.apply_accumulated(acc.name, d.contributors, seq=_step_id(task.epoch, d.step))
                 # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id
                 d = self._clock(task, i + 1, applied=True)
+            step = d.step + 1
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
             bump(staleness, handle.version - version - 1)
             version = handle.version

@@ -609,6 +609,13 @@ class Jobs:
                 self._set_state(job, SUCCEEDED, now, f"test accuracy {m['test_accuracy']:.4f}")
             return True
 
+    def clock_step(self, task_id: str) -> int:
+        """The barrier step of a bsp train task's clock now (0 for any other task)."""
+        with self.changed:
+            key = self.clocks.by_task.get(task_id)
+            c = self.clocks.clocks.get(key) if key is not None else None
+            return c.step if c is not None and c.mode == "bsp" else 0
+
     def clock(self, task_id: str, lease_id: str, steps: int, now: float, applied: bool = False,
               workers: int = 0) -> Decision:
         """A train task of an ssp/bsp job reports its clock (see ``ps.scheduler.clocks``): may it go on?"""

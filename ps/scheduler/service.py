@@ -595,7 +595,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.LeaseTaskResponse(task=scheduler_pb2.Task(
             task_id=task.task_id, lease_id=task.lease_id, job_id=job.job_id, kind=task.kind, epoch=task.epoch,
             shard=task.shard, shards=job.eval_shards if task.kind == EVAL else task.shards, spec_json=job.spec_json,
-            prep_json="" if job.prep is None else json.dumps(job.prep), lease_timeout_s=job.lease_timeout))
+            prep_json="" if job.prep is None else json.dumps(job.prep), lease_timeout_s=job.lease_timeout,
+            clock_step=self.jobs.clock_step(task.task_id)))
 
     @limits.entry_check(limits.check_clock)
     async def Clock(self, request, context):

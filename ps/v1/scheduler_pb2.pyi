@@ -448,7 +448,7 @@ class LeaseTaskRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "lease_id", "job_id", "kind", "epoch", "shard", "shards", "spec_json", "prep_json", "lease_timeout_s")
+    __slots__ = ("task_id", "lease_id", "job_id", "kind", "epoch", "shard", "shards", "spec_json", "prep_json", "lease_timeout_s", "clock_step")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -459,6 +459,7 @@ class Task(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     PREP_JSON_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_STEP_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     lease_id: str
     job_id: str
@@ -469,7 +470,8 @@ class Task(_message.Message):
     spec_json: str
     prep_json: str
     lease_timeout_s: float
-    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[str] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., spec_json: _Optional[str] = ..., prep_json: _Optional[str] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
+    clock_step: int
+    def __init__(self, task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[str] = ..., epoch: _Optional[int] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., spec_json: _Optional[str] = ..., prep_json: _Optional[str] = ..., lease_timeout_s: _Optional[float] = ..., clock_step: _Optional[int] = ...) -> None: ...
 
 class LeaseTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_s")
