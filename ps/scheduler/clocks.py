@@ -17,8 +17,9 @@ arrived, the last one to arrive is the step's *leader*: it has each server apply
 gradients accumulated there to the job's parameters and clear them (ApplyAccumulated; once: the
 update's id is the step number, so a leader that takes over from one that died cannot apply it
 twice) and reports the step *applied*; then every member proceeds and pulls the new weights. A
-leader that leaves before reporting hands the step to another waiting member. ``contributors`` is the number of gradients
-the accumulator holds (every member that arrived this step, live or not).
+leader that leaves before reporting hands the step to another waiting member. ``contributors`` is the
+number of members that arrived this step, live or not (the servers average over the gradients tagged
+with the step that reached them, and refuse one that comes after the step was applied).
 """
 
 from __future__ import annotations
