@@ -533,6 +533,19 @@ def torch_train_main(spec_json: str) -> None:
                       "test_accuracy": acc, "threads": 2}))
 
 
+def _torch_train(spec, echo: Callable[[str], None]) -> dict:
+    """One run of the PyTorch loop (``torch_train_main``) in a child process: its figures."""
+    import json
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "ps.bench", "torch-train", spec.to_json()], check=True,
+                         capture_output=True, text=True)
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    echo(f"PyTorch loop, 2 threads (same model, data, initial weights, batch order): "
+         f"{theirs['samples_per_s']:.0f} samples/s ({theirs['with_eval_samples_per_s']:.0f} counting its "
+         f"evaluation after each epoch, as a job's figure does), test accuracy {theirs['test_accuracy']:.4f}")
+    return theirs
+
+
 def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tuple[str, ...] = ("asp",),
           staleness: int = 3, batch: int = 0, replicas: int = 0) -> dict:
     """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
@@ -554,20 +567,14 @@ def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tup
          f"test accuracy {single['test_accuracy']:.4f}")
     result = {"single_samples_per_s": round(single["samples_per_s"], 1),
               "single_test_accuracy": single["test_accuracy"], "cpu_count": os.cpu_count(), "replicas": replicas or 2}
+    torch_runs: list[dict] = []  # the PyTorch loop's, before the cluster's runs and after each mode's
     try:
         import torch  # noqa: F401 - only whether it is there
     except ImportError:
         echo("(no torch: the PyTorch loop is left out; pip install -e '.[bench]')")
     else:
-        out = subprocess.run([sys.executable, "-m", "ps.bench", "torch-train", spec.to_json()], check=True,
-                             capture_output=True, text=True)
-        theirs = json.loads(out.stdout.strip().splitlines()[-1])
-        result.update(torch_samples_per_s=round(theirs["samples_per_s"], 1),
-                      torch_with_eval_samples_per_s=round(theirs["with_eval_samples_per_s"], 1),
-                      torch_test_accuracy=theirs["test_accuracy"])
-        echo(f"PyTorch loop, 2 threads (same model, data, initial weights, batch order): "
-             f"{theirs['samples_per_s']:.0f} samples/s ({theirs['with_eval_samples_per_s']:.0f} counting its "
-             f"evaluation after each epoch, as a job's figure does), test accuracy {theirs['test_accuracy']:.4f}")
+        torch_runs.append(_torch_train(spec, echo))
+        result["torch_test_accuracy"] = torch_runs[0]["test_accuracy"]
     one = _cluster_train(spec, 1)
     echo(f"1 worker + 2 servers: {one['samples_per_s']:.0f} samples/s, test accuracy {one['test_accuracy']:.4f}")
     result.update(one_worker_samples_per_s=round(one["samples_per_s"], 1), one_worker_test_accuracy=one["test_accuracy"],
@@ -586,18 +593,25 @@ def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tup
              f"max {two['staleness_updates_max']}" + (f"; in clocks: max {two['staleness_clocks_max']}"
                                                        if mode != "asp" else ""))
         prefix = "two_workers" if mode == "asp" else f"{mode}_two_workers"
-        if "torch_samples_per_s" in result:
-            result[f"{prefix}_vs_torch"] = round(two["samples_per_s"] / result["torch_samples_per_s"], 3)
-            result[f"{prefix}_vs_torch_with_eval"] = round(two["samples_per_s"] /
-                                                           result["torch_with_eval_samples_per_s"], 3)
-            echo(f"  against the PyTorch loop: {result[f'{prefix}_vs_torch']:.2f}x its speed "
-                 f"({result[f'{prefix}_vs_torch_with_eval']:.2f}x counting its evaluation), accuracy "
+        if torch_runs:
+            # against the loop's runs just before and just after this one (the machine's speed drifts)
+            torch_runs.append(_torch_train(spec, echo))
+            near = torch_runs[-2:]
+            for key, suffix in (("samples_per_s", ""), ("with_eval_samples_per_s", "_with_eval")):
+                result[f"{prefix}_vs_torch{suffix}"] = round(
+                    two["samples_per_s"] / (sum(r[key] for r in near) / len(near)), 3)
+            echo(f"  against the PyTorch loop (its runs before and after): {result[f'{prefix}_vs_torch']:.2f}x "
+                 f"its speed ({result[f'{prefix}_vs_torch_with_eval']:.2f}x counting its evaluation), accuracy "
                  f"{two['test_accuracy'] - result['torch_test_accuracy']:+.4f}")
         result.update({f"{prefix}_samples_per_s": round(two["samples_per_s"], 1),
                        f"{prefix}_test_accuracy": two["test_accuracy"],
                        f"{prefix}_staleness_updates_mean": round(two["staleness_updates_mean"], 3),
                        f"{prefix}_batch": per_worker,
                        f"{prefix}_to_one_worker_ratio": round(two["samples_per_s"] / one["samples_per_s"], 3)})
+    if torch_runs:
+        for key in ("samples_per_s", "with_eval_samples_per_s"):
+            result[f"torch_{key}"] = round(sum(r[key] for r in torch_runs) / len(torch_runs), 1)
+            result[f"torch_{key}_runs"] = [round(r[key], 1) for r in torch_runs]
     if "asp" in consistency:
         result["two_to_one_worker_ratio"] = result["two_workers_to_one_worker_ratio"]
         echo(f"1 worker / single process: {result['one_worker_to_single_ratio']:.2f}; "
