@@ -292,6 +292,32 @@ def test_bsp_goes_on_without_a_worker_that_died_and_says_so():
     assert info.metrics.steps <= min(applied) <= info.metrics.steps + batches, (info.metrics.steps, applied)
 
 
+def test_a_bsp_worker_held_up_past_its_lease_is_dropped_and_its_late_gradient_does_not_count():
+    """A worker stopped (SIGSTOP) until its lease expires: the barrier goes on without it; when it runs
+    again its gradient, tagged with a step already applied, is refused, and its task is abandoned."""
+    spec = spec_for("bsp", epochs=8, lease_timeout_s=2.0)
+    with ps.LocalCluster(servers=2, workers=2) as cluster, ps.Client(cluster.address) as client:
+        job = client.submit(spec)
+        victim = cluster.workers[0]
+        wait_for(lambda: "task job-1/train-1-" in victim.log.read_text(), 120, what="a train task of epoch 2")
+        os.kill(victim.popen.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: any("the barrier shrinks to 1 live member(s)" in e.message for e in job.events()),
+                     60, what="the stopped worker's lease to expire")
+        finally:
+            os.kill(victim.popen.pid, signal.SIGCONT)
+        job.wait(progress=False, timeout=300)
+        info = job.info()
+        applied = versions(client, job.job_id)
+        wait_for(lambda: " abandoned: its lease ended" in victim.log.read_text(), 60,
+                 what="the stopped worker to drop its task")
+    assert info.state == "succeeded" and info.tasks_done == info.tasks_total
+    from ps.worker.preprocess import shard_ranges
+    prep = json.loads(info.prep_json)
+    batches = max(-(-(hi - lo) // spec.batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"]))
+    assert len(applied) == 1 and info.metrics.steps <= min(applied) <= info.metrics.steps + batches
+
+
 def test_a_clock_call_without_a_lease_is_refused_and_changes_nothing():
     with ps.LocalCluster(servers=1, workers=0) as cluster, ps.Client(cluster.address) as client:
         import grpc
