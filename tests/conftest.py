@@ -74,6 +74,15 @@ def versions(client, model: str) -> set[int]:
     return {v for s in client.model(model).stats() for v in (s.min_version, s.max_version)}
 
 
+def task_batches(info, batch_size: int) -> list[int]:
+    """The batches of each train task of an epoch of the job ``info`` describes (a JobInfo)."""
+    import json
+    import math
+    from ps.worker.preprocess import shard_ranges
+    prep = json.loads(info.prep_json)
+    return [math.ceil((hi - lo) / batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"])]
+
+
 def wait_for_tasks(job, done: int) -> None:
     """Follow the job's progress events until ``done`` of its tasks have finished."""
     for ev in job.events(timeout=120):

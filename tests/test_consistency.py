@@ -3,7 +3,6 @@ from every worker's gradient): the clocks' state machine alone, then jobs on rea
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ from ps.scheduler.clocks import Clocks
 from ps.spec import JobSpec, SpecError, accumulator
 from ps.v1 import scheduler_pb2
 
-from conftest import versions, wait_for, wait_for_tasks
+from conftest import task_batches, versions, wait_for, wait_for_tasks
 
 
 # -- the clocks' state machine -------------------------------------------------------------------
@@ -285,9 +284,7 @@ def test_bsp_goes_on_without_a_worker_that_died_and_says_so():
         applied = versions(client, job.job_id)
     # One update a step: every step a finished task led was applied once, plus at most those the dead
     # worker led in the task it never finished (its shard ran again on the other worker).
-    from ps.worker.preprocess import shard_ranges
-    prep = json.loads(info.prep_json)
-    batches = max(-(-(hi - lo) // spec.batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"]))
+    batches = max(task_batches(info, spec.batch_size))
     assert info.tasks_done == info.tasks_total and len(applied) == 1
     assert info.metrics.steps <= min(applied) <= info.metrics.steps + batches, (info.metrics.steps, applied)
 
@@ -312,9 +309,7 @@ def test_a_bsp_worker_held_up_past_its_lease_is_dropped_and_its_late_gradient_do
         wait_for(lambda: " abandoned: its lease ended" in victim.log.read_text(), 60,
                  what="the stopped worker to drop its task")
     assert info.state == "succeeded" and info.tasks_done == info.tasks_total
-    from ps.worker.preprocess import shard_ranges
-    prep = json.loads(info.prep_json)
-    batches = max(-(-(hi - lo) // spec.batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"]))
+    batches = max(task_batches(info, spec.batch_size))
     assert len(applied) == 1 and info.metrics.steps <= min(applied) <= info.metrics.steps + batches
 
 

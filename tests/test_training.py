@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from ps.reference import train_local
 from ps.tblog import read_scalars
 from ps.worker.datasets import load_builtin
 
-from conftest import versions, wait_for, wait_for_tasks
+from conftest import task_batches, versions, wait_for, wait_for_tasks
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +174,7 @@ def test_a_worker_killed_mid_job_costs_time_not_the_job():
     assert model.metrics["test_accuracy"] >= 0.95
     # Nothing acknowledged was lost: every slice holds the updates of every task reported done, plus at
     # most those the killed worker pushed in the task it never reported (run again by the other worker).
-    from ps.worker.preprocess import shard_ranges
-    prep = json.loads(info.prep_json)
-    batches = [math.ceil((hi - lo) / spec.batch_size) for lo, hi in shard_ranges(prep["n_train"], prep["shards"])]
+    batches = task_batches(info, spec.batch_size)
     m = info.metrics
     assert m.duplicates == 0 and info.tasks_done == info.tasks_total
     assert m.steps == spec.epochs * sum(batches)  # each task's steps counted once, from the lease that finished it
