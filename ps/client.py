@@ -807,7 +807,8 @@ class Model:
 
     def apply_accumulated(self, accumulator: str, contributors: int, seq: int) -> None:
         """bsp: apply the mean of the gradients summed in the model ``accumulator`` (created like this one
-        with ``ps.spec.ACCUMULATOR_OPTIMIZER``; members push negated gradients to it) and zero it. Each
+        with ``ps.spec.ACCUMULATOR_OPTIMIZER``; members push negated gradients to it, tagged with ``seq``:
+        the mean is over those, or over ``contributors`` when none is tagged) and zero it. Each
         shard does it in place from one small call: nothing but the call crosses the network. Applied
         once per (this client, ``seq``), as ``push`` with a seq is; counts as one push of this handle."""
         what = "apply accumulated to"

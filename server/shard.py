@@ -338,8 +338,9 @@ class ShardStore:
     def apply_accumulated(self, name: str, acc_name: str, contributors: int, client_id: str, seq: int,
                           ranges: list[tuple[str, int, int]], *, waits: list | None = None) -> tuple[int, int, int]:
         """bsp: apply the mean of the gradients summed in the accumulator model ``acc_name`` (sliced like
-        ``name``, see ACCUMULATOR_OPTIMIZER) to each whole slice at ``ranges``, as a push under
-        (client_id, seq), then zero the accumulator's slice (forwarded to backups as any assign).
+        ``name``, see ACCUMULATOR_OPTIMIZER; over those tagged with ``seq``, or ``contributors``) to each
+        whole slice at ``ranges``, as a push under (client_id, seq), then zero the accumulator's slice
+        (forwarded to backups as any assign) and close the step: gradients tagged with it are refused.
         Everything is checked before anything changes. Returns (applied, duplicates, lowest version)."""
         what = f"apply accumulated '{acc_name}' to"
         if contributors < 1:

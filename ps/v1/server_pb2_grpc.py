@@ -238,10 +238,11 @@ class ParameterServerServicer:
     def ApplyAccumulated(self, request, context):
         """bsp: apply a step's gradients, summed on this server. The step's members pushed them to the
         accumulator model (sliced like this one, plain SGD with lr 1 on negated gradients: it holds their
-        sum); for each range, this server applies the accumulator's values divided by `contributors` to
-        the model as a push under (client_id, seq) would (exactly once, forwarded to backups), then
-        zeroes the accumulator's range. The step's leader sends this small call to each shard instead
-        of pulling the sum and pushing the mean.
+        sum); for each range, this server applies the accumulator's values divided by the number of
+        gradients tagged with seq there (their push's seq; `contributors` when none is) to the model as a
+        push under (client_id, seq) would (exactly once, forwarded to backups), then zeroes the
+        accumulator's range and closes the step: a gradient tagged with it later is refused (ABORTED).
+        The step's leader sends this small call to each shard instead of pulling the sum and pushing the mean.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
