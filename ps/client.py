@@ -805,18 +805,20 @@ class Model:
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
             raise InvalidArgument(f"{what} '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
 
-    def apply_accumulated(self, accumulator: str, contributors: int, seq: int) -> None:
+    def apply_accumulated(self, accumulator: str, contributors: int, seq: int) -> bool:
         """bsp: apply the mean of the gradients summed in the model ``accumulator`` (created like this one
         with ``ps.spec.ACCUMULATOR_OPTIMIZER``; members push negated gradients to it, tagged with ``seq``:
         the mean is over those, or over ``contributors`` when none is tagged) and zero it. Each
         shard does it in place from one small call: nothing but the call crosses the network. Applied
-        once per (this client, ``seq``), as ``push`` with a seq is; counts as one push of this handle."""
+        once per (this client, ``seq``), as ``push`` with a seq is; counts as one push of this handle.
+        An accumulator that took no gradient since its last step applies nothing: then this returns
+        False and counts no push (a zero step would still move momentum)."""
         what = "apply accumulated to"
         self._check_seq(seq, what)
         if isinstance(contributors, bool) or not isinstance(contributors, (int, np.integer)) or contributors < 1:
             raise InvalidArgument(f"{what} '{self.name}': contributors must be an integer >= 1, got {contributors!r}")
         with self._push_lock:
-            versions = []
+            versions, taken = [], []
 
             def one(stub, shard):
                 ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
@@ -825,11 +827,15 @@ class Model:
                     model=self.name, accumulator=accumulator, contributors=int(contributors),
                     client_id=self.client.client_id, seq=int(seq), ranges=ranges), timeout=self.client.timeout)
                 versions.append(resp.version)
+                taken.append(resp.applied + resp.duplicates)
                 return resp.duplicates
 
             results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
-            self._acknowledged(seq, results, what, shared_seq=True)
             self.version = min(versions, default=self.version)
+            if not any(taken):
+                return False
+            self._acknowledged(seq, results, what, shared_seq=True)
+            return True
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
         """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking

@@ -217,6 +217,10 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                     self._names("replicate assign to", req)
                     self.store.assign(req.model, req.chunk.tensor, req.chunk.offset,
                                       _decode(req.chunk, req.model, "replicate assign to"), replica=True)
+                elif kind == "close":
+                    c = op.close
+                    self.limits.check_name("replicate close of: tensor name", c.tensor)
+                    self.store.close_step(request.model, c.tensor, c.offset, c.step)
                 else:
                     raise InvalidArgument(f"{what}: op {n} is empty")
                 n += 1
@@ -338,13 +342,13 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             owned = self._owned(context, "apply accumulated to")
             owned(request.model)
             owned(request.accumulator)
-            applied, dup, version = self.store.apply_accumulated(
+            applied, dup, empty, version = self.store.apply_accumulated(
                 request.model, request.accumulator, request.contributors, request.client_id, request.seq,
                 [(r.tensor, r.offset, r.length) for r in request.ranges], waits=waits)
             self._replicated(waits, "apply accumulated")
         except PSError as e:
             abort(context, e)
-        return server_pb2.ApplyAccumulatedResponse(applied=applied, duplicates=dup, version=version)
+        return server_pb2.ApplyAccumulatedResponse(applied=applied, duplicates=dup, empty=empty, version=version)
 
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""

@@ -52,8 +52,10 @@ class SliceState:
     backups: tuple[str, ...] = ()
     forwarded: dict = field(default_factory=dict)
     #: a bsp accumulator's slice: the last step applied from it; a gradient tagged with an id up to
-    #: it is too late (its step is over) and is refused instead of landing in the next step's sum
+    #: it is too late (its step is over) and is refused instead of landing in the next step's sum.
+    #: ``closed_version``: its version then (the same now: no gradient was summed since)
     closed: int = 0
+    closed_version: int = 0
 
     @property
     def stop(self) -> int:
@@ -341,7 +343,8 @@ class ShardStore:
         ``name``, see ACCUMULATOR_OPTIMIZER; over those tagged with ``seq``, or ``contributors``) to each
         whole slice at ``ranges``, as a push under (client_id, seq), then zero the accumulator's slice
         (forwarded to backups as any assign) and close the step: gradients tagged with it are refused.
-        Everything is checked before anything changes. Returns (applied, duplicates, lowest version)."""
+        An accumulator slice that took no gradient since its last step applies nothing (``empty``).
+        Everything is checked before anything changes. Returns (applied, duplicates, empty, lowest version)."""
         what = f"apply accumulated '{acc_name}' to"
         if contributors < 1:
             raise InvalidArgument(f"{what} '{name}': contributors must be >= 1, got {contributors}")
@@ -363,26 +366,59 @@ class ShardStore:
             self._check_role(sl, name, False, what)  # again under each lock below: a demotion may be under way
             self._check_role(a, acc_name, False, what)
             pairs.append((sl, a))
-        applied = dup = 0
+        applied = dup = empty = 0
         version = None
         for sl, a in pairs:
             # under the accumulator slice's lock throughout: a gradient that comes meanwhile waits, then
             # finds the step closed (lock order: accumulator, then model; nothing takes them the other way)
             with a.lock:
                 self._check_role(a, acc_name, False, what)
-                # the members' gradients tagged with this step's id, whole: the mean is over those that came
-                # (``contributors``, the scheduler's count, for untagged pushes)
-                tagged = sum(1 for rec in a.applied.values() if rec[0] == seq and rec[1] >= a.stop)
-                mean = a.param / (tagged or contributors)
-                sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, mean, waits=waits)
-                applied += ok
-                dup += not ok
-                # cleared even for a retry: no member adds the next step before this one is reported applied
-                a.param.fill(0)
-                a.closed = max(a.closed, seq)
-                self._forward_assign(acc, a, a.offset, a.param, waits)
+                if a.version != a.closed_version:
+                    # the members' gradients tagged with this step's id, whole: the mean is over those that
+                    # came (``contributors``, the scheduler's count, for untagged pushes)
+                    tagged = sum(1 for rec in a.applied.values() if rec[0] == seq and rec[1] >= a.stop)
+                    sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, a.param / (tagged or contributors),
+                                       waits=waits)
+                    applied += ok
+                    dup += not ok
+                elif self._seen(sl, client_id, seq):  # a retry of this step, applied: acknowledged again
+                    dup += 1
+                    if waits is not None:
+                        with sl.lock:
+                            waits.extend(sl.forwarded.values())
+                else:
+                    # nothing summed since the last step (its leader applied it, then the scheduler restarted
+                    # and its rebuilt clock led a step again): a mean of nothing is not an update
+                    empty += 1
+                self._close(acc, a, seq, waits)
             version = sl.version if version is None else min(version, sl.version)
-        return applied, dup, version or 0
+        return applied, dup, empty, version or 0
+
+    def _seen(self, sl: SliceState, client_id: str, seq: int) -> bool:
+        """Whether (client_id, seq) was applied to the whole slice before."""
+        with sl.lock:
+            rec = sl.applied.get(client_id)
+            return rec is not None and (rec[0] > seq or (rec[0] == seq and rec[1] >= sl.stop))
+
+    def _close(self, acc: ModelState, a: SliceState, seq: int, waits: list | None) -> None:
+        """Zero an accumulator's slice and close its step ``seq`` (under its lock), here and on its backups.
+        Cleared even for a retry: no member adds the next step before this one is reported applied."""
+        a.param.fill(0)
+        a.closed, a.closed_version = max(a.closed, seq), a.version
+        if a.backups and self.replicator is not None:
+            op = server_pb2.ReplicaOp(close=server_pb2.CloseStep(tensor=a.tensor, offset=a.offset, step=seq))
+            self._forward(acc, a, op.SerializeToString(), waits)
+
+    def close_step(self, name: str, tensor: str, offset: int, step: int) -> None:
+        """A backup: its primary applied step ``step`` from this accumulator slice (see ``_close``)."""
+        what = "replicate close of"
+        a = self.model(name).locate(tensor, offset, 0, what)
+        if a.offset != offset:
+            raise InvalidArgument(f"{what} '{name}/{tensor}': offset {offset} does not start a slice (the slice "
+                                  f"there is [{a.offset}, {a.stop}))")
+        with a.lock:
+            self._check_role(a, name, True, what)
+            self._close(self.model(name), a, step, None)
 
     def _check_role(self, sl: SliceState, name: str, replica: bool, what: str) -> None:
         if replica and sl.primary:
@@ -428,6 +464,7 @@ class ShardStore:
                                         param=encode(sl.param), version=sl.version, pushes=sl.pushes)
         for k, v in sl.state.items():
             encode(v, snap.state[k])
+        snap.closed, snap.closed_version = sl.closed, sl.closed_version
         for cid, (seq, end, step, _) in sl.applied.items():
             snap.applied.add(client_id=cid, seq=seq, end=end, step=step)
         return snap
@@ -518,7 +555,8 @@ class ShardStore:
                                          f"a primary with backups here: restore before replicating")
             # a backup's new slice; or a restore (from a checkpoint) onto a slice, which keeps its role
             sl = SliceState(snap.tensor, snap.offset, snap.length, param.copy(), {k: v.copy() for k, v in state.items()},
-                            version=snap.version, pushes=snap.pushes,
+                            version=snap.version, pushes=snap.pushes, closed=snap.closed,
+                            closed_version=snap.closed_version,
                             primary=restore and same is not None and same.primary)
             now = self._clock()
             sl.applied = {r.client_id: [r.seq, r.end, r.step, now] for r in snap.applied}

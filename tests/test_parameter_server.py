@@ -15,6 +15,8 @@ from ps import initializers, rpc
 from ps.tensor import dtype_code, encode
 from ps.v1 import server_pb2, server_pb2_grpc, tensor_pb2
 
+from conftest import versions
+
 
 @pytest.fixture(params=[(False, 0), (False, None), (True, None)], ids=["streamed", "grpc", "shared-memory"])
 def client(cluster, request):
@@ -343,6 +345,39 @@ def test_gradients_tagged_with_a_step_are_averaged_by_their_count_and_a_late_one
         stalled.model("tagged.acc").push({"w": -late}, seq=6)  # the next step takes it
         model.apply_accumulated("tagged.acc", 1, seq=6)
         np.testing.assert_allclose(model.pull()["w"], expected - late, rtol=1e-5, atol=1e-5)
+    acc.delete()
+    model.delete()
+
+
+def test_a_step_with_nothing_accumulated_applies_nothing_and_still_closes(client):
+    """A scheduler that restarts between a step's apply and its report leads that step again under a new
+    id; the accumulator is empty by then. A mean of nothing is no update: Adam's momentum would still move
+    the weights, so nothing is applied and no push is counted, and the step is closed all the same."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal(3000).astype(np.float32)
+    model = client.create_model("empty", {"w": w}, optimizer={"name": "adam", "lr": 0.01}, replace=True,
+                                max_slice_bytes=4096)
+    acc = client.create_model("empty.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER, replace=True,
+                              max_slice_bytes=4096)
+    g = rng.standard_normal(3000).astype(np.float32)
+    acc.push({"w": -g}, seq=(1 << 24) + 1)
+    assert model.apply_accumulated("empty.acc", 1, seq=(1 << 24) + 1) is True
+    after_step = model.pull()["w"]
+    assert not np.array_equal(after_step, w)
+    assert (model.pushes, model.duplicates, versions(client, "empty")) == (1, 0, {1})
+
+    assert model.apply_accumulated("empty.acc", 2, seq=(2 << 24) + 1) is False  # the rebuilt clock's first step
+    np.testing.assert_array_equal(model.pull()["w"], after_step)
+    assert (model.pushes, model.duplicates, versions(client, "empty")) == (1, 0, {1})
+    with pytest.raises(ps.errors.Aborted, match=rf"step {(2 << 24) + 1} was applied from this accumulator"):
+        acc.push({"w": -g}, seq=(2 << 24) + 1)
+    # the first step's retry is still acknowledged as applied, not taken for an empty step
+    assert model.apply_accumulated("empty.acc", 1, seq=(1 << 24) + 1) is True
+    assert (model.pushes, model.duplicates) == (2, len(model.slices))
+    acc.push({"w": -g}, seq=(2 << 24) + 2)  # the next step applies as any
+    assert model.apply_accumulated("empty.acc", 1, seq=(2 << 24) + 2) is True
+    assert versions(client, "empty") == {2}
     acc.delete()
     model.delete()
 

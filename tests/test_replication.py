@@ -34,12 +34,14 @@ def server_process(cluster, address):
     return next(p for p in cluster.servers if p.port == port)
 
 
-def pull_from(client, address, model, tensor, n):
-    """A tensor's values as one replica holds them (Pull is served by backups too)."""
+def pull_from(client, address, model, tensor, n, offset=0):
+    """Elements [offset, offset + n) of a float64 tensor as one replica holds them (Pull is served by
+    backups too)."""
     out = np.empty(n, np.float64)
     for r in client.server(address).Pull(server_pb2.PullRequest(model=model, ranges=[
-            server_pb2.Range(tensor=tensor, offset=0, length=n)]), timeout=10):
-        out[r.chunk.offset:r.chunk.offset + len(r.chunk.values.data) // 8] = np.frombuffer(r.chunk.values.data)
+            server_pb2.Range(tensor=tensor, offset=offset, length=n)]), timeout=10):
+        a = r.chunk.offset - offset
+        out[a:a + len(r.chunk.values.data) // 8] = np.frombuffer(r.chunk.values.data)
     return out
 
 
@@ -48,7 +50,7 @@ def assert_replicas_identical(client, model):
     m = client.model(model)
     for shard, servers in enumerate(m.replicas):
         for s in m._slices_of(shard):
-            held = [pull_from(client, a, model, s.tensor, s.length) for a in servers]
+            held = [pull_from(client, a, model, s.tensor, s.length, s.offset) for a in servers]
             for a, values in zip(servers[1:], held[1:]):
                 assert values.tobytes() == held[0].tobytes(), f"{model}/{s.tensor}: {a} differs from {servers[0]}"
 
@@ -222,6 +224,43 @@ def test_with_no_server_to_spare_status_shows_the_shards_under_replicated():
         assert out.returncode == 0, out.stderr
         lines = sorted(l for l in out.stdout.splitlines() if l.startswith("under-replicated"))
         assert lines == [f"under-replicated: ctr shard {i}: 1 of 2 replicas ({survivor})" for i in range(2)]
+
+
+def test_a_promoted_backup_refuses_a_gradient_of_a_step_its_primary_closed():
+    """A bsp step applied from an accumulator is closed on its backups too (replicated, as are the
+    update counts a promoted backup tells an empty step by): after the primary's kill -9, a gradient
+    tagged with that step is refused, and a step led again with nothing summed applies nothing."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(2000)
+    with ps.LocalCluster(servers=3, scheduler_args=FAST) as cluster, ps.Client(cluster.address) as client:
+        model = client.create_model("bspr", {"w": w}, optimizer={"name": "adam", "lr": 0.01}, max_slice_bytes=4096)
+        acc = client.create_model("bspr.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER,
+                                  max_slice_bytes=4096)
+        assert acc.replicas == model.replicas and all(len(r) == 2 for r in acc.replicas)
+        assert len({s.shard for s in acc.slices}) == 3
+        g = rng.standard_normal(2000)
+        acc.push({"w": -g}, seq=5)
+        assert model.apply_accumulated("bspr.acc", 1, seq=5)
+        weights = model.pull()["w"]
+        for s in acc.slices:
+            assert not pull_from(client, acc.replicas[s.shard][1], "bspr.acc", "w", s.length, s.offset).any()
+        primary, backup = acc.replicas[0]
+        server_process(cluster, primary).kill()
+        wait_for(lambda: not client.cluster().under_replicated and
+                 primary not in {a for r in client.model("bspr.acc").replicas for a in r}, 60, what="failover")
+        assert client.model("bspr.acc").replicas[0][0] == backup
+        with ps.Client(cluster.address) as late:
+            with pytest.raises(ps.errors.Aborted, match="step 5 was applied from this accumulator without it"):
+                late.model("bspr.acc").push({"w": -g}, seq=5)
+        assert not client.model("bspr.acc").pull()["w"].any()
+        assert model.apply_accumulated("bspr.acc", 1, seq=6) is False
+        np.testing.assert_array_equal(model.pull()["w"], weights)
+        assert versions(client, "bspr") == {1} and model.pushes == 1
+        acc.push({"w": -g}, seq=7)
+        assert model.apply_accumulated("bspr.acc", 1, seq=7)
+        assert versions(client, "bspr") == {2}
+        assert_replicas_identical(client, "bspr")
 
 
 @pytest.mark.parametrize("mode", ["bsp", "ssp"])

@@ -408,8 +408,11 @@ class Worker:
                 log.warning("task %s: gradient %d not summed: %s", task.task_id, i, e)
             d = self._clock(task, i + 1)
             while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
-                apply_to.apply_accumulated(acc.name, d.contributors, seq=_step_id(task.epoch, d.step))
-                # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id
+                if not apply_to.apply_accumulated(acc.name, d.contributors, seq=_step_id(task.epoch, d.step)):
+                    log.info("task %s: step %d had no gradient left to apply (it was applied before the scheduler "
+                             "restarted)", task.task_id, d.step)
+                # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id, and
+                # what it finds accumulated is what the step before the restart had not applied (or nothing)
                 d = self._clock(task, i + 1, applied=True)
             step = d.step + 1
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))

@@ -25,14 +25,16 @@ class ApplyAccumulatedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class ApplyAccumulatedResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "version")
+    __slots__ = ("applied", "duplicates", "version", "empty")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     version: int
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    empty: int
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ...) -> None: ...
 
 class PushBatchRequest(_message.Message):
     __slots__ = ("chunks", "pull")
@@ -381,7 +383,7 @@ class AppliedRecord(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., seq: _Optional[int] = ..., end: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SliceSnapshot(_message.Message):
-    __slots__ = ("tensor", "shape", "offset", "length", "param", "state", "version", "pushes", "applied")
+    __slots__ = ("tensor", "shape", "offset", "length", "param", "state", "version", "pushes", "applied", "closed", "closed_version")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -398,6 +400,8 @@ class SliceSnapshot(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_VERSION_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
@@ -407,17 +411,31 @@ class SliceSnapshot(_message.Message):
     version: int
     pushes: int
     applied: _containers.RepeatedCompositeFieldContainer[AppliedRecord]
-    def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., param: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[AppliedRecord, _Mapping]]] = ...) -> None: ...
+    closed: int
+    closed_version: int
+    def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., param: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[AppliedRecord, _Mapping]]] = ..., closed: _Optional[int] = ..., closed_version: _Optional[int] = ...) -> None: ...
 
 class ReplicaOp(_message.Message):
-    __slots__ = ("install", "push", "assign")
+    __slots__ = ("install", "push", "assign", "close")
     INSTALL_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
     install: SliceSnapshot
     push: PushRequest
     assign: AssignRequest
-    def __init__(self, install: _Optional[_Union[SliceSnapshot, _Mapping]] = ..., push: _Optional[_Union[PushRequest, _Mapping]] = ..., assign: _Optional[_Union[AssignRequest, _Mapping]] = ...) -> None: ...
+    close: CloseStep
+    def __init__(self, install: _Optional[_Union[SliceSnapshot, _Mapping]] = ..., push: _Optional[_Union[PushRequest, _Mapping]] = ..., assign: _Optional[_Union[AssignRequest, _Mapping]] = ..., close: _Optional[_Union[CloseStep, _Mapping]] = ...) -> None: ...
+
+class CloseStep(_message.Message):
+    __slots__ = ("tensor", "offset", "step")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    offset: int
+    step: int
+    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
     __slots__ = ("model", "optimizer", "primary", "ops")
