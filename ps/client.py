@@ -151,21 +151,27 @@ class Client:
 
     def _call_local(self, address: str, stub, req: server_pb2.LocalPushPullRequest,
                     timeout: float) -> server_pb2.LocalPushPullResponse:
-        """A PushPullLocal call: over the server's same-host link once it named one, else over gRPC.
-        A link that breaks mid-call is dropped and the call fails with LinkBroken (UNAVAILABLE; ``_stream``
-        retries it over gRPC at once; exactly-once makes a retry of an applied call harmless)."""
+        """A PushPullLocal call: over the server's same-host link once it named one, else over gRPC."""
+        return self._call_linked(address, stub.PushPullLocal, req, server_pb2.LocalPushPullResponse, timeout,
+                                 local_link.CALL)
+
+    def _call_linked(self, address: str, method, req, reply, timeout: float, kind: int):
+        """A call of gRPC ``method`` (whose reply, of class ``reply``, may name the server's same-host link):
+        over that link once the server named one, else over gRPC. A link that breaks mid-call is dropped and
+        the call fails with LinkBroken (UNAVAILABLE; ``_stream`` retries it over gRPC at once; exactly-once
+        makes a retry of an applied call harmless)."""
         link = self._links.get(address)
         if isinstance(link, local_link.Link):
             try:
-                return server_pb2.LocalPushPullResponse.FromString(link.call(req.SerializeToString(), timeout))
+                return reply.FromString(link.call(req.SerializeToString(), timeout, kind))
             except OSError as e:  # the link broke (a status the server sent is a LinkError: a grpc.RpcError)
                 with self._lock:
                     if self._links.get(address) is link:
                         del self._links[address]
                 link.close()
                 raise local_link.LinkBroken(f"the local link to {address} broke: {e or type(e).__name__}") from None
-        resp = stub.PushPullLocal(req, timeout=timeout)
-        if resp.link and resp.link != link and self.link:
+        resp = method(req, timeout=timeout)
+        if resp.link and resp.link != link and self.link and self.local:
             self._open_link(address, resp.link)
         return resp
 
@@ -823,9 +829,13 @@ class Model:
             def one(stub, shard):
                 ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
                           for s in self._slices_of(shard)]
-                resp = stub.ApplyAccumulated(server_pb2.ApplyAccumulatedRequest(
-                    model=self.name, accumulator=accumulator, contributors=int(contributors),
-                    client_id=self.client.client_id, seq=int(seq), ranges=ranges), timeout=self.client.timeout)
+                req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
+                                                         contributors=int(contributors), client_id=self.client.client_id,
+                                                         seq=int(seq), ranges=ranges)
+                # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
+                resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
+                                                server_pb2.ApplyAccumulatedResponse, self.client.timeout,
+                                                local_link.APPLY)
                 versions.append(resp.version)
                 taken.append(resp.applied + resp.duplicates)
                 return resp.duplicates

@@ -4,13 +4,15 @@ host carried over a Unix socket instead of gRPC.
 A gRPC call costs about as much Python on each side as the whole of a small push_pull's work; over
 a socket of its own a call is one write and one read each way. The server listens on an abstract
 Unix socket (Linux: no file to clean up, gone with the process) with a random name, which it
-tells a client in its first PushPullLocal reply over gRPC. The client then connects and sends the
-same LocalPushPullRequest bytes over the link, and gets LocalPushPullResponse bytes back.
+tells a client in its first PushPullLocal (or ApplyAccumulated) reply over gRPC. The client then
+connects and sends the same request bytes over the link, and gets the same reply bytes back. A call
+frame's kind names the method it stands in for (``CALL``: PushPullLocal, ``APPLY``:
+ApplyAccumulated, bsp's per-step call).
 
 Who may use it: only a process of the server's own user (checked with SO_PEERCRED on both ends,
 the trust the shared-memory segments, mode 0600, already rest on); with an auth file, the client
 first sends its bearer token, and the link then allows exactly what gRPC would: the token must
-admit it to the gRPC method the link stands in for (``ps.security.admit``), and a user may touch
+admit it to the gRPC method each call stands in for (``ps.security.admit``), and a user may touch
 only its own models (the servicer checks).
 
 Frames both ways: a 4-byte little-endian payload length, a 1-byte kind, the payload.
@@ -34,7 +36,7 @@ from ps.errors import PSError, ResourceExhausted, short_message
 log = logging.getLogger("ps.link")
 
 _FRAME = struct.Struct("<IB")
-HELLO, CALL = 1, 2        # client -> server: the bearer token (may be empty), a request
+HELLO, CALL, APPLY = 1, 2, 3  # client -> server: the bearer token (may be empty), a request of a method
 OK, ERROR = 0, 1          # server -> client: a reply; a status code (1 byte) and its message
 #: requests are control messages (ranges of a segment): far below this
 MAX_FRAME_BYTES = 1 << 20
@@ -105,13 +107,14 @@ def peer_uid(sock: socket.socket) -> int:
 class LinkServer:
     """Accepts links on an abstract Unix socket; serves each on a thread of its own.
 
-    ``handle(request bytes, identity)`` returns the reply bytes or raises PSError (sent back as its
-    status; the link stays up). ``auth``: the process's AuthTable (None: every caller of this user);
-    ``method``: the gRPC method (/package.Service/Method) the link stands in for, whose permissions
-    a caller's token must have."""
+    ``methods``: by call frame kind, (the gRPC method it stands in for, /package.Service/Method, whose
+    permissions a caller's token must have; ``handle(request bytes, identity)``, which returns the
+    reply bytes or raises PSError, sent back as its status: the link stays up). A link is admitted
+    by the method of kind ``CALL``. ``auth``: the process's AuthTable (None: every caller of this user)."""
 
-    def __init__(self, handle: Callable[[bytes, object], bytes], auth=None, method: str = ""):
-        self.handle, self.auth, self.method = handle, auth, method
+    def __init__(self, methods: dict[int, tuple[str, Callable[[bytes, object], bytes]]], auth=None):
+        self.methods, self.auth = methods, auth
+        self.method = methods[CALL][0]
         self.name = f"ps-link-{os.getpid():x}-{secrets.token_hex(12)}"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind("\0" + self.name)
@@ -136,38 +139,48 @@ class LinkServer:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="link", daemon=True).start()
 
-    def _hello(self, conn: socket.socket) -> tuple[bool, object]:
-        """(admitted, the caller's identity: None without auth); a refused caller has been told why."""
+    def _hello(self, conn: socket.socket) -> tuple[bool, object, str | None]:
+        """(admitted, the caller's identity: None without auth, its token); a refused caller has been
+        told why."""
         uid = peer_uid(conn)
         if uid != os.getuid():
             log.warning("refused a local link from uid %d (this server runs as uid %d)", uid, os.getuid())
-            return False, None
-        kind, token = _recv(conn)
+            return False, None, None
+        kind, raw = _recv(conn)
         if kind != HELLO:
             _send_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"local link: expected a hello frame, got kind {kind}")
-            return False, None
+            return False, None, None
+        token = raw.decode(errors="replace") or None
         who = None
         if self.auth is not None:
-            who, why = security.admit(self.auth, self.method, token.decode(errors="replace") or None)
+            who, why = security.admit(self.auth, self.method, token)
             if why is not None:
                 _send_error(conn, why[0], f"local link: {why[1]}")
-                return False, None
+                return False, None, None
         _send(conn, OK)
-        return True, who
+        return True, who, token
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            admitted, who = self._hello(conn)
+            admitted, who, token = self._hello(conn)
             if not admitted:
                 return
+            admitted = {CALL: who}  # by kind: who the token speaks for on that kind's method
             while True:
                 kind, payload = _recv(conn)
-                if kind != CALL:
+                if kind not in self.methods:
                     _send_error(conn, grpc.StatusCode.INVALID_ARGUMENT, f"local link: expected a call frame, "
                                                                         f"got kind {kind}")
                     return
+                method, handle = self.methods[kind]
+                if kind not in admitted:
+                    admitted[kind], why = (None, None) if self.auth is None else security.admit(self.auth, method, token)
+                    if why is not None:
+                        del admitted[kind]
+                        _send_error(conn, why[0], f"local link: {why[1]}")
+                        continue
                 try:
-                    reply = self.handle(payload, who)
+                    reply = handle(payload, admitted[kind])
                 except PSError as e:
                     _send_error(conn, e.code, str(e))
                     continue
@@ -239,15 +252,15 @@ class Link:
             raise LinkError(_BY_VALUE.get(payload[0], grpc.StatusCode.UNKNOWN), payload[1:].decode(errors="replace"))
         raise LinkClosed(f"local link: a reply of kind {kind}")
 
-    def call(self, request: bytes, timeout: float | None = None) -> bytes:
-        """The reply to ``request``; LinkError for a status the server sent, LinkClosed (or another
-        OSError, a timeout among them) when the link broke: the call may or may not have been applied,
-        and the link is of no more use."""
+    def call(self, request: bytes, timeout: float | None = None, kind: int = CALL) -> bytes:
+        """The reply to ``request`` (of the method of frame ``kind``); LinkError for a status the server
+        sent, LinkClosed (or another OSError, a timeout among them) when the link broke: the call may or
+        may not have been applied, and the link is of no more use."""
         with self._lock:
             if self._timeout != timeout:
                 self._sock.settimeout(timeout)
                 self._timeout = timeout
-            _send(self._sock, CALL, request)
+            _send(self._sock, kind, request)
             return self._reply(self._sock)
 
     def close(self) -> None:

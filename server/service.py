@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ps import checkpoint, initializers, rpc, security, sharding, shm, sparse, wire
+from ps import checkpoint, initializers, local_link, rpc, security, sharding, shm, sparse, wire
 from ps import limits as ps_limits
 from ps.data_policy import DataPolicy
 from ps.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, PSError, ResourceExhausted,
@@ -330,24 +330,29 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         return wire.encode_push_batch_response(pulls, applied, dup)
 
     def ApplyAccumulated(self, request, context):
+        try:
+            resp = self._apply_accumulated(request, self._owned(context, "apply accumulated to"))
+        except PSError as e:
+            abort(context, e)
+        if self.link is not None:
+            resp.link = self.link.name
+        return resp
+
+    def _apply_accumulated(self, request, owned) -> server_pb2.ApplyAccumulatedResponse:
         what = f"apply accumulated '{request.accumulator}' to '{request.model}'"
         lim = self.limits
         waits = []
-        try:
-            lim.check_name("apply accumulated: model name", request.model)
-            lim.check_name("apply accumulated: accumulator name", request.accumulator)
-            lim.check_name(f"{what}: client_id", request.client_id)
-            lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices", InvalidArgument)
-            lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
-            owned = self._owned(context, "apply accumulated to")
-            owned(request.model)
-            owned(request.accumulator)
-            applied, dup, empty, version = self.store.apply_accumulated(
-                request.model, request.accumulator, request.contributors, request.client_id, request.seq,
-                [(r.tensor, r.offset, r.length) for r in request.ranges], waits=waits)
-            self._replicated(waits, "apply accumulated")
-        except PSError as e:
-            abort(context, e)
+        lim.check_name("apply accumulated: model name", request.model)
+        lim.check_name("apply accumulated: accumulator name", request.accumulator)
+        lim.check_name(f"{what}: client_id", request.client_id)
+        lim.check_count(f"{what}: ranges", len(request.ranges), "max_slices", InvalidArgument)
+        lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
+        owned(request.model)
+        owned(request.accumulator)
+        applied, dup, empty, version = self.store.apply_accumulated(
+            request.model, request.accumulator, request.contributors, request.client_id, request.seq,
+            [(r.tensor, r.offset, r.length) for r in request.ranges], waits=waits)
+        self._replicated(waits, "apply accumulated")
         return server_pb2.ApplyAccumulatedResponse(applied=applied, duplicates=dup, empty=empty, version=version)
 
     def PushPullLocal(self, request, context):
@@ -362,9 +367,19 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
 
     def start_link(self) -> LinkServer:
         """Listen for same-host links (``ps.local_link``): a token must be one that may call
-        PushPullLocal over gRPC."""
-        self.link = LinkServer(self.linked, security.current().auth, f"/{SERVICE_NAME}/PushPullLocal")
+        PushPullLocal over gRPC (and ApplyAccumulated, for that call)."""
+        self.link = LinkServer({local_link.CALL: (f"/{SERVICE_NAME}/PushPullLocal", self.linked),
+                                local_link.APPLY: (f"/{SERVICE_NAME}/ApplyAccumulated", self.linked_apply)},
+                               security.current().auth)
         return self.link
+
+    def linked_apply(self, request: bytes, who) -> bytes:
+        """An ApplyAccumulated that came over a same-host link from ``who``."""
+        try:
+            req = server_pb2.ApplyAccumulatedRequest.FromString(request)
+        except DecodeError as e:
+            raise InvalidArgument(f"apply accumulated: the request is not an ApplyAccumulatedRequest: {e}") from None
+        return self._apply_accumulated(req, self._owned_by(who, "apply accumulated to")).SerializeToString()
 
     def linked(self, request: bytes, who) -> bytes:
         """A PushPullLocal that came over a same-host link (``ps.local_link``) from ``who``."""

@@ -65,6 +65,36 @@ def test_calls_after_the_first_go_over_the_link_and_apply_exactly_once(cluster):
         model.delete()
 
 
+def test_a_bsp_step_apply_goes_over_the_link_after_its_first_call(cluster):
+    """ApplyAccumulated, bsp's one call per step, takes the link too (the leader's handle never calls
+    PushPullLocal: its first ApplyAccumulated reply names the link); a malformed one gets a status."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    with ps.Client(cluster.address) as c, ps.Client(cluster.address, client_id="job:bsp") as leader:
+        model = sgd_model(c, "stepped", lr=1.0)
+        acc = c.create_model("stepped.acc", {"w": np.zeros(1000, np.float32)}, optimizer=ACCUMULATOR_OPTIMIZER,
+                             replace=True)
+        handle = leader.model("stepped")
+        before = link_calls(c)
+        for step in range(1, 4):
+            acc.push({"w": -np.ones(1000, np.float32)}, seq=step)
+            assert handle.apply_accumulated("stepped.acc", 1, seq=step)
+        address = model.shards[0]
+        assert isinstance(leader._links[address], local_link.Link)
+        # 3 pushes (the first over gRPC) and 3 applies (the first over gRPC)
+        assert link_calls(c) - before == 4
+        np.testing.assert_array_equal(model.pull()["w"], np.full(1000, -3.0, np.float32))
+        assert updates(model) == 3 and handle.pushes == 3
+        with pytest.raises(local_link.LinkError) as e:
+            leader._links[address].call(b"\xff\xff\xff", 10, local_link.APPLY)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not an ApplyAccumulatedRequest" in e.value.details()
+        acc.push({"w": -np.ones(1000, np.float32)}, seq=4)
+        assert handle.apply_accumulated("stepped.acc", 1, seq=4)  # the link still serves
+        assert updates(model) == 4
+        acc.delete()
+        model.delete()
+
+
 def test_a_broken_link_is_dropped_and_the_call_retried_over_grpc_once(cluster):
     with ps.Client(cluster.address) as c:
         model, link = on_a_link(c, "broken-link", lr=1.0)
@@ -86,8 +116,8 @@ def test_a_call_whose_reply_was_lost_on_the_link_is_retried_over_grpc_and_applie
         one = np.ones(1000, np.float32)
         real = link.call
 
-        def lost(request, timeout=None):  # the server applies the call; its reply never arrives
-            real(request, timeout)
+        def lost(request, timeout=None, kind=local_link.CALL):  # the server applies the call; its reply never arrives
+            real(request, timeout, kind)
             raise local_link.LinkClosed("the link closed")
         monkeypatch.setattr(link, "call", lost)
         got = model.push_pull({"w": one})
@@ -168,6 +198,11 @@ def test_with_auth_a_link_takes_only_a_valid_token_and_a_user_only_its_own_model
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "alices" in e.value.details()
         with pytest.raises(PermissionDenied):
             bob.model("alices").push_pull({"w": np.ones(1000, np.float32)})
+        step = server_pb2.ApplyAccumulatedRequest(model="alices", accumulator="alices", contributors=1,
+                                                  client_id="b", seq=1, ranges=[server_pb2.Range(tensor="w", length=1000)])
+        with pytest.raises(local_link.LinkError) as e:  # nor is it his to step
+            bobs.call(step.SerializeToString(), 10, local_link.APPLY)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "alices" in e.value.details()
         bobs.close()
         assert updates(model) == 2
         np.testing.assert_allclose(model.pull()["w"], -1.0)

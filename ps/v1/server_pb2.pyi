@@ -25,16 +25,18 @@ class ApplyAccumulatedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class ApplyAccumulatedResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "version", "empty")
+    __slots__ = ("applied", "duplicates", "version", "empty", "link")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     version: int
     empty: int
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ...) -> None: ...
+    link: str
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...
 
 class PushBatchRequest(_message.Message):
     __slots__ = ("chunks", "pull")
