@@ -24,6 +24,7 @@ from ps import local_link, rpc, sharding, wire
 from ps.errors import DeadlineExceeded, InvalidArgument, NotFound, PSError, Unavailable, from_rpc_error
 from ps.initializers import Init
 from ps.optimizer_config import OptimizerConfig, clip_norm_scale
+from ps.spec import MAX_STEP_WAIT_S
 from ps.tensor import count_nonfinite, dtype_code, numpy_dtype, to_little_endian
 from ps.v1 import scheduler_pb2, scheduler_pb2_grpc, server_pb2, tensor_pb2
 
@@ -155,15 +156,18 @@ class Client:
         return self._call_linked(address, stub.PushPullLocal, req, server_pb2.LocalPushPullResponse, timeout,
                                  local_link.CALL)
 
-    def _call_linked(self, address: str, method, req, reply, timeout: float, kind: int):
+    def _call_linked(self, address: str, method, req, reply, timeout: float, kind: int, long: bool = False):
         """A call of gRPC ``method`` (whose reply, of class ``reply``, may name the server's same-host link):
         over that link once the server named one, else over gRPC. A link that breaks mid-call is dropped and
         the call fails with LinkBroken (UNAVAILABLE; ``_stream`` retries it over gRPC at once; exactly-once
-        makes a retry of an applied call harmless)."""
+        makes a retry of an applied call harmless). ``long``: the server may hold it (a bsp step waiting for
+        its members); a call that would wait behind such a one goes over gRPC instead."""
         link = self._links.get(address)
         if isinstance(link, local_link.Link):
             try:
-                return reply.FromString(link.call(req.SerializeToString(), timeout, kind))
+                got = link.call(req.SerializeToString(), timeout, kind, long)
+                if got is not None:
+                    return reply.FromString(got)
             except OSError as e:  # the link broke (a status the server sent is a LinkError: a grpc.RpcError)
                 with self._lock:
                     if self._links.get(address) is link:
@@ -811,41 +815,60 @@ class Model:
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 < seq < 1 << 64:
             raise InvalidArgument(f"{what} '{self.name}': seq must be an integer in [1, 2**64), got {seq!r}")
 
-    def apply_accumulated(self, accumulator: str, contributors: int, seq: int) -> bool:
+    def apply_accumulated(self, accumulator: str, contributors: int, seq: int, *, members: int = 0,
+                          wait_s: float = 0.0, member: str | None = None) -> bool:
         """bsp: apply the mean of the gradients summed in the model ``accumulator`` (created like this one
         with ``ps.spec.ACCUMULATOR_OPTIMIZER``; members push negated gradients to it, tagged with ``seq``:
         the mean is over those, or over ``contributors`` when none is tagged) and zero it. Each
         shard does it in place from one small call: nothing but the call crosses the network. Applied
-        once per (this client, ``seq``), as ``push`` with a seq is; counts as one push of this handle.
-        An accumulator that took no gradient since its last step applies nothing: then this returns
-        False and counts no push (a zero step would still move momentum)."""
+        once per (this client, ``seq``), as ``push`` with a seq is; a step closed already is not applied
+        again, nor is one whose accumulator took no gradient since the last (a zero step would still move
+        momentum).
+
+        ``members`` (every member of the step calls this after pushing its gradient): a shard applies a
+        slice once that many gradients tagged with ``seq`` are summed there, and the call waits up to
+        ``wait_s`` for the whole step to close (holding this client's pushes to the model meanwhile: a
+        member calls from a client of its own). Returns whether it did (every shard's part is applied).
+
+        Counts as one push of this handle when the call of ``member`` (default: this client's id) is the
+        one that applied the step on the model's first slice: of all the calls for a step, exactly one."""
         what = "apply accumulated to"
         self._check_seq(seq, what)
-        if isinstance(contributors, bool) or not isinstance(contributors, (int, np.integer)) or contributors < 1:
-            raise InvalidArgument(f"{what} '{self.name}': contributors must be an integer >= 1, got {contributors!r}")
+        for name, v in (("contributors", contributors), ("members", members)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name == "contributors"):
+                raise InvalidArgument(f"{what} '{self.name}': {name} must be an integer >= "
+                                      f"{int(name == 'contributors')}, got {v!r}")
+        if not 0 <= wait_s <= MAX_STEP_WAIT_S:  # NaN too
+            raise InvalidArgument(f"{what} '{self.name}': wait_s must be in [0, {MAX_STEP_WAIT_S:g}] seconds, "
+                                  f"got {wait_s}")
+        member = self.client.client_id if member is None else member
+        first = min(self.slices, key=lambda s: (s.shard, s.tensor, s.offset)) if self.slices else None
         with self._push_lock:
-            versions, taken = [], []
+            versions, closed, closer = [], [], []
 
             def one(stub, shard):
                 ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
-                          for s in self._slices_of(shard)]
+                          for s in sorted(self._slices_of(shard), key=lambda s: (s.tensor, s.offset))]
                 req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
                                                          contributors=int(contributors), client_id=self.client.client_id,
-                                                         seq=int(seq), ranges=ranges)
+                                                         seq=int(seq), ranges=ranges, members=int(members),
+                                                         wait_s=float(wait_s), member=member)
                 # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
                 resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
-                                                server_pb2.ApplyAccumulatedResponse, self.client.timeout,
-                                                local_link.APPLY)
+                                                server_pb2.ApplyAccumulatedResponse, self.client.timeout + wait_s,
+                                                local_link.APPLY, long=members > 0 and wait_s > 0)
                 versions.append(resp.version)
-                taken.append(resp.applied + resp.duplicates)
+                closed.append(resp.closed)
+                if first is not None and shard == first.shard:
+                    closer.append(resp.closer)
                 return resp.duplicates
 
             results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
             self.version = min(versions, default=self.version)
-            if not any(taken):
-                return False
-            self._acknowledged(seq, results, what, shared_seq=True)
-            return True
+            self.duplicates += sum(d for d, _ in results)
+            if any(closer):
+                self.pushes += 1
+            return all(closed)
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
         """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking

@@ -595,10 +595,11 @@ def check_complete_task(svc, req, lim: Limits) -> None:
     if not (math.isfinite(req.seconds) and req.seconds >= 0):
         raise InvalidArgument(f"{what}: seconds must be a finite number >= 0, got {req.seconds}")
     from ps.histogram import BUCKETS
-    staleness = list(_field(req, "staleness", ()))
-    if len(staleness) > BUCKETS or any(v < 0 for v in staleness):
-        raise InvalidArgument(f"{what}: staleness must be at most {BUCKETS} counts >= 0, got "
-                              f"{len(staleness)} value(s), the lowest {min(staleness, default=0)}")
+    for name in ("staleness", "clock_staleness"):
+        counts = list(_field(req, name, ()))
+        if len(counts) > BUCKETS or any(v < 0 for v in counts):
+            raise InvalidArgument(f"{what}: {name} must be at most {BUCKETS} counts >= 0, got "
+                                  f"{len(counts)} value(s), the lowest {min(counts, default=0)}")
 
 
 def check_clock(svc, req, lim: Limits) -> None:
@@ -607,3 +608,5 @@ def check_clock(svc, req, lim: Limits) -> None:
     lim.check_name("clock: lease_id", req.lease_id)
     if req.steps < 0:
         raise InvalidArgument(f"clock of {req.task_id}: steps must be >= 0, got {req.steps}")
+    if _field(req, "closed_step", 0) < 0:
+        raise InvalidArgument(f"clock of {req.task_id}: closed_step must be >= 0, got {req.closed_step}")

@@ -239,6 +239,7 @@ class Link:
         self._sock = sock
         self._timeout: float | None = timeout
         self._lock = threading.Lock()
+        self._long = False  # the call holding the link may be held by the server
 
     @staticmethod
     def _reply(sock: socket.socket) -> bytes:
@@ -252,16 +253,25 @@ class Link:
             raise LinkError(_BY_VALUE.get(payload[0], grpc.StatusCode.UNKNOWN), payload[1:].decode(errors="replace"))
         raise LinkClosed(f"local link: a reply of kind {kind}")
 
-    def call(self, request: bytes, timeout: float | None = None, kind: int = CALL) -> bytes:
+    def call(self, request: bytes, timeout: float | None = None, kind: int = CALL, long: bool = False) -> bytes | None:
         """The reply to ``request`` (of the method of frame ``kind``); LinkError for a status the server
         sent, LinkClosed (or another OSError, a timeout among them) when the link broke: the call may or
-        may not have been applied, and the link is of no more use."""
-        with self._lock:
+        may not have been applied, and the link is of no more use. Calls from other threads wait their
+        turn, but not behind a ``long`` one (which the server may hold, as a bsp step waiting for its
+        members): then None at once, nothing sent (the caller goes over gRPC)."""
+        if self._long:
+            return None
+        self._lock.acquire()
+        self._long = long
+        try:
             if self._timeout != timeout:
                 self._sock.settimeout(timeout)
                 self._timeout = timeout
             _send(self._sock, kind, request)
             return self._reply(self._sock)
+        finally:
+            self._long = False
+            self._lock.release()
 
     def close(self) -> None:
         try:

@@ -29,6 +29,8 @@ def accumulator(job_id: str) -> str:
 
 #: an accumulator's optimizer: SGD with lr 1 adds the negated gradients pushed to it
 ACCUMULATOR_OPTIMIZER = {"name": "sgd", "lr": 1.0}
+#: the longest an ApplyAccumulated call with members may wait for its step to close, in seconds
+MAX_STEP_WAIT_S = 30.0
 
 
 class SpecError(ValueError):

@@ -220,7 +220,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                 elif kind == "close":
                     c = op.close
                     self.limits.check_name("replicate close of: tensor name", c.tensor)
-                    self.store.close_step(request.model, c.tensor, c.offset, c.step)
+                    self.limits.check_name("replicate close of: member", c.by)
+                    self.store.close_step(request.model, c.tensor, c.offset, c.step, c.by)
                 else:
                     raise InvalidArgument(f"{what}: op {n} is empty")
                 n += 1
@@ -349,11 +350,14 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         lim.check_names(f"{what}: tensor name", (r.tensor for r in request.ranges))
         owned(request.model)
         owned(request.accumulator)
-        applied, dup, empty, version = self.store.apply_accumulated(
+        lim.check_name(f"{what}: member", request.member)
+        done = self.store.apply_accumulated(
             request.model, request.accumulator, request.contributors, request.client_id, request.seq,
-            [(r.tensor, r.offset, r.length) for r in request.ranges], waits=waits)
+            [(r.tensor, r.offset, r.length) for r in request.ranges], members=request.members,
+            wait_s=request.wait_s, member=request.member, waits=waits)
         self._replicated(waits, "apply accumulated")
-        return server_pb2.ApplyAccumulatedResponse(applied=applied, duplicates=dup, empty=empty, version=version)
+        return server_pb2.ApplyAccumulatedResponse(applied=done.applied, duplicates=done.duplicates, empty=done.empty,
+                                                   version=done.version, closed=done.closed, closer=done.closer)
 
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""
@@ -523,6 +527,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
                             pulls=sum(s.pulls for s in slices),
                             max_version=max((s.version for s in slices), default=0),
                             min_version=min((s.version for s in slices), default=0),
+                            member_steps=max((s.member_steps for s in slices), default=0),
                             optimizer=m.optimizer.config.name, backup_slices=len(held) - len(slices),
                             tables=[server_pb2.TableStats(name=n, rows=(st := t.stats())["rows"], bytes=st["bytes"])
                                     for n, t in m.tables.items()])

@@ -18,7 +18,7 @@ from ps import initializers, wire
 from ps.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ps.limits import Limits, current as current_limits
 from ps.optimizer_config import SPARSE_ONLY, OptimizerConfig, config_name
-from ps.spec import ACCUMULATOR_OPTIMIZER
+from ps.spec import ACCUMULATOR_OPTIMIZER, MAX_STEP_WAIT_S
 from ps.server.optimizers import Optimizer, make_optimizer
 from ps.server.sparse import SparseTable, TableSpec
 from ps.tensor import CodecError, count_nonfinite, decode_1d, dtype_code, encode
@@ -26,6 +26,22 @@ from ps.v1 import server_pb2, tensor_pb2
 
 PARAM_DTYPES = (np.dtype("float32"), np.dtype("float64"))
 _ACCUMULATOR = OptimizerConfig.from_dict(ACCUMULATOR_OPTIMIZER)
+#: ApplyAccumulated with members: the most members a step may wait for, the longest a call may wait,
+#: and how many calls may wait at once on a shard (each holds a thread; the rest answer at once)
+MAX_STEP_MEMBERS = 1 << 16
+MAX_STEP_WAITERS = 16
+
+
+@dataclass
+class Applied:
+    """What an ApplyAccumulated call did on this shard (see ShardStore.apply_accumulated)."""
+
+    applied: int = 0     # ranges it applied
+    duplicates: int = 0  # ranges whose step this member's call applied before (a retry)
+    empty: int = 0       # ranges it closed with nothing applied (nothing summed since the last step)
+    version: int = 0     # the lowest version among the ranges' model slices afterwards
+    closed: bool = False  # every range's step is closed
+    closer: bool = False  # the first range's step was applied by ``member``'s call
 
 
 @dataclass
@@ -56,6 +72,8 @@ class SliceState:
     #: ``closed_version``: its version then (the same now: no gradient was summed since)
     closed: int = 0
     closed_version: int = 0
+    closed_by: str = ""
+    member_steps: int = 0  # steps applied from it when the last of ``members`` gradients came (Stats)
 
     @property
     def stop(self) -> int:
@@ -166,6 +184,9 @@ class ShardStore:
         #: replication: a ps.server.replication.Replicator, whose ``forward(backup address, model,
         #: serialized ReplicaOp, fresh)`` queues an update for a backup; None: no backups here
         self.replicator = None
+        #: bsp steps on the servers: notified whenever an accumulator slice closes a step
+        self._closing = threading.Condition()
+        self._waiters = threading.BoundedSemaphore(MAX_STEP_WAITERS)
 
     def model(self, name: str) -> ModelState:
         m = self._models.get(name)
@@ -338,16 +359,25 @@ class ShardStore:
         return sl, True
 
     def apply_accumulated(self, name: str, acc_name: str, contributors: int, client_id: str, seq: int,
-                          ranges: list[tuple[str, int, int]], *, waits: list | None = None) -> tuple[int, int, int]:
+                          ranges: list[tuple[str, int, int]], *, members: int = 0, wait_s: float = 0.0,
+                          member: str = "", waits: list | None = None) -> "Applied":
         """bsp: apply the mean of the gradients summed in the accumulator model ``acc_name`` (sliced like
         ``name``, see ACCUMULATOR_OPTIMIZER; over those tagged with ``seq``, or ``contributors``) to each
         whole slice at ``ranges``, as a push under (client_id, seq), then zero the accumulator's slice
-        (forwarded to backups as any assign) and close the step: gradients tagged with it are refused.
-        An accumulator slice that took no gradient since its last step applies nothing (``empty``).
-        Everything is checked before anything changes. Returns (applied, duplicates, empty, lowest version)."""
+        and close the step, here and on its backups: gradients tagged with it are refused from then on.
+        A step closed already is not applied again, and its accumulator is left alone (it may hold the
+        next step's gradients). An accumulator slice that took no gradient since its last step applies
+        nothing (``empty``). ``members`` (ps-lite's synchronous mode, every member calls): apply a range
+        only once that many gradients tagged with ``seq`` are summed there, then wait up to ``wait_s``
+        for every range's step to close. ``member``: who calls; the step's closer (whose call applied
+        its first range) counts its update. Everything is checked before anything changes."""
         what = f"apply accumulated '{acc_name}' to"
         if contributors < 1:
             raise InvalidArgument(f"{what} '{name}': contributors must be >= 1, got {contributors}")
+        if not 0 <= members <= MAX_STEP_MEMBERS:
+            raise InvalidArgument(f"{what} '{name}': members must be in [0, {MAX_STEP_MEMBERS}], got {members}")
+        if not 0 <= wait_s <= MAX_STEP_WAIT_S:  # NaN too
+            raise InvalidArgument(f"{what} '{name}': wait_s must be in [0, {MAX_STEP_WAIT_S:g}] seconds, got {wait_s}")
         m, acc = self.model(name), self.model(acc_name)
         if acc.optimizer.config != _ACCUMULATOR:
             raise InvalidArgument(f"{what} '{name}': '{acc_name}' is not an accumulator (its optimizer is "
@@ -366,33 +396,71 @@ class ShardStore:
             self._check_role(sl, name, False, what)  # again under each lock below: a demotion may be under way
             self._check_role(a, acc_name, False, what)
             pairs.append((sl, a))
-        applied = dup = empty = 0
-        version = None
+        out = Applied()
         for sl, a in pairs:
             # under the accumulator slice's lock throughout: a gradient that comes meanwhile waits, then
             # finds the step closed (lock order: accumulator, then model; nothing takes them the other way)
             with a.lock:
                 self._check_role(a, acc_name, False, what)
+                if seq <= a.closed:  # closed before: a retry, a member late to a step the others closed
+                    if a.closed == seq and member and a.closed_by == member:  # its own call applied it
+                        out.duplicates += 1
+                    self._wait_forwarded(sl, waits)
+                    continue
+                # the members' gradients tagged with this step's id, whole: the mean is over those that came
+                # (``contributors``, the scheduler's count, for untagged pushes)
+                tagged = sum(1 for rec in a.applied.values() if rec[0] == seq and rec[1] >= a.stop)
+                if members and tagged < members:
+                    continue  # not all here yet: the call of the member whose gradient completes it applies it
+                by = member
                 if a.version != a.closed_version:
-                    # the members' gradients tagged with this step's id, whole: the mean is over those that
-                    # came (``contributors``, the scheduler's count, for untagged pushes)
-                    tagged = sum(1 for rec in a.applied.values() if rec[0] == seq and rec[1] >= a.stop)
                     sl, ok = self.push(name, client_id, seq, sl.tensor, sl.offset, a.param / (tagged or contributors),
                                        waits=waits)
-                    applied += ok
-                    dup += not ok
-                elif self._seen(sl, client_id, seq):  # a retry of this step, applied: acknowledged again
-                    dup += 1
-                    if waits is not None:
-                        with sl.lock:
-                            waits.extend(sl.forwarded.values())
+                    out.applied += ok
+                    out.duplicates += not ok  # applied, and its step not closed: a failover between the two
+                    a.member_steps += bool(members)
+                elif self._seen(sl, client_id, seq):
+                    out.duplicates += 1
+                    self._wait_forwarded(sl, waits)
                 else:
                     # nothing summed since the last step (its leader applied it, then the scheduler restarted
                     # and its rebuilt clock led a step again): a mean of nothing is not an update
-                    empty += 1
-                self._close(acc, a, seq, waits)
-            version = sl.version if version is None else min(version, sl.version)
-        return applied, dup, empty, version or 0
+                    out.empty += 1
+                    by = ""
+                self._close(acc, a, seq, by, waits)
+        if members and wait_s > 0 and not all(a.closed >= seq for _, a in pairs):
+            self._await_closed([a for _, a in pairs], seq, wait_s)
+            for sl, a in pairs:
+                if a.closed >= seq:
+                    self._wait_forwarded(sl, waits)  # answered once the backups have the update too
+        out.closed = all(a.closed >= seq for _, a in pairs)
+        first = pairs[0][1] if pairs else None
+        out.closer = bool(member) and first is not None and first.closed == seq and first.closed_by == member
+        out.version = min((sl.version for sl, _ in pairs), default=0)
+        return out
+
+    def _await_closed(self, accs: list[SliceState], seq: int, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for every one of ``accs`` to close step ``seq`` (at most
+        MAX_STEP_WAITERS calls wait at once: the others answer at once, not closed)."""
+        if not self._waiters.acquire(blocking=False):
+            return
+        try:
+            deadline = time.monotonic() + wait_s
+            with self._closing:
+                while not all(a.closed >= seq for a in accs):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._closing.wait(left)
+        finally:
+            self._waiters.release()
+
+    @staticmethod
+    def _wait_forwarded(sl: SliceState, waits: list | None) -> None:
+        """Have the caller wait for what ``sl`` forwarded to its backups last (its update, for a retry)."""
+        if waits is not None:
+            with sl.lock:
+                waits.extend(sl.forwarded.values())
 
     def _seen(self, sl: SliceState, client_id: str, seq: int) -> bool:
         """Whether (client_id, seq) was applied to the whole slice before."""
@@ -400,16 +468,18 @@ class ShardStore:
             rec = sl.applied.get(client_id)
             return rec is not None and (rec[0] > seq or (rec[0] == seq and rec[1] >= sl.stop))
 
-    def _close(self, acc: ModelState, a: SliceState, seq: int, waits: list | None) -> None:
-        """Zero an accumulator's slice and close its step ``seq`` (under its lock), here and on its backups.
-        Cleared even for a retry: no member adds the next step before this one is reported applied."""
+    def _close(self, acc: ModelState, a: SliceState, seq: int, by: str, waits: list | None) -> None:
+        """Zero an accumulator's slice and close its step ``seq``, applied by ``by``'s call ("": nothing was
+        applied), under its lock, here and on its backups; wake the calls waiting for it."""
         a.param.fill(0)
-        a.closed, a.closed_version = max(a.closed, seq), a.version
+        a.closed, a.closed_version, a.closed_by = max(a.closed, seq), a.version, by
         if a.backups and self.replicator is not None:
-            op = server_pb2.ReplicaOp(close=server_pb2.CloseStep(tensor=a.tensor, offset=a.offset, step=seq))
+            op = server_pb2.ReplicaOp(close=server_pb2.CloseStep(tensor=a.tensor, offset=a.offset, step=seq, by=by))
             self._forward(acc, a, op.SerializeToString(), waits)
+        with self._closing:
+            self._closing.notify_all()
 
-    def close_step(self, name: str, tensor: str, offset: int, step: int) -> None:
+    def close_step(self, name: str, tensor: str, offset: int, step: int, by: str = "") -> None:
         """A backup: its primary applied step ``step`` from this accumulator slice (see ``_close``)."""
         what = "replicate close of"
         a = self.model(name).locate(tensor, offset, 0, what)
@@ -418,7 +488,7 @@ class ShardStore:
                                   f"there is [{a.offset}, {a.stop}))")
         with a.lock:
             self._check_role(a, name, True, what)
-            self._close(self.model(name), a, step, None)
+            self._close(self.model(name), a, step, by, None)
 
     def _check_role(self, sl: SliceState, name: str, replica: bool, what: str) -> None:
         if replica and sl.primary:
@@ -464,7 +534,7 @@ class ShardStore:
                                         param=encode(sl.param), version=sl.version, pushes=sl.pushes)
         for k, v in sl.state.items():
             encode(v, snap.state[k])
-        snap.closed, snap.closed_version = sl.closed, sl.closed_version
+        snap.closed, snap.closed_version, snap.closed_by = sl.closed, sl.closed_version, sl.closed_by
         for cid, (seq, end, step, _) in sl.applied.items():
             snap.applied.add(client_id=cid, seq=seq, end=end, step=step)
         return snap
@@ -556,7 +626,7 @@ class ShardStore:
             # a backup's new slice; or a restore (from a checkpoint) onto a slice, which keeps its role
             sl = SliceState(snap.tensor, snap.offset, snap.length, param.copy(), {k: v.copy() for k, v in state.items()},
                             version=snap.version, pushes=snap.pushes, closed=snap.closed,
-                            closed_version=snap.closed_version,
+                            closed_version=snap.closed_version, closed_by=snap.closed_by,
                             primary=restore and same is not None and same.primary)
             now = self._clock()
             sl.applied = {r.client_id: [r.seq, r.end, r.step, now] for r in snap.applied}

@@ -12,7 +12,7 @@ import pytest
 
 import ps
 from ps.demo import demo_spec
-from ps.errors import FailedPrecondition
+from ps.errors import FailedPrecondition, InvalidArgument
 from ps.scheduler.clocks import Clocks
 from ps.spec import JobSpec, SpecError, accumulator
 from ps.v1 import scheduler_pb2
@@ -75,7 +75,7 @@ def test_bsp_the_last_to_arrive_leads_and_the_others_wait_until_it_applied():
     d = c.tick("t0", 1, 1.5)  # polling again: still waiting, now for the leader
     assert not d.proceed and d.waiting_for == "t1 on w1 to apply step 0"
     d = c.tick("t1", 1, 2.0, applied=True)
-    assert d.proceed and d.observed == [0, 0]
+    assert d.proceed and d.fast  # every task of the epoch is a member from its start: they may step alone
     assert c.tick("t0", 1, 2.0).proceed  # the step it waited on is applied
     assert c.tick("t1", 1, 2.0, applied=True).proceed  # a leader's report again (lost answer): same answer
     with pytest.raises(FailedPrecondition, match="does not lead"):
@@ -92,6 +92,37 @@ def test_bsp_a_leader_that_leaves_hands_its_step_to_a_member_that_arrived():
     d = c.tick("t0", 1, 5.0)
     assert d.lead and d.contributors == 3  # t2's gradient is in the accumulator: it counts
     assert not c.tick("t1", 1, 5.0).proceed
+
+
+def test_bsp_members_step_on_the_servers_while_the_clock_is_steady_and_it_catches_up_when_one_falls_back():
+    """``fast`` while every task of the epoch is a member since its start and none left but done. A member
+    that comes back to the clock says which steps it saw applied on the servers; the clock catches up."""
+    c = bsp(("t0", "t1"))
+    for t in ("t0", "t1"):
+        c.tick(t, 1, 1.0)
+    assert c.tick("t1", 1, 1.0, applied=True).fast and c.tick("t0", 1, 1.0).fast
+    # steps 1 to 6 applied on the servers; t0 misses t1 at step 7 and comes back here
+    d = c.tick("t0", 8, 2.0, closed_step=7)
+    assert c.clocks[("job-1", 0)].step == 7 and d.waiting_for == "t1 on w1 to push its gradient"
+    assert c.transitions[-1].reason == "steps 1 to 6 on the servers (reported by t0)"
+    d = c.tick("t1", 8, 2.5, closed_step=7)  # t1 comes too: the barrier is whole, the last to arrive leads
+    assert d.lead and d.step == 7 and d.contributors == 2
+    assert c.tick("t1", 8, 2.6, applied=True).proceed
+    # a member that waited here at step 7 while the other closed it on the servers is let go by its report
+    c.tick("t0", 9, 3.0, closed_step=8)
+    assert not c.tick("t0", 9, 3.0).proceed
+    assert c.tick("t1", 10, 3.5, closed_step=9).waiting_for == "t0 on w0 to push its gradient"
+    assert c.tick("t0", 9, 3.5).proceed  # step 8, its own, is behind the clock now
+    with pytest.raises(InvalidArgument, match="closed_step 999999999999 is not a step of this clock"):
+        c.tick("t0", 10, 4.0, closed_step=999_999_999_999)
+    # a member that leaves but done, or joins after the first step, ends the steady run for the epoch
+    c.leave("t1", "lease lease-2 of w1 expired", 5.0)
+    assert not c.tick("t0", 10, 5.0).fast
+    late = bsp(("t0",), expected=2)
+    late.tick("t0", 1, 1.0, workers=1)
+    late.tick("t0", 1, 1.0, applied=True)
+    late.join("job-1", 0, "t1", "w1", "bsp", 0, now=2.0, expected=2)
+    assert not late.tick("t1", 1, 2.0).fast
 
 
 def test_bsp_waits_for_the_epochs_tasks_to_be_leased_then_goes_on_without_them():
@@ -213,7 +244,12 @@ def test_bsp_equals_one_process_averaging_the_workers_gradients_each_step():
         acc = client.model(accumulator(job.job_id)).pull()
         assert all(not v.any() for v in acc.values())
         updates = versions(client, job.job_id)
+        # Each epoch's first step (and a shard's extra batch) went through the scheduler's clock; every
+        # other step the servers applied when the second worker's gradient came, with no scheduler call.
+        member_steps = max(s.member_steps for s in client.model(accumulator(job.job_id)).stats())
+        batches = task_batches(job.info(), spec.batch_size)
     ref, steps, gradients = bsp_reference(spec, workers=2)
+    assert member_steps == spec.epochs * (min(batches) - 1) > 0
     # One update per step: the servers' version is the number of steps, every slice alike, and each
     # gradient was computed on weights holding every earlier step's update (staleness 0, counted once each).
     assert m.steps == steps and updates == {steps}

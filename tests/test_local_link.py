@@ -116,8 +116,8 @@ def test_a_call_whose_reply_was_lost_on_the_link_is_retried_over_grpc_and_applie
         one = np.ones(1000, np.float32)
         real = link.call
 
-        def lost(request, timeout=None, kind=local_link.CALL):  # the server applies the call; its reply never arrives
-            real(request, timeout, kind)
+        def lost(request, timeout=None, kind=local_link.CALL, long=False):  # applied; the reply never arrives
+            real(request, timeout, kind, long)
             raise local_link.LinkClosed("the link closed")
         monkeypatch.setattr(link, "call", lost)
         got = model.push_pull({"w": one})

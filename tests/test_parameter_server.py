@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 
 import grpc
@@ -367,19 +368,74 @@ def test_a_step_with_nothing_accumulated_applies_nothing_and_still_closes(client
     assert not np.array_equal(after_step, w)
     assert (model.pushes, model.duplicates, versions(client, "empty")) == (1, 0, {1})
 
-    assert model.apply_accumulated("empty.acc", 2, seq=(2 << 24) + 1) is False  # the rebuilt clock's first step
+    assert model.apply_accumulated("empty.acc", 2, seq=(2 << 24) + 1) is True  # the rebuilt clock's first step
     np.testing.assert_array_equal(model.pull()["w"], after_step)
     assert (model.pushes, model.duplicates, versions(client, "empty")) == (1, 0, {1})
     with pytest.raises(ps.errors.Aborted, match=rf"step {(2 << 24) + 1} was applied from this accumulator"):
         acc.push({"w": -g}, seq=(2 << 24) + 1)
-    # the first step's retry is still acknowledged as applied, not taken for an empty step
+    # a leader late to a step closed since: answered closed, not counted, the sum (the next step's) left alone
+    acc.push({"w": -g}, seq=(2 << 24) + 2)
     assert model.apply_accumulated("empty.acc", 1, seq=(1 << 24) + 1) is True
-    assert (model.pushes, model.duplicates) == (2, len(model.slices))
-    acc.push({"w": -g}, seq=(2 << 24) + 2)  # the next step applies as any
-    assert model.apply_accumulated("empty.acc", 1, seq=(2 << 24) + 2) is True
-    assert versions(client, "empty") == {2}
+    assert (model.pushes, model.duplicates) == (1, 0)
+    np.testing.assert_array_equal(acc.pull()["w"], g)
+    assert model.apply_accumulated("empty.acc", 1, seq=(2 << 24) + 2) is True  # the next step applies as any
+    assert versions(client, "empty") == {2} and model.pushes == 2
     acc.delete()
     model.delete()
+
+
+def test_members_step_on_the_servers_alone_applied_once_when_the_last_gradient_is_summed(client):
+    """ps-lite's synchronous mode: each member pushes its tagged gradient, then calls ApplyAccumulated
+    with ``members``; a shard applies the step once that many gradients are summed, every call waits
+    until the step is closed, and exactly one caller (the one that applied the first slice) counts it."""
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal(3000).astype(np.float32)
+    client.create_model("sync", {"w": w}, optimizer={"name": "sgd", "lr": 1.0}, replace=True, max_slice_bytes=4096)
+    client.create_model("sync.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER, replace=True,
+                        max_slice_bytes=4096)
+    grads = [rng.standard_normal(3000).astype(np.float32) for _ in range(3)]
+    kw = dict(local=client.local, batch_bytes=client.batch_bytes)
+    # each member: its own client, and a client under the step leaders' shared id (whose pushes a
+    # waiting call holds, as it waits under the model's push lock)
+    clients = [ps.Client(client.address, **kw) for _ in range(3)]
+    leading = [ps.Client(client.address, client_id="job:bsp", **kw) for _ in range(3)]
+    with clients[0] as m1, clients[1] as m2, clients[2] as m3, leading[0] as leaders, leading[1], leading[2]:
+        members = [m1, m2, m3]
+        handles = [c.model("sync") for c in leading]
+        # two of three pushed: a call waits, then answers not closed, and nothing is applied
+        for m, g in zip(members[:2], grads):
+            m.model("sync.acc").push({"w": -g}, seq=5)
+        assert handles[0].apply_accumulated("sync.acc", 3, 5, members=3, wait_s=0.2, member=m1.client_id) is False
+        np.testing.assert_array_equal(leaders.model("sync").pull()["w"], w)
+        results = {}
+
+        def call(i):
+            results[i] = handles[i].apply_accumulated("sync.acc", 3, 5, members=3, wait_s=20, member=members[i].client_id)
+        waiting = [threading.Thread(target=call, args=(i,)) for i in (0, 1)]
+        for t in waiting:
+            t.start()
+        m3.model("sync.acc").push({"w": -grads[2]}, seq=5)
+        call(2)  # its gradient completes the step: its call applies it, and the waiting calls are answered
+        for t in waiting:
+            t.join(30)
+        assert results == {0: True, 1: True, 2: True}
+        expected = w - (grads[0] + grads[1] + grads[2]) / np.float32(3)
+        np.testing.assert_allclose(leaders.model("sync").pull()["w"], expected, rtol=1e-5, atol=1e-5)
+        assert [h.pushes for h in handles] == [0, 0, 1] and versions(client, "sync") == {1}
+        assert not leaders.model("sync.acc").pull()["w"].any()
+        # a member's retry after the step closed: answered closed, counted again only for its closer
+        assert handles[2].apply_accumulated("sync.acc", 3, 5, members=3, member=m3.client_id) is True
+        assert handles[0].apply_accumulated("sync.acc", 3, 5, members=3, member=m1.client_id) is True
+        assert [h.pushes for h in handles] == [0, 0, 2] and versions(client, "sync") == {1}
+        for bad, message in (({"members": -1}, "members must be an integer >= 0"),
+                             ({"wait_s": 31.0}, "wait_s must be in [0, 30] seconds, got 31.0"),
+                             ({"wait_s": float("nan")}, "wait_s must be in [0, 30] seconds, got nan")):
+            with pytest.raises(ps.InvalidArgument, match=re.escape(message)):
+                handles[0].apply_accumulated("sync.acc", 3, 6, **{"members": 3, "wait_s": 1.0, **bad})
+        assert versions(client, "sync") == {1}
+    client.model("sync.acc").delete()
+    client.model("sync").delete()
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["grpc", "shared-memory"])

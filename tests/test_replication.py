@@ -227,9 +227,10 @@ def test_with_no_server_to_spare_status_shows_the_shards_under_replicated():
 
 
 def test_a_promoted_backup_refuses_a_gradient_of_a_step_its_primary_closed():
-    """A bsp step applied from an accumulator is closed on its backups too (replicated, as are the
-    update counts a promoted backup tells an empty step by): after the primary's kill -9, a gradient
-    tagged with that step is refused, and a step led again with nothing summed applies nothing."""
+    """A bsp step applied from an accumulator is closed on its backups too (replicated, with who closed
+    it and the update count a promoted backup tells an empty step by): after the primary's kill -9, a
+    gradient tagged with that step is refused, its closer's retry is acknowledged (once), and a step
+    led again with nothing summed applies nothing."""
     from ps.spec import ACCUMULATOR_OPTIMIZER
     rng = np.random.default_rng(3)
     w = rng.standard_normal(2000)
@@ -254,12 +255,15 @@ def test_a_promoted_backup_refuses_a_gradient_of_a_step_its_primary_closed():
             with pytest.raises(ps.errors.Aborted, match="step 5 was applied from this accumulator without it"):
                 late.model("bspr.acc").push({"w": -g}, seq=5)
         assert not client.model("bspr.acc").pull()["w"].any()
-        assert model.apply_accumulated("bspr.acc", 1, seq=6) is False
+        # the promoted replicas know who closed step 5: its closer's retry is acknowledged again, not applied
+        assert model.apply_accumulated("bspr.acc", 1, seq=5) is True
+        assert model.pushes == 2 and model.duplicates == len(model.slices)
+        assert model.apply_accumulated("bspr.acc", 1, seq=6) is True  # nothing summed: nothing applied or counted
         np.testing.assert_array_equal(model.pull()["w"], weights)
-        assert versions(client, "bspr") == {1} and model.pushes == 1
+        assert versions(client, "bspr") == {1} and model.pushes == 2
         acc.push({"w": -g}, seq=7)
         assert model.apply_accumulated("bspr.acc", 1, seq=7)
-        assert versions(client, "bspr") == {2}
+        assert versions(client, "bspr") == {2} and model.pushes == 3
         assert_replicas_identical(client, "bspr")
 
 

@@ -30,6 +30,8 @@ LEASE_WAIT_S = 5.0
 MAX_ERROR_CHARS = 2000
 #: an ssp/bsp task's clock call waits this long at the scheduler before asking again
 CLOCK_WAIT_S = 5.0
+#: a bsp member stepping on the servers waits at most this long (and half a lease) for the others' gradients
+STEP_WAIT_S = 10.0
 # The key a step's loss pair travels under, beside its gradients, on the way to the host (no parameter has it).
 _LOSS = "\x00loss"
 
@@ -312,13 +314,12 @@ class Worker:
 
         steps = getattr(self, f"_steps_{spec.consistency}")
         # the updates the servers acknowledged for this task, and the chunks they took for retries
-        n, duplicates = steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients,
-                              sums["staleness"])
+        n, duplicates = steps(ctx, task, batches(hi - lo, spec.batch_size, seed, task.epoch), gradients, sums)
         if duplicates:
             log.warning("task %s: the servers skipped %d gradient chunk(s) as already applied", task.task_id,
                         duplicates)
         return {"samples": sums["samples"], "steps": n, "loss_sum": sums["loss_sum"], "duplicates": duplicates,
-                "staleness": sums["staleness"]}
+                "staleness": sums["staleness"], "clock_staleness": sums.get("clock_staleness", [])}
 
     def _rows_for(self, ctx: JobContext, x, params: dict):
         """For a model whose first layer reads ids: (the batch as positions in its distinct ids, ``params``
@@ -332,10 +333,11 @@ class Worker:
             params[name] = self.xp.asarray(rows)
         return local, params, ids
 
-    def _steps_asp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
+    def _steps_asp(self, ctx: JobContext, task, batches, gradients, sums: dict) -> tuple[int, int]:
         """No waiting: each batch is computed while the previous push_pull is in flight. Returns the
-        updates the servers acknowledged and the chunks they skipped as retries (the same for each mode)."""
-        handle, bufs = ctx.handle, ctx.bufs
+        updates the servers acknowledged and the chunks they skipped as retries (the same for each mode);
+        counts each gradient's staleness in ``sums``."""
+        handle, bufs, staleness = ctx.handle, ctx.bufs, sums["staleness"]
         before = (handle.pushes, handle.duplicates)
         params = self._to_device(handle.pull())
         version = handle.version  # of the weights the next gradient is computed on
@@ -362,13 +364,13 @@ class Worker:
         bump(staleness, handle.version - computed_on - 1)
         return weights
 
-    def _steps_ssp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
+    def _steps_ssp(self, ctx: JobContext, task, batches, gradients, sums: dict) -> tuple[int, int]:
         """push_pull each gradient, then report the clock and wait while ``staleness`` clocks ahead of
         the slowest. The next gradient's weights must hold every member's steps below (this clock - s):
         the slowest pushed those before it reported them. The push_pull's weights were read before this
         decision, after the previous one, so they hold those steps unless the previous decision left the
         bound no room (staleness s then): only then are they read again."""
-        handle, bound = ctx.handle, ctx.spec.staleness
+        handle, bound, staleness = ctx.handle, ctx.spec.staleness, sums["staleness"]
         before = (handle.pushes, handle.duplicates)
         params = self._to_device(handle.pull())
         version = handle.version
@@ -385,48 +387,90 @@ class Worker:
             tight = d.staleness >= bound
         return handle.pushes - before[0], handle.duplicates - before[1]
 
-    def _steps_bsp(self, ctx: JobContext, task, batches, gradients, staleness: list) -> tuple[int, int]:
-        """Each step: add the gradient to the job's accumulator, tagged with the step's id, and wait at the
-        barrier; the step's leader has the servers apply the mean of the gradients tagged with it (once:
-        the update's id is the step's) and clear them; pull. A gradient that comes after its step was
-        applied without it (its worker was held up past its lease) is refused, not summed into the next.
-        A task's acknowledged updates are the steps it led."""
+    def _steps_bsp(self, ctx: JobContext, task, batches, gradients, sums: dict) -> tuple[int, int]:
+        """Each step: add the gradient to the job's accumulator, tagged with the step's id; the step's mean
+        (over the gradients tagged with it) is applied to the parameters once, on the servers; pull.
+
+        Who applies it: while the clock says every train task of the epoch is a live member that started
+        with it (``fast``), every member calls ApplyAccumulated with ``members`` after its push, and the
+        servers apply the step once all gradients are summed and answer each member (ps-lite's
+        synchronous mode: no scheduler call on a step's way). Otherwise (the first step, a member
+        missing, steps some members' shards do not have) each member reports to the clock and the last
+        to arrive leads: it has the servers apply what is summed. A member whose step is not applied on
+        the servers within ``STEP_WAIT_S`` (one is missing), or whose gradient came too late, falls
+        back to the clock for the rest of its task. While stepping alone it still asks the clock,
+        every quarter lease, whether its lease is held (a worker held up past it must not go on).
+
+        A gradient that comes after its step was applied without it (its worker was held up past its
+        lease) is refused, not summed into the next. A task's acknowledged updates are the steps whose
+        first slice its call applied (one caller a step)."""
+        from math import ceil
+
+        from ps.worker.preprocess import shard_ranges
         if ctx.bsp is None:
             leader = Client(self.client.address, client_id=f"{task.job_id}:bsp")
             ctx.bsp = (self.client.model(accumulator(task.job_id)), leader, leader.model(task.job_id))
         acc, _, apply_to = ctx.bsp
-        handle = ctx.handle
+        handle, staleness, me = ctx.handle, sums["staleness"], self.client.client_id
         before = (apply_to.pushes, apply_to.duplicates)
         params = self._to_device(handle.pull(out=ctx.bufs[0]))
         version = handle.version
+        # the steps every train task of the epoch pushes (a shard with a batch more has it alone)
+        together = min(ceil((hi - lo) / ctx.spec.batch_size) for lo, hi in shard_ranges(len(ctx.x_train), task.shards))
+        wait = min(STEP_WAIT_S, task.lease_timeout_s / 2)
         step = task.clock_step  # the barrier step this task's next gradient is for
+        closed = reported = summed = 0  # the step after the last one seen applied; steps the clock heard of
+        fast = fell_back = False
+        confirmed = time.monotonic()
         for i, idx in enumerate(batches):
             host = gradients(i, idx, params)
+            alone = fast and i < together
+            if alone and time.monotonic() - confirmed > task.lease_timeout_s / 4:
+                self._clock(task, reported, closed=closed, wait=False)  # TaskAbandoned if the lease is gone
+                confirmed = time.monotonic()
+            seq = _step_id(task.epoch, step)
             try:  # SGD with lr 1 on the accumulator: it adds
-                acc.push({k: np.negative(v) for k, v in host.items()}, seq=_step_id(task.epoch, step))
+                acc.push({k: np.negative(v) for k, v in host.items()}, seq=seq)
+                summed += 1
             except Aborted as e:  # its step is over: the barrier went on without it (the clock says why)
                 log.warning("task %s: gradient %d not summed: %s", task.task_id, i, e)
-            d = self._clock(task, i + 1)
-            while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
-                if not apply_to.apply_accumulated(acc.name, d.contributors, seq=_step_id(task.epoch, d.step)):
-                    log.info("task %s: step %d had no gradient left to apply (it was applied before the scheduler "
-                             "restarted)", task.task_id, d.step)
-                # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id, and
-                # what it finds accumulated is what the step before the restart had not applied (or nothing)
-                d = self._clock(task, i + 1, applied=True)
-            step = d.step + 1
+                alone, fell_back = False, True
+            if alone and apply_to.apply_accumulated(acc.name, task.shards, seq, members=task.shards, wait_s=wait,
+                                                    member=me):
+                step += 1
+            else:
+                if alone:
+                    log.info("task %s: step %d was not applied on the servers within %.1f s (a member is missing): "
+                             "the clock leads its steps from now on", task.task_id, step, wait)
+                    fell_back = True
+                d = self._clock(task, i + 1, closed=closed)
+                reported = i + 1
+                confirmed = time.monotonic()
+                while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
+                    apply_to.apply_accumulated(acc.name, d.contributors, _step_id(task.epoch, d.step), member=me)
+                    # led again only by a scheduler restarted meanwhile: its rebuilt clock's step is another id, and
+                    # what it finds accumulated is what the step before the restart had not applied (or nothing)
+                    d = self._clock(task, i + 1, applied=True)
+                step = d.step + 1
+                fast = d.fast and not fell_back
+            closed = step
             params = self._to_device(handle.pull(out=ctx.bufs[(i + 1) % 2]))
             bump(staleness, handle.version - version - 1)
             version = handle.version
+        sums["clock_staleness"] = [summed] if summed else []
         return apply_to.pushes - before[0], apply_to.duplicates - before[1]
 
-    def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False) -> scheduler_pb2.ClockResponse:
+    def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False, closed: int = 0,
+               wait: bool = True) -> scheduler_pb2.ClockResponse:
         """Report this task's clock and wait until it may go on (or must lead a bsp step). Gives up
-        after 4 lease timeouts (at least a minute), naming the task it was waiting for."""
+        after 4 lease timeouts (at least a minute), naming the task it was waiting for. ``closed``: bsp,
+        the step after the last one seen applied. ``wait=False``: only ask (a poll with the steps the
+        clock last heard: is the lease still held?)."""
         start = time.monotonic()
         limit = max(4 * task.lease_timeout_s, 60.0)
         req = scheduler_pb2.ClockRequest(worker_id=self.worker_id, task_id=task.task_id, lease_id=task.lease_id,
-                                         steps=steps, applied=applied, wait_s=CLOCK_WAIT_S)
+                                         steps=steps, applied=applied, wait_s=CLOCK_WAIT_S if wait else 0.0,
+                                         closed_step=closed)
         waiting_for = "the other members"
         while True:
             self._check(task)
@@ -441,7 +485,7 @@ class Worker:
                     raise TaskAbandoned(f"its lease ended: {e}") from None
                 raise
             if resp is not None:
-                if resp.proceed or resp.lead:
+                if resp.proceed or resp.lead or not wait:
                     return resp
                 waiting_for = resp.waiting_for or "the other members"
             waited = time.monotonic() - start

@@ -20,6 +20,13 @@ twice) and reports the step *applied*; then every member proceeds and pulls the 
 leader that leaves before reporting hands the step to another waiting member. ``contributors`` is the
 number of members that arrived this step, live or not (the servers average over the gradients tagged
 with the step that reached them, and refuse one that comes after the step was applied).
+
+A bsp clock is *steady* while every train task of its epoch is a member that joined before its first
+step was applied, and none left but done: then a decision says ``fast``, and the members may step on
+the servers alone (ps-lite's synchronous mode: each pushes its gradient and calls ApplyAccumulated with
+``members``; the servers apply the step once all gradients are summed), with no call here. A member
+that falls back here (a member is missing, or its shard has batches the others do not) reports
+``closed_step``, the step after the last one it saw applied, and the clock catches up to it first.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class Decision:
     waiting_for: str = ""   # who holds it back: "job-1/train-0-1 on worker-2 at clock 4"
     staleness: int = 0      # clocks ahead of the slowest live member when it proceeded
     observed: list[int] = field(default_factory=list)  # staleness to count in the job's histogram
+    fast: bool = False      # bsp: the clock is steady and complete: the members may step on the servers alone
 
 
 @dataclass
@@ -74,6 +82,8 @@ class Clock:
     expected: int = 0              # bsp: the epoch's train tasks ...
     finished: int = 0              # ... those done ...
     full_by: float = 0.0           # ... and until when a step waits for the ones not leased yet
+    first: int = 0                 # bsp: the step it started at
+    steady: bool = True            # bsp: no member left but done, none joined after the first step
 
     def min_clock(self) -> int:
         return min((m.clock for m in self.members.values()), default=0)
@@ -112,11 +122,14 @@ class Clocks:
         if c is None:
             for old in [k for k in self.clocks if k[0] == job_id and k[1] < epoch]:
                 self._drop(old)  # an earlier epoch's clock whose last tasks are done or gone
+            step = self.first_step if mode == "bsp" else 0
             c = self.clocks[key] = Clock(job_id, epoch, mode, staleness, expected=expected, full_by=now + grace,
-                                         step=self.first_step if mode == "bsp" else 0)
+                                         step=step, first=step)
         base = c.min_clock() if c.members and not rejoin else 0
         if mode == "bsp":
             base = c.step
+            if rejoin or c.step != c.first:  # its batches no longer line up with the others'
+                c.steady = False
         c.members[task_id] = Member(task_id, worker_id, base, base)
         self.by_task[task_id] = key
         self.transitions.record(now, f"{job_id}/clock-{epoch}", "join",
@@ -136,6 +149,7 @@ class Clocks:
             c.finished += 1
         else:
             c.full_by = now  # its task waits for a worker again: the others need not wait for it
+            c.steady = False
         if not c.members:
             if c.finished >= c.expected:
                 del self.clocks[key]
@@ -164,9 +178,11 @@ class Clocks:
         c = self.clocks[key]
         return c, c.members[task_id]
 
-    def tick(self, task_id: str, steps: int, now: float, applied: bool = False, workers: int = 0) -> Decision:
+    def tick(self, task_id: str, steps: int, now: float, applied: bool = False, workers: int = 0,
+             closed_step: int = 0) -> Decision:
         """A member reports ``steps`` done in its task (ssp), or that it pushed its gradient of its
-        ``steps``-th step to the accumulator (bsp; ``applied``: as leader, that it applied the step).
+        ``steps``-th step to the accumulator (bsp; ``applied``: as leader, that it applied the step;
+        ``closed_step``: every step below it was applied, as the member saw on the servers).
         Asked again with the same ``steps`` while it waits, it gets the same answer or a newer one.
         ``workers``: live workers in the cluster (a bsp step waits for unleased tasks only while there are
         workers that could lease them; 0: unknown)."""
@@ -175,7 +191,20 @@ class Clocks:
         c, m = self._member(task_id)
         if c.mode == "ssp":
             return self._ssp(c, m, steps)
+        if closed_step > c.step:
+            self._catch_up(c, m, closed_step, now)
         return self._bsp(c, m, steps, applied, now, workers)
+
+    def _catch_up(self, c: Clock, m: Member, closed_step: int, now: float) -> None:
+        """The members stepped on the servers without the clock, up to ``closed_step``: take it there."""
+        if closed_step - c.step > STEPS_PER_INCARNATION:
+            raise InvalidArgument(f"clock of {m.task_id}: closed_step {closed_step} is not a step of this clock "
+                                  f"(at {c.step})")
+        self.transitions.record(now, f"{c.job_id}/clock-{c.epoch}", "applied",
+                                f"steps {c.step} to {closed_step - 1} on the servers (reported by {m.task_id})")
+        c.step = closed_step
+        c.arrived = set()
+        c.leader = ""
 
     def _ssp(self, c: Clock, m: Member, steps: int) -> Decision:
         m.clock = m.base + steps
@@ -189,7 +218,7 @@ class Clocks:
         return d
 
     def _bsp(self, c: Clock, m: Member, steps: int, applied: bool, now: float, workers: int) -> Decision:
-        d = Decision(members=len(c.members))
+        d = Decision(members=len(c.members), fast=c.steady and len(c.members) == c.expected)
         if applied and m.arrived < c.step and steps == m.pushed:  # its report again (a lost answer)
             d.proceed, d.step = True, m.arrived
             return d
@@ -199,7 +228,6 @@ class Clocks:
                                          f"lead that step" + (f" ({c.leader} does)" if c.leader else ""))
             self.transitions.record(now, f"{c.job_id}/clock-{c.epoch}", "applied",
                                     f"step {c.step} by {m.task_id}: mean of {len(c.arrived)} gradient(s)")
-            d.observed = [0] * sum(t in c.members for t in c.arrived)
             c.step += 1
             c.arrived = set()
             c.leader = ""

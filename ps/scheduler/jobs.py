@@ -546,8 +546,10 @@ class Jobs:
 
     def complete(self, task_id: str, lease_id: str, now: float, *, error: str = "", samples: int = 0,
                  steps: int = 0, loss_sum: float = 0.0, correct: int = 0, seconds: float = 0.0,
-                 duplicates: int = 0, result: dict | None = None, staleness: list[int] | tuple = ()) -> bool:
-        """A worker's result. False when its lease is no longer valid (the result is dropped)."""
+                 duplicates: int = 0, result: dict | None = None, staleness: list[int] | tuple = (),
+                 clock_staleness: list[int] | tuple = ()) -> bool:
+        """A worker's result. False when its lease is no longer valid (the result is dropped).
+        ``clock_staleness``: a bsp task's gradients summed, by clocks of staleness (all at 0)."""
         with self.changed:
             job = self.jobs.get(self._job_of(task_id))
             task = job.tasks.get(task_id) if job else None
@@ -575,6 +577,7 @@ class Jobs:
                 m["steps"] += steps
                 m["duplicates"] += duplicates
                 merge(m.setdefault("staleness_updates", []), staleness)
+                merge(m.setdefault("staleness_clocks", []), clock_staleness)
                 acc = job.epoch_loss.setdefault(task.epoch, [0.0, 0])
                 acc[0] += loss_sum
                 acc[1] += samples
@@ -617,7 +620,7 @@ class Jobs:
             return c.step if c is not None and c.mode == "bsp" else 0
 
     def clock(self, task_id: str, lease_id: str, steps: int, now: float, applied: bool = False,
-              workers: int = 0) -> Decision:
+              workers: int = 0, closed_step: int = 0) -> Decision:
         """A train task of an ssp/bsp job reports its clock (see ``ps.scheduler.clocks``): may it go on?"""
         with self.changed:
             job = self.jobs.get(self._job_of(task_id))
@@ -634,7 +637,7 @@ class Jobs:
                 applied = False
             before = self.clocks.clocks.get(self.clocks.by_task[task_id])
             state = (before.step, len(before.arrived), before.leader, before.min_clock())
-            d = self.clocks.tick(task_id, steps, now, applied, workers)
+            d = self.clocks.tick(task_id, steps, now, applied, workers, closed_step)
             if d.observed:
                 hist = job.metrics.setdefault("staleness_clocks", [])
                 for v in d.observed:

@@ -613,7 +613,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             wake = self.waiters.event(key)
             try:
                 d = self.jobs.clock(request.task_id, request.lease_id, request.steps, self.clock(), applied,
-                                    workers=len(self.cluster.workers))
+                                    workers=len(self.cluster.workers), closed_step=request.closed_step)
             except PSError as e:
                 await context.abort(e.code, str(e))
             applied = False  # reported once; a poll again only waits for the next step
@@ -625,7 +625,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             except asyncio.TimeoutError:
                 pass
         return scheduler_pb2.ClockResponse(proceed=d.proceed, lead=d.lead, step=d.step, contributors=d.contributors,
-                                           members=d.members, waiting_for=d.waiting_for, staleness=d.staleness)
+                                           members=d.members, waiting_for=d.waiting_for, staleness=d.staleness,
+                                           fast=d.fast)
 
     @limits.entry_check(limits.check_complete_task)
     async def CompleteTask(self, request, context):
@@ -643,7 +644,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         ok = self.jobs.complete(request.task_id, request.lease_id, self.clock(), error=request.error,
                                 samples=request.samples, steps=request.steps, loss_sum=request.loss_sum,
                                 correct=request.correct, seconds=request.seconds, duplicates=request.duplicates,
-                                result=result, staleness=request.staleness)
+                                result=result, staleness=request.staleness,
+                                clock_staleness=request.clock_staleness)
         if ok:
             try:
                 self.save()

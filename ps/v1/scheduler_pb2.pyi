@@ -482,7 +482,7 @@ class LeaseTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class CompleteTaskRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds", "duplicates", "result_json", "staleness")
+    __slots__ = ("worker_id", "task_id", "lease_id", "error", "samples", "steps", "loss_sum", "correct", "seconds", "duplicates", "result_json", "staleness", "clock_staleness")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -495,6 +495,7 @@ class CompleteTaskRequest(_message.Message):
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_STALENESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     lease_id: str
@@ -507,26 +508,29 @@ class CompleteTaskRequest(_message.Message):
     duplicates: int
     result_json: str
     staleness: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ..., duplicates: _Optional[int] = ..., result_json: _Optional[str] = ..., staleness: _Optional[_Iterable[int]] = ...) -> None: ...
+    clock_staleness: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., error: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., loss_sum: _Optional[float] = ..., correct: _Optional[int] = ..., seconds: _Optional[float] = ..., duplicates: _Optional[int] = ..., result_json: _Optional[str] = ..., staleness: _Optional[_Iterable[int]] = ..., clock_staleness: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClockRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "lease_id", "steps", "applied", "wait_s")
+    __slots__ = ("worker_id", "task_id", "lease_id", "steps", "applied", "wait_s", "closed_step")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_STEP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     lease_id: str
     steps: int
     applied: bool
     wait_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., steps: _Optional[int] = ..., applied: _Optional[bool] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    closed_step: int
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., steps: _Optional[int] = ..., applied: _Optional[bool] = ..., wait_s: _Optional[float] = ..., closed_step: _Optional[int] = ...) -> None: ...
 
 class ClockResponse(_message.Message):
-    __slots__ = ("proceed", "lead", "step", "contributors", "members", "waiting_for", "staleness")
+    __slots__ = ("proceed", "lead", "step", "contributors", "members", "waiting_for", "staleness", "fast")
     PROCEED_FIELD_NUMBER: _ClassVar[int]
     LEAD_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -534,6 +538,7 @@ class ClockResponse(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    FAST_FIELD_NUMBER: _ClassVar[int]
     proceed: bool
     lead: bool
     step: int
@@ -541,7 +546,8 @@ class ClockResponse(_message.Message):
     members: int
     waiting_for: str
     staleness: int
-    def __init__(self, proceed: _Optional[bool] = ..., lead: _Optional[bool] = ..., step: _Optional[int] = ..., contributors: _Optional[int] = ..., members: _Optional[int] = ..., waiting_for: _Optional[str] = ..., staleness: _Optional[int] = ...) -> None: ...
+    fast: bool
+    def __init__(self, proceed: _Optional[bool] = ..., lead: _Optional[bool] = ..., step: _Optional[int] = ..., contributors: _Optional[int] = ..., members: _Optional[int] = ..., waiting_for: _Optional[str] = ..., staleness: _Optional[int] = ..., fast: _Optional[bool] = ...) -> None: ...
 
 class CompleteTaskResponse(_message.Message):
     __slots__ = ("accepted",)

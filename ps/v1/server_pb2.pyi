@@ -9,34 +9,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApplyAccumulatedRequest(_message.Message):
-    __slots__ = ("model", "accumulator", "contributors", "client_id", "seq", "ranges")
+    __slots__ = ("model", "accumulator", "contributors", "client_id", "seq", "ranges", "members", "wait_s", "member")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACCUMULATOR_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
     model: str
     accumulator: str
     contributors: int
     client_id: str
     seq: int
     ranges: _containers.RepeatedCompositeFieldContainer[Range]
-    def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
+    members: int
+    wait_s: float
+    member: str
+    def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., members: _Optional[int] = ..., wait_s: _Optional[float] = ..., member: _Optional[str] = ...) -> None: ...
 
 class ApplyAccumulatedResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "version", "empty", "link")
+    __slots__ = ("applied", "duplicates", "version", "empty", "link", "closed", "closer")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    CLOSER_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     version: int
     empty: int
     link: str
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...
+    closed: bool
+    closer: bool
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ..., link: _Optional[str] = ..., closed: _Optional[bool] = ..., closer: _Optional[bool] = ...) -> None: ...
 
 class PushBatchRequest(_message.Message):
     __slots__ = ("chunks", "pull")
@@ -303,7 +313,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer", "backup_slices", "tables")
+    __slots__ = ("model", "slices", "params", "bytes", "pushes", "pulls", "max_version", "min_version", "optimizer", "backup_slices", "tables", "member_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +325,7 @@ class ModelStats(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     BACKUP_SLICES_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     slices: int
     params: int
@@ -326,7 +337,8 @@ class ModelStats(_message.Message):
     optimizer: str
     backup_slices: int
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
-    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ..., backup_slices: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+    member_steps: int
+    def __init__(self, model: _Optional[str] = ..., slices: _Optional[int] = ..., params: _Optional[int] = ..., bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., max_version: _Optional[int] = ..., min_version: _Optional[int] = ..., optimizer: _Optional[str] = ..., backup_slices: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ..., member_steps: _Optional[int] = ...) -> None: ...
 
 class TableStats(_message.Message):
     __slots__ = ("name", "rows", "bytes")
@@ -385,7 +397,7 @@ class AppliedRecord(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., seq: _Optional[int] = ..., end: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class SliceSnapshot(_message.Message):
-    __slots__ = ("tensor", "shape", "offset", "length", "param", "state", "version", "pushes", "applied", "closed", "closed_version")
+    __slots__ = ("tensor", "shape", "offset", "length", "param", "state", "version", "pushes", "applied", "closed", "closed_version", "closed_by")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +416,7 @@ class SliceSnapshot(_message.Message):
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
@@ -415,7 +428,8 @@ class SliceSnapshot(_message.Message):
     applied: _containers.RepeatedCompositeFieldContainer[AppliedRecord]
     closed: int
     closed_version: int
-    def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., param: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[AppliedRecord, _Mapping]]] = ..., closed: _Optional[int] = ..., closed_version: _Optional[int] = ...) -> None: ...
+    closed_by: str
+    def __init__(self, tensor: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., param: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., version: _Optional[int] = ..., pushes: _Optional[int] = ..., applied: _Optional[_Iterable[_Union[AppliedRecord, _Mapping]]] = ..., closed: _Optional[int] = ..., closed_version: _Optional[int] = ..., closed_by: _Optional[str] = ...) -> None: ...
 
 class ReplicaOp(_message.Message):
     __slots__ = ("install", "push", "assign", "close")
@@ -430,14 +444,16 @@ class ReplicaOp(_message.Message):
     def __init__(self, install: _Optional[_Union[SliceSnapshot, _Mapping]] = ..., push: _Optional[_Union[PushRequest, _Mapping]] = ..., assign: _Optional[_Union[AssignRequest, _Mapping]] = ..., close: _Optional[_Union[CloseStep, _Mapping]] = ...) -> None: ...
 
 class CloseStep(_message.Message):
-    __slots__ = ("tensor", "offset", "step")
+    __slots__ = ("tensor", "offset", "step", "by")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     offset: int
     step: int
-    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    by: str
+    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., step: _Optional[int] = ..., by: _Optional[str] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
     __slots__ = ("model", "optimizer", "primary", "ops")

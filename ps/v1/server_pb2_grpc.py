@@ -243,6 +243,9 @@ class ParameterServerServicer:
         push under (client_id, seq) would (exactly once, forwarded to backups), then zeroes the
         accumulator's range and closes the step: a gradient tagged with it later is refused (ABORTED).
         The step's leader sends this small call to each shard instead of pulling the sum and pushing the mean.
+        With ``members``, every member sends it after its gradient (ps-lite's synchronous mode): a range
+        is applied once that many gradients tagged with seq are summed there, and the call waits up to
+        ``wait_s`` for every range's step to close: no scheduler call on a step's way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
