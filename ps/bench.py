@@ -547,26 +547,29 @@ def _torch_train(spec, echo: Callable[[str], None]) -> dict:
 
 
 def train(epochs: int = 6, echo: Callable[[str], None] = print, consistency: tuple[str, ...] = ("asp",),
-          staleness: int = 3, batch: int = 0, replicas: int = 0) -> dict:
+          staleness: int = 3, batch: int = 0, replicas: int = 0, eval_every: int = 1) -> dict:
     """`paramserver bench train`: samples/s of 1 and 2 workers through a cluster against a
     single-process NumPy loop training the same model (all with one BLAS thread per process);
     with ``consistency``, 2 workers under each of those modes, side by side. ``batch``: each of the
     2 workers' batch (0: the loop's 2048 under asp and ssp; under bsp half of it, so that a step
     averages 2048 samples as the loop's does). ``replicas``: the jobs' (0: the default, 2 servers
-    holding each slice)."""
+    holding each slice). ``eval_every``: the jobs evaluate after every this many epochs and the last
+    (``epochs``: only at the end, outside the figure's window, as the PyTorch loop's training figure)."""
     import dataclasses
     import json
     import subprocess
-    spec = dataclasses.replace(train_spec(epochs), replicas=replicas)
+    spec = dataclasses.replace(train_spec(epochs), replicas=replicas, eval_every=eval_every)
     echo(f"model: MLP 256-512-512-10, batch 2048, Adam, {epochs} epochs; data: 60,000 synthetic examples "
-         f"(70% train); one BLAS thread per process; {replicas or 2} replica(s) of each slice")
+         f"(70% train); one BLAS thread per process; {replicas or 2} replica(s) of each slice; jobs evaluate "
+         + ("after every epoch" if eval_every == 1 else f"every {eval_every} epochs and after the last"))
     out = subprocess.run([sys.executable, "-m", "ps.bench", "local-train", spec.to_json()], check=True,
                          capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD))
     single = json.loads(out.stdout.strip().splitlines()[-1])
     echo(f"single process (no servers): {single['samples_per_s']:.0f} samples/s, "
          f"test accuracy {single['test_accuracy']:.4f}")
     result = {"single_samples_per_s": round(single["samples_per_s"], 1),
-              "single_test_accuracy": single["test_accuracy"], "cpu_count": os.cpu_count(), "replicas": replicas or 2}
+              "single_test_accuracy": single["test_accuracy"], "cpu_count": os.cpu_count(), "replicas": replicas or 2,
+              "eval_every": eval_every}
     torch_runs: list[dict] = []  # the PyTorch loop's, before the cluster's runs and after each mode's
     try:
         import torch  # noqa: F401 - only whether it is there

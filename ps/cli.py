@@ -445,12 +445,15 @@ def bench_failover(as_json):
               help="each of the 2 workers' batch (0: 2048 under asp and ssp, 1024 under bsp: 2048 a step)")
 @click.option("--replicas", default=0, type=click.IntRange(0, 2), show_default="2: the default",
               help="servers holding each slice of the jobs' parameters (1: no copy, as a plain loop keeps)")
+@click.option("--eval-every", default=1, type=click.IntRange(1), show_default=True,
+              help="the jobs evaluate after every this many epochs and the last (the epochs: only at the end, "
+                   "as the PyTorch loop's training figure)")
 @click.option("--json", "as_json", is_flag=True)
-def bench_train(epochs, consistency, staleness, batch, replicas, as_json):
+def bench_train(epochs, consistency, staleness, batch, replicas, eval_every, as_json):
     """samples/s of 1 and 2 workers through the cluster against a single-process NumPy loop."""
     from ps.bench import train
     result = train(epochs, echo=click.echo, consistency=consistency or ("asp",), staleness=staleness, batch=batch,
-                   replicas=replicas)
+                   replicas=replicas, eval_every=eval_every)
     if as_json:
         emit_json(result)
 

@@ -112,6 +112,7 @@ class JobSpec:
     checkpoint_every_s: float = 0.0  # write a checkpoint this often (0: not by time)
     checkpoint_every_epochs: int = 0  # ... or every this many epochs (0: not by epochs)
     checkpoint_dir: str = ""   # where (any fsspec URL); "": the scheduler's --checkpoint-dir
+    eval_every: int = 1        # evaluate on the held-out split after every this many epochs, and after the last
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
@@ -196,6 +197,10 @@ class JobSpec:
         kind_of("checkpoint_every_epochs", self.checkpoint_every_epochs, int, "an integer >= 0")
         if self.checkpoint_every_epochs < 0:
             raise SpecError(f"spec.checkpoint_every_epochs: expected an integer >= 0, got {self.checkpoint_every_epochs!r}")
+        kind_of("eval_every", self.eval_every, int, "an integer >= 1")
+        if self.eval_every < 1:
+            raise SpecError(f"spec.eval_every: expected an integer >= 1 (epochs between evaluations), "
+                            f"got {self.eval_every!r}")
         kind_of("checkpoint_dir", self.checkpoint_dir, str, "a directory or fsspec URL")
         if len(self.checkpoint_dir) > 4096:
             raise SpecError("spec.checkpoint_dir: longer than 4096 characters")

@@ -76,6 +76,28 @@ def test_an_epoch_evaluated_in_parts_reports_once_from_the_sums_of_its_parts():
     assert job.epoch_eval == {}
 
 
+def test_eval_every_evaluates_every_nth_epoch_and_the_last_and_counts_only_those_tasks():
+    jobs = Jobs()
+    job = jobs.submit("j", '{"eval_every": 2}', PREP, epochs=5, lease_timeout=10.0, now=0.0)
+    jobs.mark_starting(job.job_id, 0.0)
+    jobs.start(job.job_id, 1.0)
+    assert job.tasks_total == 5 * 2 + 3  # epochs 2, 4 and 5 (the last) are evaluated
+    kinds = []
+    while (leased := jobs.lease("w", 2.0)) is not None:
+        t, _ = leased
+        kinds.append((t.kind, t.epoch))
+        jobs.complete(t.task_id, t.lease_id, 3.0, samples=40, steps=2, loss_sum=8.0, correct=30 + t.epoch)
+    assert [k for k in kinds if k[0] == "eval"] == [("eval", 1), ("eval", 3), ("eval", 4)]
+    assert len(kinds) == job.tasks_total == job.tasks_done and job.state == "succeeded"
+    assert [e.message for e in job.events if e.kind == "epoch"] == [
+        "epoch 1/5: trained (evaluated every 2 epochs)", "epoch 2/5: test accuracy 0.7750",
+        "epoch 3/5: trained (evaluated every 2 epochs)", "epoch 4/5: test accuracy 0.8250",
+        "epoch 5/5: test accuracy 0.8500"]
+    assert job.metrics["epoch"] == 5 and job.evaluated == 5 and job.metrics["test_accuracy"] == 34 / 40
+    resumed = jobs.submit("j", '{"eval_every": 2}', PREP, epochs=5, lease_timeout=10.0, now=4.0, start_epoch=3)
+    assert resumed.tasks_done == 3 * 2 + 1 and resumed.tasks_total == job.tasks_total
+
+
 def test_a_task_error_fails_the_job_with_the_workers_message():
     jobs, job = running()
     t, _ = jobs.lease("w7", 2.0)

@@ -368,11 +368,13 @@ SPEC_LIMITS = [
      f"spec.data.uri: features x classes = {10**10} exceeds the limit {D.max_synthetic_values} "
      f"{hint('max_synthetic_values')}"),
     ({"lease_timeout_s": float("nan")}, "spec.lease_timeout_s: expected a positive number, got nan"),
+    ({"eval_every": 0}, "spec.eval_every: expected an integer >= 1 (epochs between evaluations), got 0"),
 ]
 
 
 @pytest.mark.parametrize("change,message", SPEC_LIMITS, ids=["epochs", "batch-size", "workers", "shards", "name",
-                                                             "synthetic-n", "synthetic-classes", "lease-nan"])
+                                                             "synthetic-n", "synthetic-classes", "lease-nan",
+                                                             "eval-every"])
 def test_job_specs_over_a_limit(scheduler, change, message):
     from ps.demo import demo_spec
     spec = demo_spec("mlp").to_dict()

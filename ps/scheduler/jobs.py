@@ -113,6 +113,15 @@ def consistency(job: "Job") -> tuple[str, int]:
     return cached
 
 
+def eval_every(job: "Job") -> int:
+    """Epochs between evaluations on the held-out split, from the job's spec (the last is always evaluated)."""
+    cached = job.__dict__.get("_eval_every")
+    if cached is None:
+        import json
+        cached = job.__dict__["_eval_every"] = max(1, int(json.loads(job.spec_json).get("eval_every", 1)))
+    return cached
+
+
 @dataclass
 class Job:
     job_id: str
@@ -149,6 +158,7 @@ class Job:
     epoch_eval: dict[int, list[float]] = field(default_factory=dict)  # epoch -> [loss_sum, correct, samples, parts]
     pending_in: Counter = field(default_factory=Counter)   # epoch -> pending train tasks
     undone_in: Counter = field(default_factory=Counter)    # epoch -> train tasks not done
+    evaluated: int = 0       # the epochs the test metrics are of (the latest evaluated epoch, counted from 1)
 
     def __post_init__(self):
         self.events = deque(self.events, maxlen=self.max_events)
@@ -159,9 +169,18 @@ class Job:
         decides, from the split's size and the workers wanted; 1 before it has reported)."""
         return int((self.prep or {}).get("eval_shards", 1))
 
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the epoch (from 0) is evaluated: every ``eval_every``-th, and the last."""
+        return epoch + 1 >= self.epochs or (epoch + 1) % eval_every(self) == 0
+
+    def tasks_before(self, epoch: int) -> int:
+        """Train and eval tasks of the epochs before ``epoch``."""
+        evaluated = epoch // eval_every(self) + (epoch >= self.epochs and self.epochs % eval_every(self) != 0)
+        return epoch * self.shards + evaluated * self.eval_shards
+
     @property
     def tasks_total(self) -> int:
-        return self.epochs * (self.shards + self.eval_shards)
+        return self.tasks_before(self.epochs)
 
 
 class Jobs:
@@ -294,7 +313,7 @@ class Jobs:
                       checkpoint_epoch=start_epoch, owner=owner)
             if start_epoch:
                 job.metrics["epoch"] = start_epoch
-                job.tasks_done = start_epoch * (job.shards + job.eval_shards)
+                job.tasks_done = job.tasks_before(start_epoch)
             self.jobs[job_id] = job
             self._dirty_spec.add(job_id)
             if request_id:
@@ -586,8 +605,13 @@ class Jobs:
                 if job.undone_in[task.epoch] == 0:
                     m["train_loss"] = acc[0] / max(acc[1], 1)
                     del job.epoch_loss[task.epoch]  # the epoch is done: keep the job's record bounded
-                    for part in reversed(range(job.eval_shards)):  # each goes to the front: part 0 first
-                        self._enqueue(job, EVAL, task.epoch, part)
+                    if job.evaluates(task.epoch):
+                        for part in reversed(range(job.eval_shards)):  # each goes to the front: part 0 first
+                            self._enqueue(job, EVAL, task.epoch, part)
+                    else:
+                        m["epoch"] = max(m["epoch"], task.epoch + 1)
+                        self._event(job, now, "epoch", f"epoch {task.epoch + 1}/{job.epochs}: trained (evaluated "
+                                                       f"every {eval_every(job)} epochs)")
                     self._enqueue_epoch(job, task.epoch + 1)
                 self._event(job, now, "task", f"{task_id} done")
             else:
@@ -600,8 +624,9 @@ class Jobs:
                     return True  # the epoch's other parts of the held-out split are still being evaluated
                 loss_sum, correct, samples, _ = job.epoch_eval.pop(task.epoch)
                 accuracy = correct / samples if samples else math.nan
-                if task.epoch + 1 >= m["epoch"]:  # an epoch's late evaluation does not replace a later one's
-                    m["epoch"] = task.epoch + 1
+                m["epoch"] = max(m["epoch"], task.epoch + 1)
+                if task.epoch + 1 >= job.evaluated:  # an epoch's late evaluation does not replace a later one's
+                    job.evaluated = task.epoch + 1
                     m["test_loss"] = loss_sum / max(samples, 1)
                     m["test_accuracy"] = accuracy
                 m["seconds"] = now - job.started_at
