@@ -235,11 +235,14 @@ def bsp_reference(spec: ps.JobSpec, workers: int) -> tuple[dict[str, np.ndarray]
 
 
 def test_bsp_equals_one_process_averaging_the_workers_gradients_each_step():
-    spec = spec_for("bsp", epochs=2, dtype="float64")
+    spec = spec_for("bsp", epochs=2, dtype="float64", eval_every=2)
     with ps.LocalCluster(servers=2, workers=2) as cluster, ps.Client(cluster.address) as client:
         job = client.submit(spec)
         trained = job.wait(progress=False, timeout=300)
         m = job.info().metrics
+        epochs = [e.message for e in job.events() if e.kind == "epoch"]
+        assert epochs == ["epoch 1/2: trained (evaluated every 2 epochs)",
+                          f"epoch 2/2: test accuracy {m.test_accuracy:.4f}"]
         # The accumulator is left empty after every step.
         acc = client.model(accumulator(job.job_id)).pull()
         assert all(not v.any() for v in acc.values())
