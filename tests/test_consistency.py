@@ -352,6 +352,43 @@ def test_a_bsp_worker_held_up_past_its_lease_is_dropped_and_its_late_gradient_do
     assert len(applied) == 1 and info.metrics.steps <= min(applied) <= info.metrics.steps + batches
 
 
+def test_a_bsp_worker_stopped_briefly_makes_the_other_fall_back_to_the_clock_and_every_step_counts_once():
+    """Steps on the servers: a worker stopped (SIGSTOP) for longer than a step waits on the servers but
+    less than its lease. The other one stops waiting, falls back to the clock (and watches the servers in
+    turn); the stopped one comes back, and the job goes on with every step applied once, counted once."""
+    from ps.bench import train_spec
+    spec = train_spec(3)
+    spec.consistency, spec.batch_size, spec.lease_timeout_s = "bsp", 256, 8.0  # a step waits 4 s on the servers
+    with ps.LocalCluster(servers=2, workers=2, scheduler_args=["--server-timeout", "12"]) as cluster, \
+            ps.Client(cluster.address) as client:
+        job = client.submit(spec)
+
+        def member_steps():
+            try:
+                return max((s.member_steps for s in client.model(accumulator(job.job_id)).stats()), default=0)
+            except ps.errors.NotFound:  # not created yet
+                return 0
+        wait_for(lambda: member_steps() >= 3, 120, what="the workers to step on the servers")
+        victim, other = cluster.workers
+        os.kill(victim.popen.pid, signal.SIGSTOP)
+        try:
+            time.sleep(6.0)  # how long it is stopped (the fault itself): more than the 4 s wait, less than the lease
+        finally:
+            os.kill(victim.popen.pid, signal.SIGCONT)
+        trained = job.wait(progress=False, timeout=300)
+        info = job.info()
+        applied = versions(client, job.job_id)
+        fast = member_steps()
+        batches = task_batches(info, spec.batch_size)
+        log = other.log.read_text()
+    assert info.state == "succeeded" and info.tasks_done == info.tasks_total
+    assert "was not applied on the servers within 4.0 s (a member is missing)" in log
+    assert applied == {info.metrics.steps} and info.metrics.steps == spec.epochs * max(batches)
+    # each epoch's first step at the clock; the others on the servers (the one that fell back carried along)
+    assert 3 <= fast <= spec.epochs * (min(batches) - 1)
+    assert trained.metrics["test_accuracy"] > 0.5
+
+
 def test_a_clock_call_without_a_lease_is_refused_and_changes_nothing():
     with ps.LocalCluster(servers=1, workers=0) as cluster, ps.Client(cluster.address) as client:
         import grpc

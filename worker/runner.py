@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -32,6 +33,8 @@ MAX_ERROR_CHARS = 2000
 CLOCK_WAIT_S = 5.0
 #: a bsp member stepping on the servers waits at most this long (and half a lease) for the others' gradients
 STEP_WAIT_S = 10.0
+#: ... and one that fell back to the clock asks the servers this long in turn with the clock
+POLL_S = 0.5
 # The key a step's loss pair travels under, beside its gradients, on the way to the host (no parameter has it).
 _LOSS = "\x00loss"
 
@@ -443,7 +446,13 @@ class Worker:
                     log.info("task %s: step %d was not applied on the servers within %.1f s (a member is missing): "
                              "the clock leads its steps from now on", task.task_id, step, wait)
                     fell_back = True
-                d = self._clock(task, i + 1, closed=closed)
+                poll = None
+                if fell_back and i < together:  # the others may still step on the servers alone: watch there too
+
+                    def poll(seq=seq) -> bool:
+                        return apply_to.apply_accumulated(acc.name, task.shards, seq, members=task.shards,
+                                                          wait_s=POLL_S, member=me)
+                d = self._clock(task, i + 1, closed=closed, servers=poll, step=step)
                 reported = i + 1
                 confirmed = time.monotonic()
                 while d.lead:  # each server applies the mean of the sum it holds and zeroes it: no gradient moves
@@ -461,16 +470,18 @@ class Worker:
         return apply_to.pushes - before[0], apply_to.duplicates - before[1]
 
     def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False, closed: int = 0,
-               wait: bool = True) -> scheduler_pb2.ClockResponse:
+               wait: bool = True, servers: Callable[[], bool] | None = None,
+               step: int = 0) -> scheduler_pb2.ClockResponse:
         """Report this task's clock and wait until it may go on (or must lead a bsp step). Gives up
         after 4 lease timeouts (at least a minute), naming the task it was waiting for. ``closed``: bsp,
         the step after the last one seen applied. ``wait=False``: only ask (a poll with the steps the
-        clock last heard: is the lease still held?)."""
+        clock last heard: is the lease still held?). ``servers``: bsp, whether the servers closed barrier
+        step ``step`` (its members stepping there alone), asked in turn with the clock: then it goes on."""
         start = time.monotonic()
         limit = max(4 * task.lease_timeout_s, 60.0)
         req = scheduler_pb2.ClockRequest(worker_id=self.worker_id, task_id=task.task_id, lease_id=task.lease_id,
-                                         steps=steps, applied=applied, wait_s=CLOCK_WAIT_S if wait else 0.0,
-                                         closed_step=closed)
+                                         steps=steps, applied=applied, closed_step=closed,
+                                         wait_s=CLOCK_WAIT_S if wait and servers is None else 0.0)
         waiting_for = "the other members"
         while True:
             self._check(task)
@@ -488,6 +499,8 @@ class Worker:
                 if resp.proceed or resp.lead or not wait:
                     return resp
                 waiting_for = resp.waiting_for or "the other members"
+            if servers is not None and servers():
+                return scheduler_pb2.ClockResponse(proceed=True, step=step)
             waited = time.monotonic() - start
             if waited > limit:
                 raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for {waiting_for}")
