@@ -347,9 +347,10 @@ def test_a_bsp_worker_held_up_past_its_lease_is_dropped_and_its_late_gradient_do
         applied = versions(client, job.job_id)
         wait_for(lambda: " abandoned: its lease ended" in victim.log.read_text(), 60,
                  what="the stopped worker to drop its task")
-    assert info.state == "succeeded" and info.tasks_done == info.tasks_total
+    assert (info.state, info.tasks_done) == ("succeeded", info.tasks_total), info.error
     batches = max(task_batches(info, spec.batch_size))
-    assert len(applied) == 1 and info.metrics.steps <= min(applied) <= info.metrics.steps + batches
+    assert len(applied) == 1 and info.metrics.steps <= min(applied) <= info.metrics.steps + batches, \
+        (applied, info.metrics.steps, batches)
 
 
 def test_a_bsp_worker_stopped_briefly_makes_the_other_fall_back_to_the_clock_and_every_step_counts_once():

@@ -499,8 +499,11 @@ class Worker:
                 if resp.proceed or resp.lead or not wait:
                     return resp
                 waiting_for = resp.waiting_for or "the other members"
-            if servers is not None and servers():
-                return scheduler_pb2.ClockResponse(proceed=True, step=step)
+            if servers is not None:
+                asked = time.monotonic()
+                if servers():
+                    return scheduler_pb2.ClockResponse(proceed=True, step=step)
+                self.stop.wait(max(0.0, POLL_S - (time.monotonic() - asked)))  # answered at once (no waiter free)
             waited = time.monotonic() - start
             if waited > limit:
                 raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for {waiting_for}")
