@@ -449,9 +449,9 @@ class Worker:
                 poll = None
                 if fell_back and i < together:  # the others may still step on the servers alone: watch there too
 
-                    def poll(seq=seq) -> bool:
-                        return apply_to.apply_accumulated(acc.name, task.shards, seq, members=task.shards,
-                                                          wait_s=POLL_S, member=me)
+                    def poll(at: int) -> bool:  # the step the clock has this task waiting at
+                        return apply_to.apply_accumulated(acc.name, task.shards, _step_id(task.epoch, at),
+                                                          members=task.shards, wait_s=POLL_S, member=me)
                 d = self._clock(task, i + 1, closed=closed, servers=poll, step=step)
                 reported = i + 1
                 confirmed = time.monotonic()
@@ -470,13 +470,14 @@ class Worker:
         return apply_to.pushes - before[0], apply_to.duplicates - before[1]
 
     def _clock(self, task: scheduler_pb2.Task, steps: int, applied: bool = False, closed: int = 0,
-               wait: bool = True, servers: Callable[[], bool] | None = None,
+               wait: bool = True, servers: Callable[[int], bool] | None = None,
                step: int = 0) -> scheduler_pb2.ClockResponse:
         """Report this task's clock and wait until it may go on (or must lead a bsp step). Gives up
         after 4 lease timeouts (at least a minute), naming the task it was waiting for. ``closed``: bsp,
         the step after the last one seen applied. ``wait=False``: only ask (a poll with the steps the
-        clock last heard: is the lease still held?). ``servers``: bsp, whether the servers closed barrier
-        step ``step`` (its members stepping there alone), asked in turn with the clock: then it goes on."""
+        clock last heard: is the lease still held?). ``servers(at)``: bsp, whether the servers closed the
+        barrier step the clock has this task waiting at (``step`` until it answers; its members stepping
+        there alone), asked in turn with the clock: then it goes on past that step."""
         start = time.monotonic()
         limit = max(4 * task.lease_timeout_s, 60.0)
         req = scheduler_pb2.ClockRequest(worker_id=self.worker_id, task_id=task.task_id, lease_id=task.lease_id,
@@ -499,9 +500,10 @@ class Worker:
                 if resp.proceed or resp.lead or not wait:
                     return resp
                 waiting_for = resp.waiting_for or "the other members"
+                step = resp.step  # where the clock counts this arrival (it may have moved past our gradient's)
             if servers is not None:
                 asked = time.monotonic()
-                if servers():
+                if servers(step):
                     return scheduler_pb2.ClockResponse(proceed=True, step=step)
                 self.stop.wait(max(0.0, POLL_S - (time.monotonic() - asked)))  # answered at once (no waiter free)
             waited = time.monotonic() - start
