@@ -39,8 +39,7 @@ def echo_server_main(argv: list[str] | None = None) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = rpc.bind(server, "127.0.0.1", 0)
     server.start()
-    rpc.write_port_file(ns.port_file, port)
-    rpc.serve_until_signal(server, grace=0)
+    rpc.serve_until_signal(server, grace=0, ready=lambda: rpc.write_port_file(ns.port_file, port))
 
 
 def _status(pid: int) -> dict[str, int]:

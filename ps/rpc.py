@@ -249,8 +249,10 @@ def check_health(address: str, service: str = "", timeout: float = 5.0, security
 
 
 def serve_until_signal(server: grpc.Server, on_stop: Callable[[], None] | None = None,
-                       grace: float = 5.0) -> None:
-    """Run until SIGTERM/SIGINT, then stop accepting, let calls in flight finish and run on_stop."""
+                       grace: float = 5.0, ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, let calls in flight finish and run on_stop.
+    ``ready`` runs once the signals are caught (announce the port there: a SIGTERM that comes as soon
+    as the port is known must stop us cleanly, not kill us)."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -259,6 +261,8 @@ def serve_until_signal(server: grpc.Server, on_stop: Callable[[], None] | None =
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if ready is not None:
+        ready()
     while not stop.wait(0.5):
         pass
     if on_stop is not None:
@@ -267,7 +271,7 @@ def serve_until_signal(server: grpc.Server, on_stop: Callable[[], None] | None =
 
 
 async def serve_until_signal_aio(server: grpc.aio.Server, on_stop: Callable[[], None] | None = None,
-                                 grace: float = 5.0) -> None:
+                                 grace: float = 5.0, ready: Callable[[], None] | None = None) -> None:
     """``serve_until_signal`` for a grpc.aio server running on the current event loop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -278,6 +282,8 @@ async def serve_until_signal_aio(server: grpc.aio.Server, on_stop: Callable[[], 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handler, sig)
+    if ready is not None:
+        ready()
     await stop.wait()
     if on_stop is not None:
         on_stop()

@@ -639,9 +639,8 @@ def run(scheduler: str, host: str = "0.0.0.0", port: int = 7000, advertise: str 
         log.error("%s", e)
         server.stop(0)
         raise SystemExit(2) from None
-    rpc.write_port_file(port_file, bound)
     def stop():
         link.close()
         store.replicator.close()
         servicer.link.close()
-    rpc.serve_until_signal(server, on_stop=stop)
+    rpc.serve_until_signal(server, on_stop=stop, ready=lambda: rpc.write_port_file(port_file, bound))

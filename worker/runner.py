@@ -77,13 +77,13 @@ class Worker:
     """One worker process's loop."""
 
     def __init__(self, scheduler: str, device: str = "cpu", name: str | None = None,
-                 connect_timeout: float = 60.0, health_port: int = 0):
+                 connect_timeout: float = 60.0, health_port: int = 0, stop: threading.Event | None = None):
         from ps.worker.xp import get_xp
         self.device = device
         self.xp = get_xp(device)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.client = Client(scheduler, connect_timeout=connect_timeout)
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()  # set: finish the current task, then leave
         self.abandon: set[str] = set()
         self.jobs: dict[str, JobContext] = {}
         self._pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
@@ -557,13 +557,18 @@ def run(scheduler: str, device: str = "cpu", name: str | None = None, connect_ti
         health_port: int = 0) -> None:
     """The `paramserver worker` process: run tasks until SIGTERM/SIGINT (finishing the current one)."""
     import signal
-    worker = Worker(scheduler, device, name, connect_timeout, health_port)
+    stop = threading.Event()
+    worker = None
 
     def handler(signum, frame):
         log.info("received %s: finishing the current task, then exiting", signal.Signals(signum).name)
-        worker.request_stop()
+        stop.set()
+        if worker is not None:
+            worker.request_stop()
+    # before registering: a signal that comes while we start up still leaves (and deregisters) cleanly
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    worker = Worker(scheduler, device, name, connect_timeout, health_port, stop=stop)
     try:
         worker.run()
     finally:

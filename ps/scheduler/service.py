@@ -796,13 +796,12 @@ async def _serve(host, port, threads, heartbeat_interval, server_timeout, port_f
     threading.Thread(target=servicer.replication.run, args=(stop,), name="replication", daemon=True).start()
     threading.Thread(target=servicer.checkpoints.run, args=(stop,), name="checkpoints", daemon=True).start()
     log.info("scheduler listening on %s:%d", host, bound)
-    rpc.write_port_file(port_file, bound)
     def on_stop():
         stop.set()
         servicer.replication.stopping.set()
         servicer.closing = True  # followers' streams end and long polls answer now, not after the grace
         servicer.waiters.wake_all()
         servicer.close_client()
-    await rpc.serve_until_signal_aio(server, on_stop=on_stop)
+    await rpc.serve_until_signal_aio(server, on_stop=on_stop, ready=lambda: rpc.write_port_file(port_file, bound))
     servicer._save_quietly(cluster=True)
     pool.shutdown(wait=False)
