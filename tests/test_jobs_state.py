@@ -144,6 +144,33 @@ def test_an_idle_worker_starts_the_next_epoch_instead_of_waiting_at_the_barrier(
     assert (e.kind, e.epoch) == ("eval", 0)       # epoch 0's eval, ahead of anything else
 
 
+def test_the_epoch_a_job_reports_counts_only_epochs_finished_in_order():
+    """asp with eval_every 2: epoch 3 (not evaluated) trains while epoch 2's evaluation is still out. The
+    epochs a checkpoint says it holds (a job resumed from it starts after them) must not pass epoch 2's
+    until that evaluation is in; the job's reported epoch is the latest finished."""
+    jobs = Jobs()
+    job = jobs.submit("j", '{"eval_every": 2}', PREP, epochs=4, lease_timeout=10.0, now=0.0)
+    jobs.mark_starting(job.job_id, 0.0)
+    jobs.start(job.job_id, 1.0)
+
+    def train(epoch, now):
+        for _ in range(2):
+            t, _ = jobs.lease("w", now)
+            assert (t.kind, t.epoch) == ("train", epoch)
+            jobs.complete(t.task_id, t.lease_id, now, samples=10, steps=1)
+    train(0, 2.0)
+    assert job.finished == job.metrics["epoch"] == 1          # not evaluated: finished with its training
+    train(1, 3.0)
+    out, _ = jobs.lease("slow", 4.0)                          # epoch 2's evaluation, on a slow worker
+    assert (out.kind, out.epoch) == ("eval", 1)
+    train(2, 5.0)                                             # the next epoch runs meanwhile
+    assert (job.metrics["epoch"], job.finished, job.evaluated) == (3, 1, 0)
+    assert job.tasks_done == 6 and job.tasks_before(job.finished) == 2
+    jobs.complete(out.task_id, out.lease_id, 6.0, samples=10, correct=7)
+    assert (job.metrics["epoch"], job.finished, job.evaluated) == (3, 3, 2) and job.metrics["test_accuracy"] == 0.7
+    assert job.tasks_done == job.tasks_before(3)
+
+
 def test_a_job_whose_later_epochs_finish_first_waits_for_the_dead_workers_task_and_loses_nothing():
     """asp: epoch 0's task is held by a worker that died; the next epoch runs ahead and finishes. The job
     must not succeed without the held task: it runs again once the lease expires, then its eval."""
@@ -158,18 +185,21 @@ def test_a_job_whose_later_epochs_finish_first_waits_for_the_dead_workers_task_a
     last, _ = jobs.lease("w", 6.0)
     assert (last.kind, last.epoch) == ("eval", 1)
     jobs.complete(last.task_id, last.lease_id, 6.5, samples=10, loss_sum=1.0, correct=9)
+    # epoch 2's accuracy is in, but no epoch has finished in order: a checkpoint now holds 0 epochs
     assert job.state == "running" and job.metrics["epoch"] == 2 and job.metrics["test_accuracy"] == 0.9
+    assert job.finished == 0
     assert jobs.lease("w", 7.0) is None                       # only the held task is left
     assert [t.task_id for t in jobs.expire(now=12.5)] == [held.task_id]
     again, _ = jobs.lease("w", 13.0)
     assert again.task_id == held.task_id
     jobs.complete(again.task_id, again.lease_id, 14.0, samples=10, steps=1)
+    assert job.finished == 0                                  # epoch 1's evaluation is still to come
     late, _ = jobs.lease("w", 14.5)
     assert (late.kind, late.epoch) == ("eval", 0)
     jobs.complete(late.task_id, late.lease_id, 15.0, samples=10, loss_sum=5.0, correct=5)
     assert job.state == "succeeded" and job.tasks_done == job.tasks_total == 6
     assert job.metrics["steps"] == 4 and job.metrics["samples"] == 40
     # the last epoch's evaluation stays the job's result; the late one is reported as what it is
-    assert (job.metrics["epoch"], job.metrics["test_accuracy"]) == (2, 0.9)
+    assert (job.metrics["epoch"], job.finished, job.metrics["test_accuracy"]) == (2, 2, 0.9)
     assert [e.message for e in job.events if e.kind == "epoch"] == ["epoch 2/2: test accuracy 0.9000",
                                                                     "epoch 1/2: test accuracy 0.5000"]

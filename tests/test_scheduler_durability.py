@@ -73,7 +73,7 @@ def test_jobs_round_trip_with_every_task_state_and_their_counters_continue(tmp_p
     jobs.mark_starting(starting.job_id, 16.5)            # killed while its parameters were being created
     queue_before = [tid for tid in jobs.queue if (j := jobs.jobs.get(tid.split("/")[0])) and
                     j.tasks.get(tid) is not None and j.tasks[tid].state == "pending"]
-    before = {j.job_id: (j.state, j.error, _task_view(j), _event_view(j), j.tasks_done, j.queued_epochs)
+    before = {j.job_id: (j.state, j.error, _task_view(j), _event_view(j), j.tasks_done, j.queued_epochs, j.finished)
               for j in jobs.jobs.values()}
     metrics = {j.job_id: dict(j.metrics) for j in jobs.jobs.values()}
     jobs.flush(store, now=19.0)
@@ -81,11 +81,11 @@ def test_jobs_round_trip_with_every_task_state_and_their_counters_continue(tmp_p
 
     store, again, _ = _reopen(tmp_path, now=1000.0)       # another process: another monotonic clock
     assert store.incarnation == 2
-    for job_id, (state, error, tasks, events, tasks_done, queued) in before.items():
+    for job_id, (state, error, tasks, events, tasks_done, queued, finished) in before.items():
         job = again.jobs[job_id]
         if job_id != starting.job_id:
-            assert (job.state, job.error, _task_view(job), job.tasks_done, job.queued_epochs) == \
-                   (state, error, tasks, tasks_done, queued), job_id
+            assert (job.state, job.error, _task_view(job), job.tasks_done, job.queued_epochs, job.finished) == \
+                   (state, error, tasks, tasks_done, queued, finished), job_id
         assert _event_view(job)[:len(events)] == events, job_id
         numbers = {k: v for k, v in job.metrics.items() if not isinstance(v, list)}
         assert numbers == pytest.approx({k: metrics[job_id][k] for k in numbers}, nan_ok=True), job_id

@@ -44,7 +44,7 @@ class Checkpointer:
     def url_for(self, job: Job) -> str:
         spec = json.loads(job.spec_json)
         base = (spec.get("checkpoint_dir") or self.base_dir).rstrip("/")
-        return f"{base}/{job.job_id}/epoch-{job.metrics['epoch']:04d}-{time.strftime('%Y%m%dT%H%M%S')}"
+        return f"{base}/{job.job_id}/epoch-{job.finished:04d}-{time.strftime('%Y%m%dT%H%M%S')}"
 
     def take(self, job_id: str, url: str = "") -> tuple[str, dict]:
         """Checkpoint a job whose parameters exist (running, or succeeded and kept); returns (url, manifest)."""
@@ -60,7 +60,7 @@ class Checkpointer:
             self._busy.add(job_id)
         try:
             url = url or self.url_for(job)
-            epoch = job.metrics["epoch"]
+            epoch = job.finished  # what a job resumed from it starts after: the epochs finished in order
             t0 = time.monotonic()
             manifest = checkpoint.take(self._client(), job_id, url, {
                 "job_id": job.job_id, "name": job.name, "owner": job.owner, "spec_json": job.spec_json, "prep": job.prep,
@@ -86,7 +86,7 @@ class Checkpointer:
                 every_s, every_epochs = spec.get("checkpoint_every_s", 0), spec.get("checkpoint_every_epochs", 0)
                 since = job.checkpointed_at or job.started_at
                 if (every_s and now - since >= every_s) or \
-                        (every_epochs and job.metrics["epoch"] - job.checkpoint_epoch >= every_epochs):
+                        (every_epochs and job.finished - job.checkpoint_epoch >= every_epochs):
                     out.append(job)
         return out
 
@@ -99,4 +99,4 @@ class Checkpointer:
                 except PSError as e:
                     log.warning("job %s: periodic checkpoint failed: %s", job.job_id, e)
                     # counted as an attempt (the next is due a period later), with the reason for followers
-                    self.jobs.checkpointed(job.job_id, "", job.metrics["epoch"], self.clock(), error=str(e))
+                    self.jobs.checkpointed(job.job_id, "", job.finished, self.clock(), error=str(e))

@@ -159,6 +159,7 @@ class Job:
     pending_in: Counter = field(default_factory=Counter)   # epoch -> pending train tasks
     undone_in: Counter = field(default_factory=Counter)    # epoch -> train tasks not done
     evaluated: int = 0       # the epochs the test metrics are of (the latest evaluated epoch, counted from 1)
+    finished: int = 0        # epochs finished in order (train, and eval if evaluated): what a checkpoint holds
 
     def __post_init__(self):
         self.events = deque(self.events, maxlen=self.max_events)
@@ -272,10 +273,35 @@ class Jobs:
                 return True
         return False
 
+    @staticmethod
+    def _task_id(job: Job, kind: str, epoch: int, shard: int) -> str:
+        return f"{job.job_id}/{kind}" + (f"-{epoch}" if kind != INSPECT else "") + (
+            f"-{shard}" if kind == TRAIN or (kind == EVAL and job.eval_shards > 1) else "")
+
+    def _finished(self, job: Job, epoch: int) -> bool:
+        """Whether every train task of the epoch is done, and its evaluation when it has one."""
+        if epoch >= job.queued_epochs or job.undone_in[epoch]:
+            return False
+        if not job.evaluates(epoch):
+            return True
+        evals = (job.tasks.get(self._task_id(job, EVAL, epoch, part)) for part in range(job.eval_shards))
+        return all(t is not None and t.state == DONE for t in evals)
+
+    def _advance_epoch(self, job: Job, epoch: int) -> None:
+        """The epoch (from 0) has finished: ``metrics["epoch"]`` is the latest finished, ``job.finished`` the
+        epochs finished in order. Under asp a later epoch can finish before an earlier one (a task whose
+        worker died runs again, an eval still out), and a checkpoint, resumed after the epochs it says it
+        holds, must say only those finished in order."""
+        job.metrics["epoch"] = max(job.metrics["epoch"], epoch + 1)
+        self._count_finished(job)
+
+    def _count_finished(self, job: Job) -> None:
+        while job.finished < job.epochs and self._finished(job, job.finished):
+            job.finished += 1
+
     def _enqueue(self, job: Job, kind: str, epoch: int, shard: int) -> None:
         """Queue a task; inspect and eval tasks go first (an epoch's accuracy is measured close to its end)."""
-        tid = f"{job.job_id}/{kind}" + (f"-{epoch}" if kind != INSPECT else "") + (
-            f"-{shard}" if kind == TRAIN or (kind == EVAL and job.eval_shards > 1) else "")
+        tid = self._task_id(job, kind, epoch, shard)
         task = job.tasks[tid] = Task(tid, job.job_id, kind, epoch, shard,
                                      job.eval_shards if kind == EVAL else job.shards)
         if kind == TRAIN:
@@ -312,7 +338,7 @@ class Jobs:
                       params=dict(params or {}), resume_from=resume_from, start_epoch=start_epoch,
                       checkpoint_epoch=start_epoch, owner=owner)
             if start_epoch:
-                job.metrics["epoch"] = start_epoch
+                job.metrics["epoch"] = job.finished = start_epoch
                 job.tasks_done = job.tasks_before(start_epoch)
             self.jobs[job_id] = job
             self._dirty_spec.add(job_id)
@@ -609,7 +635,7 @@ class Jobs:
                         for part in reversed(range(job.eval_shards)):  # each goes to the front: part 0 first
                             self._enqueue(job, EVAL, task.epoch, part)
                     else:
-                        m["epoch"] = max(m["epoch"], task.epoch + 1)
+                        self._advance_epoch(job, task.epoch)
                         self._event(job, now, "epoch", f"epoch {task.epoch + 1}/{job.epochs}: trained (evaluated "
                                                        f"every {eval_every(job)} epochs)")
                     self._enqueue_epoch(job, task.epoch + 1)
@@ -624,7 +650,7 @@ class Jobs:
                     return True  # the epoch's other parts of the held-out split are still being evaluated
                 loss_sum, correct, samples, _ = job.epoch_eval.pop(task.epoch)
                 accuracy = correct / samples if samples else math.nan
-                m["epoch"] = max(m["epoch"], task.epoch + 1)
+                self._advance_epoch(job, task.epoch)
                 if task.epoch + 1 >= job.evaluated:  # an epoch's late evaluation does not replace a later one's
                     job.evaluated = task.epoch + 1
                     m["test_loss"] = loss_sum / max(samples, 1)
@@ -734,6 +760,8 @@ class Jobs:
                         pending.append(t)
                 if job.state in TERMINAL:
                     continue
+                job.finished = max(job.finished, job.start_epoch)  # (a state saved before it was kept has 0)
+                self._count_finished(job)
                 self.transitions.record(now, job.job_id, f"saved -> {job.state}", note)
                 if job.state == STARTING:
                     self._set_state(job, QUEUED, now, f"{note}; its parameters are created again")
