@@ -34,6 +34,8 @@ RETRIES = 3
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 #: a server that answers "not the primary" / "no such model" is retried this long for the map to move on
 STALE_MAP_WAIT_S = 5.0
+#: bsp steps a model handle remembers having counted (steps are asked about in order: a few suffice)
+STEPS_REMEMBERED = 64
 
 log = logging.getLogger("ps.client")
 
@@ -420,6 +422,9 @@ class Model:
         #: makes these by design; on a first attempt one means a push was taken for a retry
         #: (logged as a warning): an update was lost
         self.duplicates = 0
+        #: bsp steps this handle's apply_accumulated counted (the latest few): a step counts once per handle,
+        #: however often a member asks about it (a member watching the servers asks until every shard closed it)
+        self._steps_counted: dict[int, None] = {}
         self._push_lock = client.push_lock(self.name)
         #: local calls' requests and where their ranges lie in the segment, by (shard, tensors, push, pull)
         self._plans: dict[tuple, tuple] = {}
@@ -831,7 +836,9 @@ class Model:
         member calls from a client of its own). Returns whether it did (every shard's part is applied).
 
         Counts as one push of this handle when the call of ``member`` (default: this client's id) is the
-        one that applied the step on the model's first slice: of all the calls for a step, exactly one."""
+        one that applied the step on the model's first slice: of all the calls for a step, exactly one
+        (and a retry of it whose first try's reply was lost). A step is counted once per handle: asked
+        about again (a call that found other shards not yet closed, asked once more), it adds nothing."""
         what = "apply accumulated to"
         self._check_seq(seq, what)
         for name, v in (("contributors", contributors), ("members", members)):
@@ -865,9 +872,14 @@ class Model:
 
             results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
             self.version = min(versions, default=self.version)
+            if seq in self._steps_counted:  # asked again about a step counted here: nothing new to count
+                return all(closed)
             self.duplicates += sum(d for d, _ in results)
             if any(closer):
                 self.pushes += 1
+                self._steps_counted[seq] = None
+                if len(self._steps_counted) > STEPS_REMEMBERED:
+                    del self._steps_counted[next(iter(self._steps_counted))]
             return all(closed)
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:

@@ -399,7 +399,7 @@ def test_a_clock_call_without_a_lease_is_refused_and_changes_nothing():
         with pytest.raises(grpc.RpcError) as e:
             client.scheduler.Clock(scheduler_pb2.ClockRequest(worker_id="w", task_id="job-9/train-0-0",
                                                               lease_id="lease-1", steps=1), timeout=10)
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert e.value.code() == grpc.StatusCode.ABORTED
         assert e.value.details() == "clock of job-9/train-0-0: lease lease-1 is not held (it expired or the job ended)"
         with pytest.raises(grpc.RpcError) as e:
             client.scheduler.Clock(scheduler_pb2.ClockRequest(worker_id="w", task_id="t", lease_id="l", steps=-1),

@@ -283,9 +283,13 @@ def test_apply_accumulated_applies_the_mean_once_clears_the_sum_and_refuses_bad_
     np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-7)
     assert not acc.pull()["w"].any()
     assert (model.pushes, model.duplicates, model.version) == (1, 0, 1)
-    # a leader's retry (or one that took the step over) under the same id: acknowledged, not applied again
+    # asked again through the same handle: answered, nothing new counted; a retry through another handle
+    # (one whose first try's reply was lost): acknowledged, each slice a duplicate, not applied again
     model.apply_accumulated("bspm.acc", 3, seq=7)
-    assert (model.pushes, model.duplicates) == (2, len(model.slices))
+    assert (model.pushes, model.duplicates) == (1, 0)
+    retry = client.model("bspm")
+    retry.apply_accumulated("bspm.acc", 3, seq=7)
+    assert (retry.pushes, retry.duplicates, versions(client, "bspm")) == (1, len(model.slices), {1})
     np.testing.assert_allclose(model.pull()["w"], expected, rtol=1e-6, atol=1e-7)
 
     acc.push({"w": -grads[0]}, seq=9)  # tagged with the next step
@@ -424,10 +428,17 @@ def test_members_step_on_the_servers_alone_applied_once_when_the_last_gradient_i
         np.testing.assert_allclose(leaders.model("sync").pull()["w"], expected, rtol=1e-5, atol=1e-5)
         assert [h.pushes for h in handles] == [0, 0, 1] and versions(client, "sync") == {1}
         assert not leaders.model("sync.acc").pull()["w"].any()
-        # a member's retry after the step closed: answered closed, counted again only for its closer
+        # asked again after the step closed (a member watching the servers asks until every shard has closed
+        # it): answered closed, and counted by no one again, its closer included
         assert handles[2].apply_accumulated("sync.acc", 3, 5, members=3, member=m3.client_id) is True
         assert handles[0].apply_accumulated("sync.acc", 3, 5, members=3, member=m1.client_id) is True
-        assert [h.pushes for h in handles] == [0, 0, 2] and versions(client, "sync") == {1}
+        assert [h.pushes for h in handles] == [0, 0, 1] and versions(client, "sync") == {1}
+        assert [h.duplicates for h in handles] == [0, 0, 0]
+        # the closer's retry from a handle that never heard back (its reply lost) still counts, once
+        again = leaders.model("sync")
+        assert again.apply_accumulated("sync.acc", 3, 5, members=3, member=m3.client_id) is True
+        assert again.apply_accumulated("sync.acc", 3, 5, members=3, member=m3.client_id) is True
+        assert (again.pushes, versions(client, "sync")) == (1, {1})
         for bad, message in (({"members": -1}, "members must be an integer >= 0"),
                              ({"wait_s": 31.0}, "wait_s must be in [0, 30] seconds, got 31.0"),
                              ({"wait_s": float("nan")}, "wait_s must be in [0, 30] seconds, got nan")):

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from ps.client import Client, Model
-from ps.errors import Aborted, FailedPrecondition, PSError, Unavailable
+from ps.errors import Aborted, PSError, Unavailable
 from ps.histogram import bump
 from ps.spec import SpecError, accumulator
 from ps.v1 import scheduler_pb2
@@ -492,10 +492,8 @@ class Worker:
                 resp = None
                 waiting_for = f"the scheduler at {self.client.address} to be back"
                 self.stop.wait(0.2)
-            except FailedPrecondition as e:
-                if f"lease {task.lease_id} is not held" in str(e):  # it expired (held up) or the job ended
-                    raise TaskAbandoned(f"its lease ended: {e}") from None
-                raise
+            except Aborted as e:  # our lease expired (we were held up) or the job ended
+                raise TaskAbandoned(f"its lease ended: {e}") from None
             if resp is not None:
                 if resp.proceed or resp.lead or not wait:
                     return resp

@@ -31,7 +31,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ps.errors import FailedPrecondition, NotFound
+from ps.errors import Aborted, FailedPrecondition, NotFound
 from ps.histogram import bump, merge
 from ps.scheduler.clocks import Clocks, Decision
 from ps.scheduler.transitions import TransitionLog
@@ -677,8 +677,8 @@ class Jobs:
             job = self.jobs.get(self._job_of(task_id))
             task = job.tasks.get(task_id) if job else None
             if task is None or task.state != LEASED or task.lease_id != lease_id:
-                raise FailedPrecondition(f"clock of {task_id}: lease {lease_id or '-'} is not held (it expired "
-                                         f"or the job ended)")
+                # ABORTED, the one status a clock call answers only this way: the worker gives up its task on it
+                raise Aborted(f"clock of {task_id}: lease {lease_id or '-'} is not held (it expired or the job ended)")
             if task.task_id not in self.clocks.by_task:  # a scheduler restarted under a running task
                 mode, staleness = consistency(job)
                 self.clocks.join(job.job_id, task.epoch, task_id, task.worker_id, mode, staleness, now,
