@@ -73,18 +73,23 @@ def _timed(fn: Callable[[], None], seconds: float, min_iters: int = 3) -> float:
 
 class EchoCeiling:
     """Raw grpcio bidi echo streams to ``servers`` processes: ``size`` bytes cut into chunk_bytes
-    messages, one stream per server in parallel; ``once()`` sends and receives them all."""
+    messages, one stream per server in parallel; ``once()`` sends and receives them all. ``tls``: the
+    servers listen with ``server_tls`` (their certificate, and the CA callers' certificates must come
+    from: mutual TLS) and this end calls with ``tls``."""
 
-    def __init__(self, size: int, servers: int, chunk_bytes: int):
+    def __init__(self, size: int, servers: int, chunk_bytes: int, tls=None, server_tls=None):
         import tempfile
 
+        from ps import security
         from ps.local import Process
         self.workdir = Path(tempfile.mkdtemp(prefix="ps-echo-"))
         self.procs, self.channels = [], []
         self.pool = ThreadPoolExecutor(servers)  # its threads start on first use
+        env = {"PS_TLS_CERT": server_tls.cert, "PS_TLS_KEY": server_tls.key, "PS_TLS_CA": server_tls.ca} \
+            if server_tls is not None else {}
         try:
             for i in range(servers):  # one by one, so that close() stops those started before a failure
-                self.procs.append(Process(f"echo{i}", [], self.workdir, module="ps.bench"))
+                self.procs.append(Process(f"echo{i}", [], self.workdir, env=env, module="ps.bench"))
             deadline = time.monotonic() + 60
             addrs = [f"127.0.0.1:{p.wait_port(deadline)}" for p in self.procs]
         except BaseException:
@@ -94,7 +99,8 @@ class EchoCeiling:
         per_server = size // servers
         self.counts = [per_server // chunk_bytes + (1 if per_server % chunk_bytes else 0)] * servers
         self.bytes_per_call = 2 * sum(self.counts) * chunk_bytes
-        self.channels = [rpc.channel(a) for a in addrs]
+        caller = security.Security(tls=tls)
+        self.channels = [rpc.channel(a, security=caller) for a in addrs]
         self.calls = [ch.stream_stream(ECHO_METHOD) for ch in self.channels]
 
     def _stream(self, call, n: int) -> int:
@@ -204,6 +210,10 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
             secure_streaming = stack.enter_context(Client(secure.address, tls=secure.tls, token=secure.token,
                                                           local=False, **tuned))
             secured_grpc = secure_streaming.model("bench")
+            # grpc's own TLS cost, in the same rounds: the raw echo under the same mutual TLS
+            from ps import security
+            tls_ceiling = stack.enter_context(EchoCeiling(size, servers, client.chunk_bytes, tls=secure.tls,
+                                                          server_tls=security.TLS.from_dir(secure.certs, "node")))
         torch_ps = None
         if peer == "torch-rpc":
             import torch
@@ -244,7 +254,7 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
                 model.push_pull(grad, out=out)
         # Alternate the measurements and keep the best of each, so that a busy moment on
         # a shared machine does not land on one side of a ratio only.
-        per_call = per_grpc = per_echo = per_single = per_tls = per_tls_grpc = per_torch = float("inf")
+        per_call = per_grpc = per_echo = per_single = per_tls = per_tls_grpc = per_tls_echo = per_torch = float("inf")
         for _ in range(ROUNDS):
             per_call = min(per_call, _timed(ours, seconds / ROUNDS))
             per_grpc = min(per_grpc, _timed(lambda: over_grpc.push_pull(grad, out=out), seconds / ROUNDS))
@@ -257,6 +267,7 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
                 per_tls = min(per_tls, _timed(lambda: secured.push_pull(grad, out=out), seconds / ROUNDS))
                 per_tls_grpc = min(per_tls_grpc, _timed(lambda: secured_grpc.push_pull(grad, out=out),
                                                         seconds / ROUNDS))
+                per_tls_echo = min(per_tls_echo, _timed(tls_ceiling.once, seconds / ROUNDS))
         rss = [_rss_bytes(p.popen.pid) for p in cluster.servers]
         peak = [_rss_bytes(p.popen.pid, "VmHWM") for p in cluster.servers]
         held = [sum(m.params for m in client.stats(a).models) for a in model.shards]
@@ -280,10 +291,16 @@ def pushpull(size: int, servers: int, optimizer: str, seconds: float,
     if secured is not None:
         extra.update(tls_gbps=round(2 * size / per_tls / 1e9, 3), tls_to_plaintext_ratio=round(per_call / per_tls, 3),
                      tls_grpc_gbps=round(2 * size / per_tls_grpc / 1e9, 3),
-                     tls_grpc_to_plaintext_grpc_ratio=round(per_grpc / per_tls_grpc, 3))
+                     tls_grpc_to_plaintext_grpc_ratio=round(per_grpc / per_tls_grpc, 3),
+                     tls_echo_gbps=round(tls_ceiling.bytes_per_call / per_tls_echo / 1e9, 3),
+                     tls_echo_to_plaintext_echo_ratio=round(per_echo / per_tls_echo, 3))
+        extra["tls_grpc_vs_tls_echo"] = round(extra["tls_grpc_gbps"] / extra["tls_echo_gbps"], 3)
         echo(f"mutual TLS + tokens: {extra['tls_gbps']:.2f} GB/s = {extra['tls_to_plaintext_ratio']:.2f} "
              f"of plaintext (bulk bytes through shared memory); streamed over gRPC: {extra['tls_grpc_gbps']:.2f} "
              f"GB/s = {extra['tls_grpc_to_plaintext_grpc_ratio']:.2f} of plaintext streamed")
+        echo(f"raw grpcio echo under the same mutual TLS: {extra['tls_echo_gbps']:.2f} GB/s = "
+             f"{extra['tls_echo_to_plaintext_echo_ratio']:.2f} of the plaintext echo (grpc's own TLS cost); "
+             f"streamed TLS push_pull reaches {extra['tls_grpc_vs_tls_echo']:.2f} of it")
     if torch_ps is not None:
         extra.update(torch_rpc_gbps=round(2 * size * clients / per_torch / 1e9, 3),
                      vs_torch_rpc=round(per_torch / per_call, 3), clients=clients)
