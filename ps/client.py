@@ -841,10 +841,9 @@ class Model:
         about again (a call that found other shards not yet closed, asked once more), it adds nothing."""
         what = "apply accumulated to"
         self._check_seq(seq, what)
-        for name, v in (("contributors", contributors), ("members", members)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name == "contributors"):
-                raise InvalidArgument(f"{what} '{self.name}': {name} must be an integer >= "
-                                      f"{int(name == 'contributors')}, got {v!r}")
+        for name, v, least in (("contributors", contributors, 1), ("members", members, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+                raise InvalidArgument(f"{what} '{self.name}': {name} must be an integer >= {least}, got {v!r}")
         if not 0 <= wait_s <= MAX_STEP_WAIT_S:  # NaN too
             raise InvalidArgument(f"{what} '{self.name}': wait_s must be in [0, {MAX_STEP_WAIT_S:g}] seconds, "
                                   f"got {wait_s}")
