@@ -390,6 +390,7 @@ def test_a_bsp_worker_stopped_briefly_makes_the_other_fall_back_to_the_clock_and
     assert info.state == "succeeded" and info.tasks_done == info.tasks_total
     assert "was not applied on the servers within 4.0 s (a member is missing)" in log
     assert applied == {info.metrics.steps} and info.metrics.steps == spec.epochs * max(batches)
+    assert info.metrics.duplicates == 0  # no reply was lost: asking about a step again is not a retry
     # each epoch's first step at the clock; the others on the servers (the one that fell back carried along)
     assert 3 <= fast <= spec.epochs * (min(batches) - 1)
     assert trained.metrics["test_accuracy"] > 0.5
