@@ -34,8 +34,10 @@ RETRIES = 3
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 #: a server that answers "not the primary" / "no such model" is retried this long for the map to move on
 STALE_MAP_WAIT_S = 5.0
-#: bsp steps a model handle remembers having counted (steps are asked about in order: a few suffice)
+#: bsp steps a model handle remembers being answered about (steps are asked about in order: a few suffice)
 STEPS_REMEMBERED = 64
+#: apply_accumulated asks again after this long (doubling up to the max) while a server is too busy to wait
+BUSY_PAUSE_S, MAX_BUSY_PAUSE_S = 0.002, 0.05
 
 log = logging.getLogger("ps.client")
 
@@ -422,9 +424,10 @@ class Model:
         #: makes these by design; on a first attempt one means a push was taken for a retry
         #: (logged as a warning): an update was lost
         self.duplicates = 0
-        #: bsp steps this handle's apply_accumulated counted (the latest few): a step counts once per handle,
-        #: however often a member asks about it (a member watching the servers asks until every shard closed it)
-        self._steps_counted: dict[int, None] = {}
+        #: bsp steps this handle's apply_accumulated was answered about (the latest few), each True once
+        #: counted: a step counts once per handle however often a member asks about it (a member watching the
+        #: servers asks until every shard has closed it), and what its own answered calls applied are no retries
+        self._steps_seen: dict[int, bool] = {}
         self._push_lock = client.push_lock(self.name)
         #: local calls' requests and where their ranges lie in the segment, by (shard, tensors, push, pull)
         self._plans: dict[tuple, tuple] = {}
@@ -837,8 +840,10 @@ class Model:
 
         Counts as one push of this handle when the call of ``member`` (default: this client's id) is the
         one that applied the step on the model's first slice: of all the calls for a step, exactly one
-        (and a retry of it whose first try's reply was lost). A step is counted once per handle: asked
-        about again (a call that found other shards not yet closed, asked once more), it adds nothing."""
+        (and a retry of it whose first try's reply was lost). A step is counted once per handle, and asked
+        about again (a call that found other shards not yet closed, asked once more) the ranges its own
+        answered calls applied are not duplicates. A server too busy to hold the call (``busy``: as many
+        calls as it lets wait already do) answers at once; the call asks again until ``wait_s`` is over."""
         what = "apply accumulated to"
         self._check_seq(seq, what)
         for name, v, least in (("contributors", contributors, 1), ("members", members, 0)):
@@ -849,37 +854,46 @@ class Model:
                                   f"got {wait_s}")
         member = self.client.client_id if member is None else member
         first = min(self.slices, key=lambda s: (s.shard, s.tensor, s.offset)) if self.slices else None
+        deadline = time.monotonic() + wait_s
+        pause = BUSY_PAUSE_S
         with self._push_lock:
-            versions, closed, closer = [], [], []
+            while True:
+                versions, closed, closer, busy = [], [], [], []
 
-            def one(stub, shard):
-                ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
-                          for s in sorted(self._slices_of(shard), key=lambda s: (s.tensor, s.offset))]
-                req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
-                                                         contributors=int(contributors), client_id=self.client.client_id,
-                                                         seq=int(seq), ranges=ranges, members=int(members),
-                                                         wait_s=float(wait_s), member=member)
-                # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
-                resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
-                                                server_pb2.ApplyAccumulatedResponse, self.client.timeout + wait_s,
-                                                local_link.APPLY, long=members > 0 and wait_s > 0)
-                versions.append(resp.version)
-                closed.append(resp.closed)
-                if first is not None and shard == first.shard:
-                    closer.append(resp.closer)
-                return resp.duplicates
+                def one(stub, shard, wait_s=max(0.0, deadline - time.monotonic())):
+                    ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
+                              for s in sorted(self._slices_of(shard), key=lambda s: (s.tensor, s.offset))]
+                    req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
+                                                             contributors=int(contributors),
+                                                             client_id=self.client.client_id, seq=int(seq),
+                                                             ranges=ranges, members=int(members), wait_s=float(wait_s),
+                                                             member=member)
+                    # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
+                    resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
+                                                    server_pb2.ApplyAccumulatedResponse, self.client.timeout + wait_s,
+                                                    local_link.APPLY, long=members > 0 and wait_s > 0)
+                    versions.append(resp.version)
+                    closed.append(resp.closed)
+                    busy.append(resp.busy)
+                    if first is not None and shard == first.shard:
+                        closer.append(resp.closer)
+                    return resp.duplicates
 
-            results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
-            self.version = min(versions, default=self.version)
-            if seq in self._steps_counted:  # asked again about a step counted here: nothing new to count
-                return all(closed)
-            self.duplicates += sum(d for d, _ in results)
-            if any(closer):
-                self.pushes += 1
-                self._steps_counted[seq] = None
-                if len(self._steps_counted) > STEPS_REMEMBERED:
-                    del self._steps_counted[next(iter(self._steps_counted))]
-            return all(closed)
+                results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
+                self.version = min(versions, default=self.version)
+                seen = self._steps_seen.get(seq)
+                if seen is None:  # ranges this member's own earlier call applied: that call's reply was lost
+                    self.duplicates += sum(d for d, _ in results)
+                if any(closer) and not seen:
+                    self.pushes += 1
+                self._steps_seen[seq] = bool(seen) or any(closer)
+                if len(self._steps_seen) > STEPS_REMEMBERED:
+                    del self._steps_seen[next(iter(self._steps_seen))]
+                # a server whose waiting calls were all taken answered at once: ask again until wait_s is over
+                if all(closed) or not any(busy) or time.monotonic() + pause >= deadline:
+                    return all(closed)
+                time.sleep(pause)
+                pause = min(2 * pause, MAX_BUSY_PAUSE_S)
 
     def _out(self, names: Iterable[str], out: Mapping[str, np.ndarray] | None, what: str) -> dict[str, np.ndarray]:
         """Arrays to receive the weights of ``names``: fresh ones, or the caller's ``out`` after checking

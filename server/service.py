@@ -357,7 +357,8 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
             wait_s=request.wait_s, member=request.member, waits=waits)
         self._replicated(waits, "apply accumulated")
         return server_pb2.ApplyAccumulatedResponse(applied=done.applied, duplicates=done.duplicates, empty=done.empty,
-                                                   version=done.version, closed=done.closed, closer=done.closer)
+                                                   version=done.version, closed=done.closed, closer=done.closer,
+                                                   busy=done.busy)
 
     def PushPullLocal(self, request, context):
         """push_pull through a shared-memory segment of a client on this host (``ps.shm``)."""
@@ -515,7 +516,7 @@ class ParameterServerServicer(server_pb2_grpc.ParameterServerServicer):
         return max(1, self.limits.max_message_bytes // (table.spec.width * np.dtype(table.spec.dtype).itemsize))
 
     def Stats(self, request, context):
-        resp = server_pb2.StatsResponse(uptime_s=time.time() - self.started)
+        resp = server_pb2.StatsResponse(uptime_s=time.time() - self.started, step_waiters=self.store.step_waiters)
         total = 0
         for m in self.store.models():
             held = list(m.slices)

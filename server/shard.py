@@ -42,6 +42,7 @@ class Applied:
     version: int = 0     # the lowest version among the ranges' model slices afterwards
     closed: bool = False  # every range's step is closed
     closer: bool = False  # the first range's step was applied by ``member``'s call
+    busy: bool = False    # not closed, and it could not wait (MAX_STEP_WAITERS calls were waiting)
 
 
 @dataclass
@@ -187,6 +188,7 @@ class ShardStore:
         #: bsp steps on the servers: notified whenever an accumulator slice closes a step
         self._closing = threading.Condition()
         self._waiters = threading.BoundedSemaphore(MAX_STEP_WAITERS)
+        self.step_waiters = 0  # calls waiting in _await_closed now
 
     def model(self, name: str) -> ModelState:
         m = self._models.get(name)
@@ -429,30 +431,36 @@ class ShardStore:
                     by = ""
                 self._close(acc, a, seq, by, waits)
         if members and wait_s > 0 and not all(a.closed >= seq for _, a in pairs):
-            self._await_closed([a for _, a in pairs], seq, wait_s)
+            out.busy = not self._await_closed([a for _, a in pairs], seq, wait_s)
             for sl, a in pairs:
                 if a.closed >= seq:
                     self._wait_forwarded(sl, waits)  # answered once the backups have the update too
         out.closed = all(a.closed >= seq for _, a in pairs)
+        out.busy = out.busy and not out.closed
         first = pairs[0][1] if pairs else None
         out.closer = bool(member) and first is not None and first.closed == seq and first.closed_by == member
         out.version = min((sl.version for sl, _ in pairs), default=0)
         return out
 
-    def _await_closed(self, accs: list[SliceState], seq: int, wait_s: float) -> None:
-        """Wait up to ``wait_s`` for every one of ``accs`` to close step ``seq`` (at most
-        MAX_STEP_WAITERS calls wait at once: the others answer at once, not closed)."""
+    def _await_closed(self, accs: list[SliceState], seq: int, wait_s: float) -> bool:
+        """Wait up to ``wait_s`` for every one of ``accs`` to close step ``seq``. At most MAX_STEP_WAITERS
+        calls wait at once (each holds a thread): False for one that could not wait at all."""
         if not self._waiters.acquire(blocking=False):
-            return
+            return False
+        with self._closing:
+            self.step_waiters += 1
         try:
             deadline = time.monotonic() + wait_s
             with self._closing:
                 while not all(a.closed >= seq for a in accs):
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return
+                        return True
                     self._closing.wait(left)
+            return True
         finally:
+            with self._closing:
+                self.step_waiters -= 1
             self._waiters.release()
 
     @staticmethod

@@ -16,7 +16,7 @@ from ps import initializers, rpc
 from ps.tensor import dtype_code, encode
 from ps.v1 import server_pb2, server_pb2_grpc, tensor_pb2
 
-from conftest import versions
+from conftest import versions, wait_for
 
 
 @pytest.fixture(params=[(False, 0), (False, None), (True, None)], ids=["streamed", "grpc", "shared-memory"])
@@ -386,6 +386,51 @@ def test_a_step_with_nothing_accumulated_applies_nothing_and_still_closes(client
     assert versions(client, "empty") == {2} and model.pushes == 2
     acc.delete()
     model.delete()
+
+
+def test_more_members_than_a_server_lets_wait_still_step_on_the_servers(cluster):
+    """A server holds at most MAX_STEP_WAITERS waiting ApplyAccumulated calls (each takes a thread); one
+    more is answered at once, ``busy``, and its client asks again until its wait is over instead of
+    taking the step for missing: every member's call returns closed, the step applied once, counted once."""
+    from ps.server.shard import MAX_STEP_WAITERS
+    from ps.spec import ACCUMULATOR_OPTIMIZER
+    members = MAX_STEP_WAITERS + 2
+    w = np.arange(8, dtype=np.float32)
+    with ps.Client(cluster.address) as owner:
+        owner.create_model("many", {"w": w}, optimizer={"name": "sgd", "lr": 1.0}, replace=True)
+        acc = owner.create_model("many.acc", {"w": np.zeros_like(w)}, optimizer=ACCUMULATOR_OPTIMIZER, replace=True)
+        (sl,) = acc.slices
+        leaders = [ps.Client(cluster.address, client_id="job:bsp") for _ in range(members)]
+        try:
+            handles = [c.model("many") for c in leaders]
+            with grpc.insecure_channel(acc.shards[sl.shard]) as ch:
+                stub = server_pb2_grpc.ParameterServerStub(ch)
+                for i in range(members - 1):  # a gradient of ones from each member but the last, tagged with step 3
+                    raw_push(stub, "many.acc", "w", 0, -np.ones(8, np.float32), client_id=f"m{i}", seq=3)
+                results = {}
+
+                def call(i):
+                    results[i] = handles[i].apply_accumulated("many.acc", members, 3, members=members, wait_s=20,
+                                                              member=f"m{i}")
+                waiting = [threading.Thread(target=call, args=(i,)) for i in range(members - 1)]
+                for t in waiting:
+                    t.start()
+                wait_for(lambda: owner.stats(acc.shards[sl.shard]).step_waiters == MAX_STEP_WAITERS, 30,
+                         what="every waiting place on the server to be taken")
+                raw_push(stub, "many.acc", "w", 0, -np.ones(8, np.float32), client_id=f"m{members - 1}", seq=3)
+                call(members - 1)
+                for t in waiting:
+                    t.join(30)
+            assert results == {i: True for i in range(members)}
+            model = owner.model("many")
+            np.testing.assert_array_equal(model.pull()["w"], w - 1)
+            assert sum(h.pushes for h in handles) == 1 and model.version == 1  # its one slice: one update
+            assert sum(h.duplicates for h in handles) == 0
+        finally:
+            for c in leaders:
+                c.close()
+        owner.model("many.acc").delete()
+        owner.model("many").delete()
 
 
 def test_members_step_on_the_servers_alone_applied_once_when_the_last_gradient_is_summed(client):

@@ -503,7 +503,7 @@ class Worker:
                 asked = time.monotonic()
                 if servers(step):
                     return scheduler_pb2.ClockResponse(proceed=True, step=step)
-                self.stop.wait(max(0.0, POLL_S - (time.monotonic() - asked)))  # answered at once (no waiter free)
+                self.stop.wait(max(0.0, POLL_S - (time.monotonic() - asked)))  # answered at once (the step not closed)
             waited = time.monotonic() - start
             if waited > limit:
                 raise RuntimeError(f"waited {waited:.0f} s at clock {steps} of {task.task_id} for {waiting_for}")

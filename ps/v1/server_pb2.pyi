@@ -31,7 +31,7 @@ class ApplyAccumulatedRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., accumulator: _Optional[str] = ..., contributors: _Optional[int] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., members: _Optional[int] = ..., wait_s: _Optional[float] = ..., member: _Optional[str] = ...) -> None: ...
 
 class ApplyAccumulatedResponse(_message.Message):
-    __slots__ = ("applied", "duplicates", "version", "empty", "link", "closed", "closer")
+    __slots__ = ("applied", "duplicates", "version", "empty", "link", "closed", "closer", "busy")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ApplyAccumulatedResponse(_message.Message):
     LINK_FIELD_NUMBER: _ClassVar[int]
     CLOSED_FIELD_NUMBER: _ClassVar[int]
     CLOSER_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
     applied: int
     duplicates: int
     version: int
@@ -46,7 +47,8 @@ class ApplyAccumulatedResponse(_message.Message):
     link: str
     closed: bool
     closer: bool
-    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ..., link: _Optional[str] = ..., closed: _Optional[bool] = ..., closer: _Optional[bool] = ...) -> None: ...
+    busy: bool
+    def __init__(self, applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., version: _Optional[int] = ..., empty: _Optional[int] = ..., link: _Optional[str] = ..., closed: _Optional[bool] = ..., closer: _Optional[bool] = ..., busy: _Optional[bool] = ...) -> None: ...
 
 class PushBatchRequest(_message.Message):
     __slots__ = ("chunks", "pull")
@@ -351,16 +353,18 @@ class TableStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("models", "bytes", "uptime_s", "link_calls")
+    __slots__ = ("models", "bytes", "uptime_s", "link_calls", "step_waiters")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     LINK_CALLS_FIELD_NUMBER: _ClassVar[int]
+    STEP_WAITERS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStats]
     bytes: int
     uptime_s: float
     link_calls: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., link_calls: _Optional[int] = ...) -> None: ...
+    step_waiters: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., bytes: _Optional[int] = ..., uptime_s: _Optional[float] = ..., link_calls: _Optional[int] = ..., step_waiters: _Optional[int] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
     __slots__ = ("model", "ranges", "backups", "map_version", "demote")
