@@ -187,8 +187,7 @@ class ShardStore:
         self.replicator = None
         #: bsp steps on the servers: notified whenever an accumulator slice closes a step
         self._closing = threading.Condition()
-        self._waiters = threading.BoundedSemaphore(MAX_STEP_WAITERS)
-        self.step_waiters = 0  # calls waiting in _await_closed now
+        self.step_waiters = 0  # calls waiting in _await_closed now (under _closing; at most MAX_STEP_WAITERS)
 
     def model(self, name: str) -> ModelState:
         m = self._models.get(name)
@@ -445,23 +444,20 @@ class ShardStore:
     def _await_closed(self, accs: list[SliceState], seq: int, wait_s: float) -> bool:
         """Wait up to ``wait_s`` for every one of ``accs`` to close step ``seq``. At most MAX_STEP_WAITERS
         calls wait at once (each holds a thread): False for one that could not wait at all."""
-        if not self._waiters.acquire(blocking=False):
-            return False
+        deadline = time.monotonic() + wait_s
         with self._closing:
+            if self.step_waiters >= MAX_STEP_WAITERS:
+                return False
             self.step_waiters += 1
-        try:
-            deadline = time.monotonic() + wait_s
-            with self._closing:
+            try:
                 while not all(a.closed >= seq for a in accs):
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return True
+                        break
                     self._closing.wait(left)
-            return True
-        finally:
-            with self._closing:
+            finally:
                 self.step_waiters -= 1
-            self._waiters.release()
+        return True
 
     @staticmethod
     def _wait_forwarded(sl: SliceState, waits: list | None) -> None:
