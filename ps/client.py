@@ -856,30 +856,30 @@ class Model:
         first = min(self.slices, key=lambda s: (s.shard, s.tensor, s.offset)) if self.slices else None
         deadline = time.monotonic() + wait_s
         pause = BUSY_PAUSE_S
+
+        def one(stub, shard, wait_s):
+            ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
+                      for s in sorted(self._slices_of(shard), key=lambda s: (s.tensor, s.offset))]
+            req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
+                                                     contributors=int(contributors), client_id=self.client.client_id,
+                                                     seq=int(seq), ranges=ranges, members=int(members),
+                                                     wait_s=float(wait_s), member=member)
+            # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
+            resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
+                                            server_pb2.ApplyAccumulatedResponse, self.client.timeout + wait_s,
+                                            local_link.APPLY, long=members > 0 and wait_s > 0)
+            versions.append(resp.version)
+            closed.append(resp.closed)
+            busy.append(resp.busy)
+            if first is not None and shard == first.shard:
+                closer.append(resp.closer)
+            return resp.duplicates
+
         with self._push_lock:
             while True:
-                versions, closed, closer, busy = [], [], [], []
-
-                def one(stub, shard, wait_s=max(0.0, deadline - time.monotonic())):
-                    ranges = [server_pb2.Range(tensor=s.tensor, offset=s.offset, length=s.length)
-                              for s in sorted(self._slices_of(shard), key=lambda s: (s.tensor, s.offset))]
-                    req = server_pb2.ApplyAccumulatedRequest(model=self.name, accumulator=accumulator,
-                                                             contributors=int(contributors),
-                                                             client_id=self.client.client_id, seq=int(seq),
-                                                             ranges=ranges, members=int(members), wait_s=float(wait_s),
-                                                             member=member)
-                    # on this host over the server's link once it named one (a bsp step's one call: its latency counts)
-                    resp = self.client._call_linked(self.shards[shard], stub.ApplyAccumulated, req,
-                                                    server_pb2.ApplyAccumulatedResponse, self.client.timeout + wait_s,
-                                                    local_link.APPLY, long=members > 0 and wait_s > 0)
-                    versions.append(resp.version)
-                    closed.append(resp.closed)
-                    busy.append(resp.busy)
-                    if first is not None and shard == first.shard:
-                        closer.append(resp.closer)
-                    return resp.duplicates
-
-                results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard)))
+                versions, closed, closer, busy = [], [], [], []  # this round's answers (``one`` fills them)
+                left = max(0.0, deadline - time.monotonic())
+                results = self._on_shards(lambda shard: self._stream(shard, what, lambda stub: one(stub, shard, left)))
                 self.version = min(versions, default=self.version)
                 seen = self._steps_seen.get(seq)
                 if seen is None:  # ranges this member's own earlier call applied: that call's reply was lost
