@@ -85,8 +85,7 @@ class EchoCeiling:
         self.workdir = Path(tempfile.mkdtemp(prefix="ps-echo-"))
         self.procs, self.channels = [], []
         self.pool = ThreadPoolExecutor(servers)  # its threads start on first use
-        env = {"PS_TLS_CERT": server_tls.cert, "PS_TLS_KEY": server_tls.key, "PS_TLS_CA": server_tls.ca} \
-            if server_tls is not None else {}
+        env = server_tls.env() if server_tls is not None else {}
         try:
             for i in range(servers):  # one by one, so that close() stops those started before a failure
                 self.procs.append(Process(f"echo{i}", [], self.workdir, env=env, module="ps.bench"))

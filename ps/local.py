@@ -132,7 +132,7 @@ class LocalCluster:
         node = security.TLS.from_dir(self.certs, "node")
         if tls:
             self.tls = security.TLS.from_dir(self.certs, "user")
-            self.env.update(PS_TLS_CERT=node.cert, PS_TLS_KEY=node.key, PS_TLS_CA=node.ca)
+            self.env.update(node.env())
         if auth:
             import secrets
             self.tokens = {role: security.read_token(str(self.certs / f"{role}.token")) for role in ("user", "admin")}

@@ -91,6 +91,10 @@ class TLS:
         d = Path(directory)
         return cls(cert=str(d / f"{as_}.crt"), key=str(d / f"{as_}.key"), ca=str(d / "ca.crt"))
 
+    def env(self) -> dict[str, str]:
+        """The PS_TLS_* variables that give a process started with them these settings (Security.from_env)."""
+        return {"PS_TLS_CERT": self.cert, "PS_TLS_KEY": self.key, "PS_TLS_CA": self.ca}
+
     def _files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         cert = _read(self.cert, "TLS certificate") if self.cert else None
         key = _read(self.key, "TLS key") if self.key else None
